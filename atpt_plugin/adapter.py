@@ -1,0 +1,174 @@
+"""The episodic test-time loop (method.md section 1) as an `nn.Module` on [0,1] images.
+
+Per test image, independently of every other: explain the base views with the initial
+prompt, build the views, encode them once, select the confident ones, tune a fresh copy
+of the prompt context, and aggregate the tuned predictions. Image features do not depend
+on the prompt, so one image pass serves selection, tuning and the final prediction.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .aggregators import ViewPredictions, build_aggregator
+from .augmenters import build_augmenter, center_view
+from .backbones.openclip import OpenClipBackbone
+from .config import AdapterConfig
+from .explainers import build_explainer, top1_logit_score
+from .inputs import check_images
+from .objectives import OBJECTIVES, select_confident
+from .prompt import PromptLearner
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module):
+    """Run `model` in eval mode and give every submodule back its own training flag."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+class TestTimeAdapter(nn.Module):
+    """A wrapped CLIP: `forward(images in [0,1]) -> (B, C) logits`, each image adapted alone.
+
+    The wrapped model is never changed: its parameters are only read, gradients are taken
+    with `torch.autograd.grad` on activations and on the prompt context (so no `.grad` is
+    written), and its train/eval flags are restored after every call. Works under
+    `torch.no_grad()` and `torch.inference_mode()`. When the caller tracks gradients of
+    the input, the returned logits are differentiable w.r.t. it through the views'
+    image features, holding the tuned prompt fixed.
+    """
+
+    def __init__(self, model: nn.Module, classnames: Sequence[str], tokenizer,
+                 config: AdapterConfig = AdapterConfig(), name: str = "atpt"):
+        super().__init__()
+        self.name = name
+        self.config = config
+        self.model = model
+        self.backbone = OpenClipBackbone(model)
+        if tokenizer is None:
+            raise ValueError("a tokenizer is needed for the class prompts: "
+                             "tokenizer=open_clip.get_tokenizer(<model name>)")
+        generator = torch.Generator().manual_seed(config.seed or 0)
+        with torch.inference_mode(False), torch.no_grad(), evaluation_mode(model):
+            self.prompt = PromptLearner(self.backbone, classnames, tokenizer, config.context_phrase,
+                                        config.n_ctx, generator)
+            self.register_buffer("zero_shot_text", self.prompt.text_features(self.prompt.initial_context),
+                                 persistent=False)
+        self.augmenter = build_augmenter(config, self.backbone.image_size)
+        self.aggregator = build_aggregator(config)
+        needs_maps = (config.views > 1 and self.augmenter.needs_maps) or self.aggregator.needs_view_maps
+        self.explainer = build_explainer(config, self.backbone.kind) if needs_maps else None
+
+    @property
+    def classnames(self):
+        return self.prompt.classnames
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, classes={len(self.classnames)}, config={self.config}"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = check_images(images)
+        track_input = torch.is_grad_enabled() and images.requires_grad
+        with torch.inference_mode(False), torch.enable_grad(), evaluation_mode(self.model):
+            if images.is_inference():
+                images = images.clone()
+            images = images.to(self.backbone.device)
+            outputs = [self.adapt(image, track_input) for image in images]
+        if not outputs:
+            return torch.empty(0, len(self.classnames), device=self.backbone.device)
+        return torch.stack(outputs)
+
+    def explain(self, images: torch.Tensor) -> torch.Tensor:
+        """Attention maps (N, h, w) in [0,1] of [0,1] images at the model's input size."""
+        explainer = self.explainer or build_explainer(self.config, self.backbone.kind)
+        score = top1_logit_score(self.zero_shot_text, self.backbone.logit_scale)
+        with torch.inference_mode(False), evaluation_mode(self.model):
+            return explainer(self.backbone, images, score)
+
+    def make_views(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(K,3,S,S): the center crop, then K-1 augmented views of one (3,H,W) image."""
+        first = center_view(image, self.backbone.image_size).unsqueeze(0)
+        if self.config.views == 1:
+            return first
+        bases = self.augmenter.bases(image, self.config.views - 1, generator)
+        maps = self.explain(bases.detach()) if self.augmenter.needs_maps else None
+        return torch.cat([first, self.augmenter.views(bases, maps, generator)])
+
+    def adapt(self, image: torch.Tensor, track_input: bool = False) -> torch.Tensor:
+        """The episodic loop for one (3,H,W) image; returns (C,) logits."""
+        generator = self.generator_for(image)
+        views = self.make_views(image, generator)
+        with torch.set_grad_enabled(track_input):
+            features = self.backbone.encode_image(views)
+        scale = self.backbone.logit_scale
+        frozen = features.detach()
+        zero_shot_logits = scale * frozen @ self.zero_shot_text.t()
+        text = self.tune(frozen) if self.config.steps > 0 else self.zero_shot_text
+        predictions = ViewPredictions(
+            logits=scale * features @ text.t(),
+            features=frozen,
+            confident=select_confident(zero_shot_logits, self.config.n_confident),
+            view_maps=lambda indices: self.explain(views[indices].detach()),
+            zero_shot_logits=zero_shot_logits,
+            text_features=text,
+            logit_scale=scale,
+        )
+        return self.aggregator(predictions)
+
+    def tune(self, features: torch.Tensor) -> torch.Tensor:
+        """Fresh context, `steps` AdamW steps on the confident views; returns tuned text features.
+
+        The confident set is re-selected under the current prompt at every step, as TPT does
+        (for one step that is the initial prompt's set).
+        """
+        config = self.config
+        context = self.prompt.initial_context.detach().float().clone().requires_grad_(True)
+        optimizer = torch.optim.AdamW([context], lr=config.lr, weight_decay=config.weight_decay)
+        objective = OBJECTIVES[config.objective]
+        scale = self.backbone.logit_scale
+        for _ in range(config.steps):
+            logits = scale * features @ self.prompt.text_features(context).t()
+            chosen = select_confident(logits.detach(), config.n_confident)
+            (context.grad,) = torch.autograd.grad(objective(logits[chosen]), [context])
+            optimizer.step()
+        with torch.no_grad():
+            return self.prompt.text_features(context)
+
+    def generator_for(self, image: torch.Tensor) -> torch.Generator:
+        """Randomness that depends only on the seed and the image itself, not on its batch."""
+        if self.config.seed is None:
+            return torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,))))
+        digest = hashlib.blake2b(image.detach().float().cpu().numpy().tobytes(), digest_size=8,
+                                 key=self.config.seed.to_bytes(8, "little"))
+        return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little"))
+
+
+class Adapter:
+    """A named, validated configuration; `wrap(model, ...)` makes the test-time module."""
+
+    def __init__(self, name: str, config: AdapterConfig = AdapterConfig(), description: str = "",
+                 paper: str = ""):
+        self.name = name
+        self.config = config
+        self.description = description
+        self.paper = paper
+
+    def with_overrides(self, **overrides) -> "Adapter":
+        if not overrides:
+            return self
+        return Adapter(self.name, self.config.replace(**overrides), self.description, self.paper)
+
+    def wrap(self, model: nn.Module, classnames: Optional[Sequence[str]] = None, tokenizer=None) -> TestTimeAdapter:
+        return TestTimeAdapter(model, classnames, tokenizer, self.config, self.name)
+
+    def __repr__(self) -> str:
+        return f"Adapter({self.name!r}: {self.description})"

@@ -1,0 +1,125 @@
+"""Aggregators: the views' tuned predictions -> one prediction per test image.
+
+They return logits; those that average probabilities return the log of the weighted
+mixture (softmax of it gives the mixture back, its argmax is the prediction).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ViewPredictions:
+    logits: torch.Tensor                     # (K, C) with the tuned prompt
+    features: torch.Tensor                   # (K, E) L2-normalised image features
+    confident: torch.Tensor                  # indices of the confident set B
+    view_maps: Callable[[torch.Tensor], torch.Tensor]  # view indices -> patch-grid maps
+    zero_shot_logits: Optional[torch.Tensor] = None    # (K, C) under the initial prompt
+    text_features: Optional[torch.Tensor] = None       # (C, E) of the tuned prompt
+    logit_scale: Optional[torch.Tensor] = None
+
+
+def weighted_log_mixture(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """log(sum_i w_i softmax(z_i)) without leaving log space."""
+    return torch.logsumexp(torch.log_softmax(logits.float(), dim=-1) + torch.log(weights)[:, None], dim=0)
+
+
+def total_variation(maps: torch.Tensor) -> torch.Tensor:
+    """Anisotropic TV per map (N,H,W): sum |vertical differences| + sum |horizontal differences|."""
+    vertical = (maps[:, 1:, :] - maps[:, :-1, :]).abs().flatten(1).sum(1)
+    horizontal = (maps[:, :, 1:] - maps[:, :, :-1]).abs().flatten(1).sum(1)
+    return vertical + horizontal
+
+
+def total_variation_weights(maps: torch.Tensor, temperature: float = 1.0,
+                            map_size: Optional[int] = None) -> torch.Tensor:
+    """softmax(-TV / temperature) over views: smoother (less noisy) maps weigh more.
+
+    TV is taken on the patch-grid maps as the explainer returns them (min-max scaled to
+    [0,1]); `map_size` upsamples first, which multiplies TV roughly by the upsampling factor.
+    """
+    if map_size is not None:
+        maps = F.interpolate(maps.unsqueeze(1), size=(map_size, map_size), mode="bilinear",
+                             align_corners=False).squeeze(1)
+    return torch.softmax(-total_variation(maps.float()) / temperature, dim=0)
+
+
+def reliability_weights(features: torch.Tensor, k: int = 20, temperature: float = 0.01) -> torch.Tensor:
+    """R-TPT: softmax(mean of each view's top-k cosine similarities to the other views / T).
+
+    Self-similarity is dropped by index: fp32 diagonals land within 5e-7 of 1, so a test
+    such as `sim >= 1` keeps some of them by accident (method.md discrepancy 8).
+    """
+    count = features.shape[0]
+    if count == 1:
+        return torch.ones(1, device=features.device)
+    similarity = features.float() @ features.float().t()
+    off_diagonal = ~torch.eye(count, dtype=torch.bool, device=features.device)
+    others = similarity[off_diagonal].reshape(count, count - 1)
+    scores = torch.topk(others, min(k, count - 1), dim=1).values.mean(dim=1)
+    return torch.softmax(scores / temperature, dim=0)
+
+
+class TotalVariationAggregator:
+    """A-TPT (paper): TV-weighted mixture of the confident views' probabilities."""
+    needs_view_maps = True
+
+    def __init__(self, temperature: float = 1.0, map_size: Optional[int] = None):
+        self.temperature = temperature
+        self.map_size = map_size
+
+    def __call__(self, views: ViewPredictions) -> torch.Tensor:
+        maps = views.view_maps(views.confident)
+        weights = total_variation_weights(maps, self.temperature, self.map_size)
+        return weighted_log_mixture(views.logits[views.confident], weights.to(views.logits.device))
+
+
+class ReliabilityAggregator:
+    """R-TPT and the authors' A-TPT code: reliability-weighted sum of all views' logits."""
+    needs_view_maps = False
+
+    def __init__(self, k: int = 20, temperature: float = 0.01):
+        self.k = k
+        self.temperature = temperature
+
+    def __call__(self, views: ViewPredictions) -> torch.Tensor:
+        weights = reliability_weights(views.features, self.k, self.temperature)
+        return (weights[:, None] * views.logits.float()).sum(dim=0)
+
+
+class MeanAggregator:
+    """Uniform probability average over the confident set (ablation) or all views (TPT-Ens)."""
+    needs_view_maps = False
+
+    def __init__(self, over: str = "confident"):
+        self.over = over
+
+    def __call__(self, views: ViewPredictions) -> torch.Tensor:
+        logits = views.logits[views.confident] if self.over == "confident" else views.logits
+        uniform = torch.full((logits.shape[0],), 1.0 / logits.shape[0], device=logits.device)
+        return weighted_log_mixture(logits, uniform)
+
+
+class SingleViewAggregator:
+    """The prediction on view 0, the center crop (TPT, zero-shot CLIP)."""
+    needs_view_maps = False
+
+    def __call__(self, views: ViewPredictions) -> torch.Tensor:
+        return views.logits[0]
+
+
+def build_aggregator(config):
+    if config.aggregator == "tv":
+        return TotalVariationAggregator(config.tv_temperature, config.tv_map_size)
+    if config.aggregator == "reliability":
+        return ReliabilityAggregator(config.reliability_k, config.reliability_temperature)
+    if config.aggregator == "mean":
+        return MeanAggregator(config.mean_over)
+    if config.aggregator == "mta":
+        from .mta import MTAAggregator
+        return MTAAggregator()
+    return SingleViewAggregator()

@@ -1,0 +1,1 @@
+"""Model families the adapter can read: open_clip CLIP (ViT and ResNet towers)."""

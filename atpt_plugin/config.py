@@ -1,0 +1,139 @@
+"""Every setting of a test-time adapter, validated in one place.
+
+A preset is an `AdapterConfig`; a keyword override is `dataclasses.replace` on it, so
+an unknown or out-of-range setting fails here, before any model is touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+EXPLAINERS = ("auto", "token_grad_rollout", "grad_rollout", "attention_rollout", "gradcam")
+AUGMENTERS = ("attention_mix", "augmix")
+AGGREGATORS = ("tv", "reliability", "mean", "single", "mta")
+OBJECTIVES = ("mean_entropy", "marginal_entropy")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Settings of the episodic loop (method.md sections 1-5); defaults are A-TPT's (paper)."""
+
+    # views and tuning
+    views: int = 64                      # K: the center crop plus K-1 augmented views
+    rho: float = 0.1                     # confident fraction; max(1, int(K * rho)) views kept
+    lr: float = 5e-3                     # AdamW learning rate
+    weight_decay: float = 0.01           # AdamW default
+    steps: int = 1                       # tuning steps per image; 0 = no tuning
+    objective: str = "mean_entropy"      # or "marginal_entropy" (TPT)
+    # prompt
+    ctx_init: Optional[str] = "a photo of a"  # None: random context of n_ctx tokens
+    domain_word: Optional[str] = None    # "pet" turns "a photo of a" into "a pet photo of a"
+    n_ctx: int = 4                       # only used when ctx_init is None
+    # explainer
+    explainer: str = "auto"              # auto: token_grad_rollout on ViTs, gradcam on ResNets
+    token_site: str = "normed"           # "normed" (after ln_1, well conditioned) or "input" (literal)
+    rollout_layers: str = "last_two"     # "last_two" (A-TPT) or "all"
+    layer_weights: Tuple[float, float] = (1.0, 1.0)  # (block B-1, block B); authors' code: (0.5, 1.0)
+    row_normalize: bool = True           # authors' code row-normalises each refined block matrix
+    clip_quantile: float = 0.99          # maps are clipped at this quantile, then min-max scaled
+    gradcam_sharpen: bool = False        # authors' RN50 code: (ReLU(cam - 0.2) / max) ** 2
+    # augmenter
+    augmenter: str = "attention_mix"
+    base_crop: str = "center"            # "center" (paper: flip + center crop) or "random_resized" (code)
+    augmix_ops: bool = True              # False: crop + flip only (TPT's ImageNet convention)
+    mask_rule: str = "top_k"             # "top_k" (paper, ceil(r*H*W)) or "quantile" (authors' code)
+    r: float = 0.2                       # high-attention area fraction (top_k rule)
+    m_high: float = 0.2                  # augmentation weight on high-attention pixels
+    m_low: float = 0.8                   # augmentation weight on the rest
+    p_high: float = 0.2                  # quantile rule: top fraction that is "high"
+    p_low: float = 0.8                   # quantile rule: bottom fraction that is "low"
+    # aggregator
+    aggregator: str = "tv"
+    tv_temperature: float = 1.0          # w = softmax(-TV / temperature)
+    tv_map_size: Optional[int] = None    # None: TV on the patch-grid map; int: upsampled first
+    reliability_k: int = 20              # R-TPT: top-k similarities per view
+    reliability_temperature: float = 0.01
+    mean_over: str = "confident"         # "confident" (the set B) or "all" views
+    # reproducibility
+    seed: Optional[int] = 0              # None: fresh randomness on every call
+
+    def __post_init__(self):
+        _check_choice("objective", self.objective, OBJECTIVES)
+        _check_choice("explainer", self.explainer, EXPLAINERS)
+        _check_choice("augmenter", self.augmenter, AUGMENTERS)
+        _check_choice("aggregator", self.aggregator, AGGREGATORS)
+        _check_choice("token_site", self.token_site, ("normed", "input"))
+        _check_choice("rollout_layers", self.rollout_layers, ("last_two", "all"))
+        _check_choice("base_crop", self.base_crop, ("center", "random_resized"))
+        _check_choice("mask_rule", self.mask_rule, ("top_k", "quantile"))
+        _check_choice("mean_over", self.mean_over, ("confident", "all"))
+        _check_int("views", self.views, 1)
+        _check_int("steps", self.steps, 0)
+        _check_int("n_ctx", self.n_ctx, 1)
+        _check_int("reliability_k", self.reliability_k, 1)
+        for name in ("rho", "r", "p_high", "p_low", "clip_quantile"):
+            _check_range(name, getattr(self, name), 0.0, 1.0, low_open=True)
+        for name in ("m_high", "m_low"):
+            _check_range(name, getattr(self, name), 0.0, 1.0)
+        for name in ("lr", "tv_temperature", "reliability_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.m_high > self.m_low:
+            raise ValueError(
+                f"m_high ({self.m_high}) must not exceed m_low ({self.m_low}): high-attention "
+                "pixels are the discriminative ones and must be augmented less than the rest")
+        if len(self.layer_weights) != 2 or min(self.layer_weights) < 0 or sum(self.layer_weights) <= 0:
+            raise ValueError(f"layer_weights must be two non-negative numbers, got {self.layer_weights!r}")
+        if self.tv_map_size is not None:
+            _check_int("tv_map_size", self.tv_map_size, 2)
+        if self.ctx_init is not None and not self.ctx_init.strip():
+            raise ValueError("ctx_init must be a non-empty phrase such as 'a photo of a', or None")
+        if self.domain_word and (self.ctx_init is None or "photo" not in self.ctx_init.split()):
+            raise ValueError("domain_word is inserted before the word 'photo' of ctx_init, "
+                             f"which {self.ctx_init!r} does not contain")
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0)
+
+    @property
+    def n_confident(self) -> int:
+        """int(K * rho) as the papers do, but never zero (method.md discrepancy 9)."""
+        return max(1, int(self.views * self.rho))
+
+    @property
+    def context_phrase(self) -> Optional[str]:
+        if self.ctx_init is None or not self.domain_word:
+            return self.ctx_init
+        return " ".join(f"{self.domain_word} photo" if w == "photo" else w for w in self.ctx_init.split())
+
+    def replace(self, **overrides) -> "AdapterConfig":
+        """A copy with `overrides`; unknown names list the valid ones."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            hints = {u: difflib.get_close_matches(u, known, n=1) for u in unknown}
+            said = ", ".join(f"{u!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for u, h in hints.items())
+            raise TypeError(f"unknown adapter setting {said}; valid settings: {', '.join(sorted(known))}")
+        if "layer_weights" in overrides:
+            overrides["layer_weights"] = tuple(overrides["layer_weights"])
+        return dataclasses.replace(self, **overrides)
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of: {', '.join(choices)}")
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_range(name, value, low, high, low_open=False):
+    ok = (low < value if low_open else low <= value) and value <= high
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value!r}")

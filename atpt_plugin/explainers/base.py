@@ -1,0 +1,46 @@
+"""The explainer interface and the map post-processing every explainer shares."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import torch
+
+Score = Callable[[torch.Tensor], torch.Tensor]
+"""Maps image embeddings (N, E) to the scalar S whose gradients explain them."""
+
+
+class Explainer(ABC):
+    """images (N,3,S,S) in [0,1] -> attention maps (N, h, w) in [0,1] on the patch grid.
+
+    One forward and one backward for the whole batch; only activation gradients are
+    taken (`torch.autograd.grad` with explicit inputs), never parameter gradients.
+    """
+
+    supports = ("vit",)
+
+    @abstractmethod
+    def __call__(self, backbone, images: torch.Tensor, score: Score) -> torch.Tensor:
+        ...
+
+
+def top1_logit_score(text_features: torch.Tensor, logit_scale: torch.Tensor) -> Score:
+    """S(x) = sum over the batch of each image's top-1 logit under fixed text features.
+
+    Images do not interact through a sum, so the batch gives every image its own gradient.
+    """
+    def score(embeddings: torch.Tensor) -> torch.Tensor:
+        features = torch.nn.functional.normalize(embeddings, dim=-1)
+        return (logit_scale * features @ text_features.t()).max(dim=-1).values.sum()
+    return score
+
+
+def clip_and_rescale(maps: torch.Tensor, quantile: float = 0.99) -> torch.Tensor:
+    """Clip each map at its `quantile`, then min-max scale it to [0, 1] (constant map -> 0)."""
+    flat = maps.flatten(1).float()
+    ceiling = torch.quantile(flat, quantile, dim=1, keepdim=True)
+    flat = torch.minimum(flat, ceiling)
+    low = flat.min(dim=1, keepdim=True).values
+    span = flat.max(dim=1, keepdim=True).values - low
+    scaled = torch.where(span > 0, (flat - low) / span.clamp_min(torch.finfo(flat.dtype).tiny), 0.0)
+    return scaled.reshape(maps.shape)

@@ -1,0 +1,34 @@
+"""Grad-CAM on the last stage of a ResNet tower (the paper's explainer for CLIP RN50)."""
+from __future__ import annotations
+
+import torch
+
+from .base import Explainer, Score, clip_and_rescale
+
+
+def gradcam(feature_map: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """relu(sum_c mean_spatial(dS/dF_c) * F_c) per image: (N, C, h, w) -> (N, h, w)."""
+    weights = grads.float().mean(dim=(2, 3), keepdim=True)
+    return torch.relu((weights * feature_map.float()).sum(dim=1))
+
+
+def sharpen(maps: torch.Tensor, offset: float = 0.2) -> torch.Tensor:
+    """The authors' RN50 post-step on [0,1] maps: (relu(map - offset) / max) ** 2."""
+    shifted = torch.relu(maps - offset)
+    peak = shifted.flatten(1).max(dim=1).values.clamp_min(torch.finfo(maps.dtype).tiny)
+    return (shifted / peak[:, None, None]) ** 2
+
+
+class GradCamExplainer(Explainer):
+    supports = ("resnet",)
+
+    def __init__(self, clip_quantile: float = 0.99, sharpen: bool = False):
+        self.clip_quantile = clip_quantile
+        self.sharpen = sharpen
+
+    def __call__(self, backbone, images: torch.Tensor, score: Score) -> torch.Tensor:
+        with torch.enable_grad():
+            pooled, feature_map = backbone.trace_resnet(images)
+            (grads,) = torch.autograd.grad(score(pooled), [feature_map])
+        maps = clip_and_rescale(gradcam(feature_map.detach(), grads), self.clip_quantile)
+        return sharpen(maps) if self.sharpen else maps
