@@ -11,6 +11,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .mta import mta_mode
+
 
 @dataclass
 class ViewPredictions:
@@ -112,6 +114,15 @@ class SingleViewAggregator:
         return views.logits[0]
 
 
+class MTAAggregator:
+    """MTA (training-free): score the inlierness-weighted MeanShift mode of the view features."""
+    needs_view_maps = False
+
+    def __call__(self, views: ViewPredictions) -> torch.Tensor:
+        mode = mta_mode(views.features, torch.softmax(views.zero_shot_logits.float(), dim=-1))
+        return views.logit_scale * mode.float() @ views.text_features.t()
+
+
 def build_aggregator(config):
     if config.aggregator == "tv":
         return TotalVariationAggregator(config.tv_temperature, config.tv_map_size)
@@ -120,6 +131,5 @@ def build_aggregator(config):
     if config.aggregator == "mean":
         return MeanAggregator(config.mean_over)
     if config.aggregator == "mta":
-        from .mta import MTAAggregator
         return MTAAggregator()
     return SingleViewAggregator()
