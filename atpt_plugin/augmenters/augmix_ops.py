@@ -38,11 +38,6 @@ def _float_parameter(levels: torch.Tensor, maxval: float) -> torch.Tensor:
     return levels * maxval / 10
 
 
-def _per_image(values: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Move one CPU value per image to the images' device, shaped to broadcast over (C, H, W)."""
-    return values.to(images.device, images.dtype).view(-1, 1, 1, 1)
-
-
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Quantise [0, 1] floats to the 8-bit values the PIL ops work on."""
     return (images * 255).round().to(torch.uint8)
@@ -73,8 +68,8 @@ def posterize(images: torch.Tensor, levels: torch.Tensor, signs: torch.Tensor) -
 
 def solarize(images: torch.Tensor, levels: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """Invert pixels at or above ``256 - int_parameter(level, 256)`` (on the 0..255 scale)."""
-    thresholds = _per_image((256 - _int_parameter(levels, 256)) / 255, images)
-    return torch.where(images >= thresholds, 1 - images, images)
+    thresholds = ((256 - _int_parameter(levels, 256)) / 255).to(images.device, images.dtype)
+    return torch.where(images >= thresholds.view(-1, 1, 1, 1), 1 - images, images)
 
 
 POINT_OPS = {"autocontrast": autocontrast, "equalize": equalize, "posterize": posterize, "solarize": solarize}
