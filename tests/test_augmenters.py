@@ -1,0 +1,96 @@
+"""Base crops, attention masks and the pixel-wise mix."""
+import math
+
+import pytest
+import torch
+
+from atpt_plugin.augmenters import AttentionMixAugmenter, AugMixAugmenter, center_view
+from atpt_plugin.augmenters.crops import center_boxes, crop_views, random_resized_boxes
+from atpt_plugin.augmenters.mixing import mix, quantile_regions, top_k_mask, upsample_maps
+
+
+def test_full_box_crop_is_identity_and_flip_mirrors():
+    image = torch.rand(3, 16, 16)
+    boxes = center_boxes(2, 16, 16)
+    views = crop_views(image, boxes, torch.tensor([False, True]), 16)
+    torch.testing.assert_close(views[0], image)
+    torch.testing.assert_close(views[1], image.flip(-1))
+
+
+def test_crop_of_a_box_matches_slicing():
+    image = torch.rand(3, 20, 20)
+    box = torch.tensor([[4.0, 6.0, 10.0, 10.0]])  # top, left, h, w; output 10x10: no resampling
+    view = crop_views(image, box, torch.tensor([False]), 10)[0]
+    torch.testing.assert_close(view, image[:, 4:14, 6:16])
+
+
+def test_random_resized_boxes_are_inside_and_seeded():
+    boxes = random_resized_boxes(500, 30, 40, torch.Generator().manual_seed(0))
+    top, left, h, w = boxes.t()
+    assert (top >= 0).all() and (left >= 0).all() and (h >= 1).all() and (w >= 1).all()
+    assert (top + h <= 30).all() and (left + w <= 40).all()
+    area = h * w / (30 * 40)
+    assert area.min() >= 0.05 and area.max() <= 1.0 and area.std() > 0.1
+    assert torch.equal(boxes, random_resized_boxes(500, 30, 40, torch.Generator().manual_seed(0)))
+
+
+def test_center_view_is_resize_then_center_crop():
+    image = torch.rand(3, 40, 60)
+    view = center_view(image, 20)
+    assert view.shape == (3, 20, 20)
+    square = torch.rand(3, 20, 20)
+    assert torch.equal(center_view(square, 20), square), "an image at the model's size is untouched"
+
+
+@pytest.mark.parametrize("fraction, size", [(0.2, 224), (0.2, 32), (0.33, 7), (0.5, 10)])
+def test_top_k_mask_area_is_exactly_ceil(fraction, size):
+    maps = torch.rand(5, size, size)
+    mask = top_k_mask(maps, fraction)
+    assert (mask.flatten(1).sum(1) == math.ceil(fraction * size * size)).all()
+    threshold = maps.flatten(1).masked_fill(~mask.flatten(1), float("inf")).min(1).values
+    rest = maps.flatten(1).masked_fill(mask.flatten(1), float("-inf")).max(1).values
+    assert (threshold >= rest).all(), "every selected position outranks every other"
+
+
+def test_quantile_regions_default_has_no_middle():
+    maps = torch.rand(3, 16, 16)
+    high, low = quantile_regions(maps, 0.2, 0.8)
+    assert not (high & low).any() and (high | low).all()
+    high, low = quantile_regions(maps, 0.2, 0.5)
+    middle = ~(high | low)
+    assert middle.flatten(1).float().mean(1).sub(0.3).abs().max() < 0.02
+
+
+def test_mix_formula():
+    base, augmented = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4)
+    lam = torch.rand(2, 4, 4)
+    expected = (1 - lam[:, None]) * base + lam[:, None] * augmented
+    torch.testing.assert_close(mix(base, augmented, lam), expected)
+    scalar = torch.tensor([0.0, 1.0])
+    torch.testing.assert_close(mix(base, augmented, scalar), torch.stack([base[0], augmented[1]]))
+
+
+def test_attention_mix_weights_follow_the_mask():
+    augmenter = AttentionMixAugmenter(16, r=0.25, m_high=0.2, m_low=0.8)
+    maps = torch.rand(3, 4, 4)
+    lam = augmenter.mixing_weights(torch.rand(3, 3, 16, 16), maps, torch.Generator())
+    high = top_k_mask(upsample_maps(maps, 16), 0.25)
+    assert torch.equal(lam == 0.2, high) and torch.equal(lam == 0.8, ~high)
+
+
+def test_views_are_seeded_and_on_device():
+    image = torch.rand(3, 24, 24)
+    augmenter = AugMixAugmenter(16)
+    first = augmenter.views(augmenter.bases(image, 5, torch.Generator().manual_seed(1)), None,
+                            torch.Generator().manual_seed(2))
+    again = augmenter.views(augmenter.bases(image, 5, torch.Generator().manual_seed(1)), None,
+                            torch.Generator().manual_seed(2))
+    assert first.shape == (5, 3, 16, 16) and torch.equal(first, again)
+    assert first.min() >= 0 and first.max() <= 1
+
+
+def test_crop_only_convention_returns_bases():
+    augmenter = AugMixAugmenter(16, augmix_ops=False)
+    bases = augmenter.bases(torch.rand(3, 16, 16), 4, torch.Generator())
+    assert augmenter.views(bases, None, torch.Generator()) is bases
+    assert not AttentionMixAugmenter(16, augmix_ops=False).needs_maps
