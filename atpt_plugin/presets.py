@@ -1,12 +1,54 @@
-"""The methods as named configurations of one machinery (published as entry points)."""
+"""The methods as named configurations of one machinery (published as entry points).
+
+Every preset attacks and explains with the initial prompt and resets per image, so none
+reproduces the stale-prompt bug of the public A-TPT / R-TPT code (method.md discrepancy 5).
+"""
 from __future__ import annotations
 
 from .adapter import Adapter
 from .config import AdapterConfig
 
-ATPT_PAPER = "Attention-Guided Test-Time Prompt Tuning for Vision-Language Models (ICML 2026)"
+ATPT_PAPER = "Attention-Guided Test-Time Prompt Tuning for VLMs (ICML 2026)"
+TPT_VIEWS = dict(augmenter="augmix", base_crop="random_resized")
 
+zeroshot = Adapter(
+    "zeroshot", AdapterConfig(views=1, steps=0, aggregator="single"),
+    "zero-shot CLIP: hand-written prompt, center crop, no tuning",
+    "Radford et al., Learning Transferable Visual Models From Natural Language Supervision (ICML 2021)")
+tpt = Adapter(
+    "tpt", AdapterConfig(objective="marginal_entropy", aggregator="single", **TPT_VIEWS),
+    "TPT: AugMix views, marginal entropy on confident views, predict on the center crop",
+    "Shu et al., Test-Time Prompt Tuning for Zero-Shot Generalization in VLMs (NeurIPS 2022)")
+tpt_ens = Adapter(
+    "tpt_ens", tpt.config.replace(aggregator="mean", mean_over="all"),
+    "TPT-Ens: TPT's tuned prompt, uniform average over all views",
+    tpt.paper)
+rtpt = Adapter(
+    "rtpt", AdapterConfig(aggregator="reliability", **TPT_VIEWS),
+    "R-TPT: AugMix views, mean per-view entropy, reliability-weighted ensemble of all views",
+    "Sheng et al., R-TPT: Improving Adversarial Robustness of VLMs through Test-Time Prompt Tuning (CVPR 2025)")
+mta = Adapter(
+    "mta", AdapterConfig(steps=0, augmix_ops=False, aggregator="mta", **TPT_VIEWS),
+    "MTA: training-free MeanShift mode of crop views with inlierness scores",
+    "Zanella & Ben Ayed, On the test-time zero-shot generalization of VLMs (CVPR 2024)")
 atpt = Adapter(
     "atpt", AdapterConfig(),
     "A-TPT (paper): token-gradient rollout, attention-guided AugMix, mean entropy, TV-weighted ensemble",
     ATPT_PAPER)
+atpt_official = Adapter(
+    "atpt_official",
+    AdapterConfig(layer_weights=(0.5, 1.0), mask_rule="quantile", base_crop="random_resized",
+                  aggregator="reliability", gradcam_sharpen=True),
+    "A-TPT as the authors' code behaves: 0.5/1.0 layers, quantile masks, crops, reliability ensemble",
+    ATPT_PAPER + ", public code")
+
+# The paper's ablations: each changes exactly one component of `atpt`.
+ABLATIONS = {
+    "atpt_grad_rollout": (dict(explainer="grad_rollout"), "original gradient rollout (Chefer) instead of token-gradient"),
+    "atpt_full_augmix": (dict(augmenter="augmix"), "full-image AugMix instead of the attention-guided mix"),
+    "atpt_uniform": (dict(aggregator="mean"), "uniform average of the confident views instead of TV weights"),
+    "atpt_all_layers": (dict(rollout_layers="all"), "token-gradient rollout over all layers, no last-two averaging"),
+}
+atpt_grad_rollout, atpt_full_augmix, atpt_uniform, atpt_all_layers = (
+    Adapter(name, atpt.config.replace(**changes), f"A-TPT ablation: {what}", ATPT_PAPER)
+    for name, (changes, what) in ABLATIONS.items())
