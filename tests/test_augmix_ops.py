@@ -5,7 +5,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 from atpt_plugin.augmenters import augmix_ops as A
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def rand_images(n=4, size=32, seed=0, dtype=torch.float32):

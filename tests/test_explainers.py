@@ -112,7 +112,7 @@ def test_token_gradient_rollout_end_to_end(tiny_vit, tokenizer, images):
     for b in range(images.shape[0]):
         mats = []
         for record in records[-2:]:
-            raw = torch.relu((record["normed"][b] * record["normed"].grad[b]).sum(-1))
+            raw = torch.relu((record["normed"][b] * record["normed"].grad[b]).sum(-1)).detach()
             mats.append(plain_refine(record["attn"][b].detach(), raw / raw.sum(), True))
         mixed = 0.5 * mats[0] + 1.0 * mats[1]
         relevance = mats[1] @ (mixed / mixed.sum(1, keepdim=True))
