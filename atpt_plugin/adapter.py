@@ -105,14 +105,21 @@ class TestTimeAdapter(nn.Module):
 
     def adapt(self, image: torch.Tensor, track_input: bool = False) -> torch.Tensor:
         """The episodic loop for one (3,H,W) image; returns (C,) logits."""
-        generator = self.generator_for(image)
-        views = self.make_views(image, generator)
+        views = self.make_views(image, self.generator_for(image))
+        features = self.encode_views(views, track_input)
+        text = self.tune(features.detach()) if self.config.steps > 0 else self.zero_shot_text
+        return self.aggregate(views, features, text)
+
+    def encode_views(self, views: torch.Tensor, track_input: bool = False) -> torch.Tensor:
+        """Image features of all views, once: they do not depend on the prompt."""
         with torch.set_grad_enabled(track_input):
-            features = self.backbone.encode_image(views)
+            return self.backbone.encode_image(views)
+
+    def aggregate(self, views: torch.Tensor, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """One prediction from the views' features under the tuned text features."""
         scale = self.backbone.logit_scale
         frozen = features.detach()
         zero_shot_logits = scale * frozen @ self.zero_shot_text.t()
-        text = self.tune(frozen) if self.config.steps > 0 else self.zero_shot_text
         predictions = ViewPredictions(
             logits=scale * features @ text.t(),
             features=frozen,
