@@ -174,7 +174,11 @@ class Adapter:
             return self
         return Adapter(self.name, self.config.replace(**overrides), self.description, self.paper)
 
-    def wrap(self, model: nn.Module, classnames: Optional[Sequence[str]] = None, tokenizer=None) -> TestTimeAdapter:
+    def wrap(self, model: nn.Module, classnames: Optional[Sequence[str]] = None, tokenizer=None) -> nn.Module:
+        """CLIP + class names + tokenizer: prompt tuning. A timm classifier alone: its head's logits."""
+        if classnames is None and tokenizer is None:
+            from .classifier import wrap_classifier
+            return wrap_classifier(model, self.config, self.name)
         return TestTimeAdapter(model, classnames, tokenizer, self.config, self.name)
 
     def __repr__(self) -> str:

@@ -56,6 +56,9 @@ class AdapterConfig:
     reliability_k: int = 20              # R-TPT: top-k similarities per view
     reliability_temperature: float = 0.01
     mean_over: str = "confident"         # "confident" (the set B) or "all" views
+    # timm classifiers (no text): what is tuned instead of the prompt context
+    classifier_tuning: str = "norm"      # "norm": LayerNorm affine (TENT); "prompt": VPT-shallow tokens
+    vpt_tokens: int = 4                  # visual prompt tokens for classifier_tuning="prompt"
     # reproducibility
     seed: Optional[int] = 0              # None: fresh randomness on every call
 
@@ -69,10 +72,12 @@ class AdapterConfig:
         _check_choice("base_crop", self.base_crop, ("center", "random_resized"))
         _check_choice("mask_rule", self.mask_rule, ("top_k", "quantile"))
         _check_choice("mean_over", self.mean_over, ("confident", "all"))
+        _check_choice("classifier_tuning", self.classifier_tuning, ("norm", "prompt"))
         _check_int("views", self.views, 1)
         _check_int("steps", self.steps, 0)
         _check_int("n_ctx", self.n_ctx, 1)
         _check_int("reliability_k", self.reliability_k, 1)
+        _check_int("vpt_tokens", self.vpt_tokens, 1)
         for name in ("rho", "r", "p_high", "p_low", "clip_quantile"):
             _check_range(name, getattr(self, name), 0.0, 1.0, low_open=True)
         for name in ("m_high", "m_low"):

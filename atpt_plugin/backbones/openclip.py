@@ -35,6 +35,9 @@ class VitTrace:
     blocks: List[BlockRecord]      # records of blocks first_block..last
     num_prefix_tokens: int
     grid_size: Tuple[int, int]
+    # (N, L) or (L,) weights of the token rows the pooled output reads (avg/max pooling,
+    # distillation token); None: the class token's row 0 alone
+    query_weights: Optional[torch.Tensor] = None
 
 
 def _multihead_attention(attn: nn.MultiheadAttention, x: torch.Tensor):

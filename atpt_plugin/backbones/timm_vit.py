@@ -52,6 +52,11 @@ def timm_backbone(model: nn.Module, image_size: Optional[int] = None):
         return TimmVitBackbone(model, image_size)
     if not is_timm_model(model):
         raise TypeError(f"expected a timm model (timm.create_model(...)), got {type(model).__name__}")
+    if hasattr(model, "num_prefix_tokens"):  # a token-based transformer outside the ViT family
+        raise NotImplementedError(
+            f"timm {type(model).__name__} is a token transformer outside timm's VisionTransformer class: "
+            "the attention explainers cover VisionTransformer and its subclasses (ViT, DeiT, DeiT-III, "
+            "register and hybrid ViTs, ...), the Grad-CAM fallback covers conv nets (NCHW feature maps)")
     return TimmCnnBackbone(model, image_size)
 
 
@@ -111,13 +116,14 @@ class TimmVitBackbone(_TimmImage):
     `image_size` is the side of the square views; it defaults to the model's input size
     and may differ only for models created with `dynamic_img_size=True`.
     `projection` (optional module) maps the head input to the embedding the score reads,
-    e.g. the projection of an open_clip `TimmModel` tower (`visual.head` over `visual.trunk`).
+    e.g. the projection of an open_clip `TimmModel` tower (`visual.head` over `visual.trunk`);
+    `mean` and `std` override the model's pretrained normalisation (open_clip's own).
     """
 
     kind = "vit"
 
     def __init__(self, model: nn.Module, image_size: Optional[int] = None,
-                 projection: Optional[nn.Module] = None):
+                 projection: Optional[nn.Module] = None, mean=None, std=None):
         from timm.models.vision_transformer import Attention, Block, ResPostBlock, VisionTransformer
 
         if not isinstance(model, VisionTransformer):
@@ -160,6 +166,10 @@ class TimmVitBackbone(_TimmImage):
         self.native_size = native
         self.image_size = int(image_size)
         self.mean, self.std = _mean_std(model)
+        if mean is not None:
+            self.mean = torch.as_tensor(mean, dtype=torch.float)
+        if std is not None:
+            self.std = torch.as_tensor(std, dtype=torch.float)
 
     @property
     def num_blocks(self) -> int:

@@ -45,6 +45,14 @@ def last_two_rollout(previous: torch.Tensor, last: torch.Tensor, layer_weights, 
     return last @ average
 
 
+def pooled_row(relevance: torch.Tensor, query_weights=None) -> torch.Tensor:
+    """The relevance row of what the pooled output reads: row 0 (class token) or a weighted mix of rows."""
+    if query_weights is None:
+        return relevance[:, 0]
+    weights = query_weights.to(relevance).expand(relevance.shape[0], -1)
+    return torch.einsum("nl,nlk->nk", weights, relevance)
+
+
 class RolloutExplainer(Explainer):
     """One batched forward (+ one backward when gradients weight the attention)."""
 
@@ -72,7 +80,7 @@ class RolloutExplainer(Explainer):
         else:
             relevance = rollout(matrices)
         prefix = trace.num_prefix_tokens
-        maps = relevance[:, 0, prefix:].reshape(-1, *trace.grid_size)
+        maps = pooled_row(relevance, trace.query_weights)[:, prefix:].reshape(-1, *trace.grid_size)
         return clip_and_rescale(maps.detach(), self.clip_quantile)
 
     def _refined_matrices(self, trace, score: Score) -> List[torch.Tensor]:

@@ -1,0 +1,266 @@
+"""The episodic loop for a timm image classifier: no class names, the model's head gives the logits.
+
+Per test image, independently of every other (method.md section 1 with the prompt context
+replaced by a few classifier parameters):
+1. explain the base views with the unchanged model (score: sum of top-1 head logits);
+2. build the views with the configured augmenter;
+3. forward all views with the initial parameters, keep the confident (lowest-entropy) ones;
+4. tune fresh copies of the tuned parameters for `steps` AdamW steps on the entropy objective
+   over the confident views;
+5. re-encode the views the aggregator reads with the tuned parameters (for a classifier the
+   image features depend on them) and aggregate.
+
+Tuned parameters ("classifier_tuning"):
+- "norm" (default, as TENT): the affine weights and biases of every normalisation layer
+  (the LayerNorms of a ViT; BatchNorm/GroupNorm affine of a conv net, BatchNorm keeping its
+  running statistics);
+- "prompt" (VPT-shallow, ViTs only): `vpt_tokens` learnable tokens inserted after the
+  prefix (class/distillation/register) tokens before block 0, initialised as VPT does
+  (uniform, same values for every image) and dropped before pooling. The explainer still
+  reads the model without prompts; selection and tuning start from the initial prompts.
+
+The model is never changed: tuned tensors are copies passed with `torch.func.functional_call`,
+gradients are taken with `torch.autograd.grad` (no `.grad` is written), train/eval flags are
+restored. Features for the reliability and MTA-style aggregators are the initial model's.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .adapter import TestTimeAdapter, evaluation_mode
+from .aggregators import (MeanAggregator, SingleViewAggregator, TotalVariationAggregator,
+                          ViewPredictions, build_aggregator)
+from .augmenters import build_augmenter, center_view
+from .backbones.timm_vit import TimmVitBackbone, is_timm_model, timm_backbone, top1_class_score
+from .config import AdapterConfig
+from .explainers import build_explainer
+from .inputs import check_images
+from .objectives import OBJECTIVES, select_confident
+
+TEXT_ONLY_AGGREGATORS = {"mta": "MTA scores its feature mode against class text features"}
+
+
+def _norm_types():
+    types = [nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm]
+    if hasattr(nn, "RMSNorm"):
+        types.append(nn.RMSNorm)
+    import timm.layers as layers
+    types += [getattr(layers, n) for n in ("RmsNorm", "RmsNorm2d", "SimpleNorm", "SimpleNorm2d")
+              if isinstance(getattr(layers, n, None), type)]
+    return tuple(types)
+
+
+def norm_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """{name: parameter} of the affine weights and biases of every normalisation layer (TENT)."""
+    types = _norm_types()
+    found = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, types):
+            for name, param in module.named_parameters(recurse=False):
+                found[f"{module_name}.{name}" if module_name else name] = param
+    return found
+
+
+class _Forward(nn.Module):
+    """model(images) -> (logits, L2-normalised pre-logits features), optionally with VPT prompts."""
+
+    def __init__(self, model: nn.Module, backbone):
+        super().__init__()
+        self.model = model
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor, prompts: Optional[torch.Tensor] = None):
+        model = self.model
+        if prompts is None:
+            tokens = model.forward_features(x)
+        else:
+            tokens, _ = self.backbone.embed(x)
+            prefix, count = model.num_prefix_tokens, prompts.shape[0]
+            inserted = prompts.to(tokens.dtype).unsqueeze(0).expand(tokens.shape[0], -1, -1)
+            tokens = torch.cat([tokens[:, :prefix], inserted, tokens[:, prefix:]], dim=1)
+            tokens = model.norm(model.blocks(tokens))
+            tokens = torch.cat([tokens[:, :prefix], tokens[:, prefix + count:]], dim=1)
+        logits = model.forward_head(tokens)
+        features = model.forward_head(tokens, pre_logits=True)
+        return logits, F.normalize(features.float().flatten(1), dim=-1)
+
+
+class ClassifierTestTimeAdapter(nn.Module):
+    """A wrapped timm classifier: `forward(images in [0,1]) -> (B, num_classes)` logits, each
+    image adapted alone, the model unchanged afterwards.
+
+    `config` is the same `AdapterConfig` as for CLIP (views, selection, objective, lr,
+    steps, explainer, augmenter, aggregator); prompt-text settings do not apply and are
+    ignored; `classifier_tuning` ("norm" or "prompt") and `vpt_tokens` choose what is tuned.
+    `image_size` overrides the view size for models created with `dynamic_img_size=True`.
+    """
+
+    def __init__(self, model: nn.Module, config: AdapterConfig = AdapterConfig(), name: str = "atpt",
+                 image_size: Optional[int] = None):
+        super().__init__()
+        if config.aggregator in TEXT_ONLY_AGGREGATORS:
+            raise ValueError(
+                f"adapter {name!r} uses aggregator={config.aggregator!r}, which needs a text encoder "
+                f"({TEXT_ONLY_AGGREGATORS[config.aggregator]}); a timm classifier has none: use a CLIP "
+                "model with classnames=..., or another aggregator (tv, reliability, mean, single)")
+        tuning, vpt_tokens = config.classifier_tuning, config.vpt_tokens
+        self.name = name
+        self.config = config
+        self.model = model
+        self.backbone = timm_backbone(model, image_size)
+        self.tuning = tuning
+        self.num_classes = getattr(model, "num_classes", 0)
+        if not self.num_classes:
+            raise ValueError(f"{type(model).__name__} has no classifier head (num_classes=0): "
+                             "test-time entropy tuning needs class logits")
+        if tuning == "norm":
+            self.tuned_names = sorted(norm_parameters(model))
+            if not self.tuned_names and config.steps > 0:
+                raise ValueError(f"{type(model).__name__} has no normalisation layer with affine "
+                                 "parameters to tune; use classifier_tuning='prompt' (ViTs) or steps=0")
+            self.register_buffer("initial_prompts", None, persistent=False)
+        else:
+            if not isinstance(self.backbone, TimmVitBackbone):
+                raise ValueError("classifier_tuning='prompt' (VPT) inserts tokens into a ViT; "
+                                 f"{type(model).__name__} is not a timm VisionTransformer: use classifier_tuning='norm'")
+            self.tuned_names = []
+            patch = model.patch_embed.patch_size
+            bound = math.sqrt(6.0 / (3 * patch[0] * patch[1] + model.embed_dim))  # VPT's init
+            generator = torch.Generator().manual_seed(config.seed or 0)
+            prompts = torch.empty(vpt_tokens, model.embed_dim).uniform_(-bound, bound, generator=generator)
+            self.register_buffer("initial_prompts", prompts.to(self.backbone.device, self.backbone.dtype),
+                                 persistent=False)
+        self.augmenter = build_augmenter(config, self.backbone.image_size)
+        self.aggregator = build_aggregator(config)
+        needs_maps = (config.views > 1 and self.augmenter.needs_maps) or self.aggregator.needs_view_maps
+        self.explainer = build_explainer(config, self.backbone.kind) if needs_maps else None
+
+    def extra_repr(self) -> str:
+        return (f"name={self.name!r}, classes={self.num_classes}, tuning={self.tuning!r}, "
+                f"config={self.config}")
+
+    # the public interface ------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = check_images(images)
+        track_input = torch.is_grad_enabled() and images.requires_grad
+        with torch.inference_mode(False), torch.enable_grad(), evaluation_mode(self.model):
+            if images.is_inference():
+                images = images.clone()
+            images = images.to(self.backbone.device)
+            outputs = [self.adapt(image, track_input) for image in images]
+        if not outputs:
+            return torch.empty(0, self.num_classes, device=self.backbone.device)
+        return torch.stack(outputs)
+
+    def explain(self, images: torch.Tensor) -> torch.Tensor:
+        """Attention (ViT) or Grad-CAM (conv net) maps (N, h, w) in [0,1] of the unchanged model."""
+        explainer = self.explainer or build_explainer(self.config, self.backbone.kind)
+        with torch.inference_mode(False), evaluation_mode(self.model):
+            return explainer(self.backbone, images, top1_class_score(self.backbone))
+
+    def generator_for(self, image: torch.Tensor) -> torch.Generator:
+        """The CLIP adapter's per-image seeding: depends only on the seed and the image."""
+        return TestTimeAdapter.generator_for(self, image)
+
+    def make_views(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(K,3,S,S): the center crop, then K-1 augmented views of one (3,H,W) image."""
+        first = center_view(image, self.backbone.image_size).unsqueeze(0)
+        if self.config.views == 1:
+            return first
+        bases = self.augmenter.bases(image, self.config.views - 1, generator)
+        maps = self.explain(bases.detach()) if self.augmenter.needs_maps else None
+        return torch.cat([first, self.augmenter.views(bases, maps, generator)])
+
+    # the episodic loop ----------------------------------------------------------
+    def run(self, x: torch.Tensor, params: Optional[Dict[str, torch.Tensor]] = None,
+            prompts: Optional[torch.Tensor] = None):
+        """(logits, features) of normalised images with `params` replacing the model's own."""
+        forward = _Forward(self.model, self.backbone)
+        named = {f"model.{name}": value for name, value in (params or {}).items()}
+        return functional_call(forward, named, (x, prompts))
+
+    def adapt(self, image: torch.Tensor, track_input: bool = False) -> torch.Tensor:
+        """The episodic loop for one (3,H,W) image; returns (num_classes,) logits."""
+        config = self.config
+        views = self.make_views(image, self.generator_for(image))
+        x = self.backbone.normalize(views)
+        with torch.no_grad():
+            initial_logits, features = self.run(x.detach(), prompts=self.initial_prompts)
+        confident = select_confident(initial_logits, config.n_confident)
+        if config.steps > 0:
+            params, prompts = self.tune(x.detach(), confident)
+        else:
+            params, prompts = {}, self.initial_prompts
+        if config.steps == 0 and not track_input:
+            logits = initial_logits
+        else:
+            needed = self.views_read(confident, len(views))
+            with torch.set_grad_enabled(track_input):
+                read, _ = self.run(x if needed is None else x[needed], params, prompts)
+            if needed is None:
+                logits = read
+            else:  # rows the aggregator never reads stay NaN, so a wrong guess fails loudly
+                logits = initial_logits.new_full(initial_logits.shape, float("nan")).to(read.dtype)
+                logits = logits.index_put((needed,), read)
+        predictions = ViewPredictions(
+            logits=logits,
+            features=features,
+            confident=confident,
+            view_maps=lambda indices: self.explain(views[indices].detach()),
+            zero_shot_logits=initial_logits,
+        )
+        return self.aggregator(predictions)
+
+    def views_read(self, confident: torch.Tensor, count: int) -> Optional[torch.Tensor]:
+        """Indices of the views whose tuned logits the aggregator reads; None: all of them."""
+        aggregator = self.aggregator
+        if isinstance(aggregator, SingleViewAggregator):
+            return torch.zeros(1, dtype=torch.long, device=confident.device)
+        if isinstance(aggregator, TotalVariationAggregator) or (
+                isinstance(aggregator, MeanAggregator) and aggregator.over == "confident"):
+            return confident
+        return None
+
+    def tune(self, x: torch.Tensor, confident: torch.Tensor):
+        """Fresh copies of the tuned tensors, `steps` AdamW steps; returns (params, prompts).
+
+        The confident set is re-selected under the current parameters at every step, as the
+        CLIP loop does (for one step that is the initial set).
+        """
+        config = self.config
+        params = {name: self.model.get_parameter(name).detach().clone().requires_grad_(True)
+                  for name in self.tuned_names}
+        prompts = None
+        if self.initial_prompts is not None:
+            prompts = self.initial_prompts.detach().clone().requires_grad_(True)
+        leaves = list(params.values()) + ([prompts] if prompts is not None else [])
+        optimizer = torch.optim.AdamW(leaves, lr=config.lr, weight_decay=config.weight_decay)
+        objective = OBJECTIVES[config.objective]
+        chosen = confident
+        for step in range(config.steps):
+            if step > 0:
+                with torch.no_grad():
+                    chosen = select_confident(self.run(x, params, prompts)[0], config.n_confident)
+            logits, _ = self.run(x[chosen], params, prompts)
+            grads = torch.autograd.grad(objective(logits), leaves, allow_unused=True)
+            for leaf, grad in zip(leaves, grads):
+                leaf.grad = torch.zeros_like(leaf) if grad is None else grad
+            optimizer.step()
+        return ({name: value.detach() for name, value in params.items()},
+                None if prompts is None else prompts.detach())
+
+
+def wrap_classifier(model: nn.Module, config: AdapterConfig = AdapterConfig(),
+                    name: str = "atpt") -> ClassifierTestTimeAdapter:
+    """What `Adapter.wrap(model)` returns without class names: test-time adaptation of a timm classifier."""
+    if not is_timm_model(model):
+        raise TypeError(
+            f"without classnames the model must be a timm image classifier (timm.create_model(...)), got "
+            f"{type(model).__name__}; for a CLIP model pass classnames=[...] and tokenizer=...")
+    return ClassifierTestTimeAdapter(model, config, name)
