@@ -1,0 +1,1 @@
+"""Performance benchmark: python -m bench.run --help."""

@@ -1,0 +1,174 @@
+"""Per-stage cost of each adapter, optimised against the naive computation, in one run.
+
+    python -m bench.run --models ViT-B-32,ViT-B-16 --adapters atpt,rtpt,tpt,zeroshot --naive
+
+Random-init weights (cost does not depend on them), random 224x224 images, the 37 Oxford
+Pets classes. Writes bench/results/<tag>.json and .md; prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import open_clip  # noqa: E402
+import torch  # noqa: E402
+import torchattacks  # noqa: E402
+
+from atpt_plugin import TestTimeAdapter, load_adapter  # noqa: E402
+
+from .naive import NaiveTestTimeAdapter  # noqa: E402
+from .stages import STAGES, PeakSampler, StageRecorder, sync  # noqa: E402
+
+PETS = ["Abyssinian", "American Bulldog", "American Pit Bull Terrier", "Basset Hound", "Beagle",
+        "Bengal", "Birman", "Bombay", "Boxer", "British Shorthair", "Chihuahua", "Egyptian Mau",
+        "English Cocker Spaniel", "English Setter", "German Shorthaired", "Great Pyrenees",
+        "Havanese", "Japanese Chin", "Keeshond", "Leonberger", "Maine Coon", "Miniature Pinscher",
+        "Newfoundland", "Persian", "Pomeranian", "Pug", "Ragdoll", "Russian Blue", "Saint Bernard",
+        "Samoyed", "Scottish Terrier", "Shiba Inu", "Siamese", "Sphynx", "Staffordshire Bull Terrier",
+        "Wheaten Terrier", "Yorkshire Terrier"]
+
+
+def timed(function, repeat: int = 1) -> float:
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        function()
+    sync()
+    return (time.perf_counter() - start) / repeat
+
+
+def compute_floor(tta: TestTimeAdapter, images: torch.Tensor) -> float:
+    """Forward passes the method cannot avoid: K-1 bases and K views through the image encoder."""
+    views = tta.config.views
+    with torch.no_grad():
+        return timed(lambda: (tta.backbone.encode_image(images[:1].expand(views - 1, -1, -1, -1)),
+                              tta.backbone.encode_image(images[:1].expand(views, -1, -1, -1))))
+
+
+def run_adapter(cls, model, tokenizer, name, views, images, sampler):
+    adapter = load_adapter(name)
+    if adapter.config.views > 1:
+        adapter = adapter.with_overrides(views=views)
+    tta = cls(model, PETS, tokenizer, adapter.config, name)
+    recorder = StageRecorder(tta, sampler)
+    predictions = []
+    start = time.perf_counter()
+    with torch.no_grad():
+        for image in images:
+            predictions.append(tta(image.unsqueeze(0)).argmax(-1).item())
+    total = (time.perf_counter() - start) / len(images)
+    per_image = {label: recorder.seconds[label] / len(images) for label in STAGES.values()}
+    return {"total_s": total, "stages_s": per_image, "peak_mb": {k: v / 2 ** 20 for k, v in recorder.peak_bytes.items()},
+            "predictions": predictions}
+
+
+def run_attack(cls, model, tokenizer, images, labels, steps, batch):
+    target = cls(model, PETS, tokenizer, load_adapter("zeroshot").config, "zeroshot")
+    attack = torchattacks.PGD(target, eps=4 / 255, alpha=1 / 255, steps=steps, random_start=True)
+    x, y = images[:batch], labels[:batch]
+    return timed(lambda: attack(x, y)) / len(x)
+
+
+def bench_model(args, model_name, sampler):
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = open_clip.create_model(model_name, pretrained=None).to(device).eval()
+    if args.precision == "bf16":
+        model = model.to(torch.bfloat16)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(args.images, 3, 224, 224, generator=generator).to(device)
+    rows = {}
+    floor_tta = TestTimeAdapter(model, PETS, tokenizer, load_adapter("atpt", views=args.views).config)
+    floor = compute_floor(floor_tta, images)
+    for name in args.adapters:
+        rows[name] = {"optimised": run_adapter(TestTimeAdapter, model, tokenizer, name, args.views, images, sampler)}
+        if args.naive:
+            rows[name]["naive"] = run_adapter(NaiveTestTimeAdapter, model, tokenizer, name, args.views, images,
+                                                 sampler)
+            rows[name]["same_predictions"] = rows[name]["naive"]["predictions"] == rows[name]["optimised"]["predictions"]
+    attack = {}
+    labels = torch.randint(len(PETS), (max(args.attack_batches),), generator=generator).to(device)
+    attack_images = torch.rand(max(args.attack_batches), 3, 224, 224, generator=generator).to(device)
+    for batch in args.attack_batches:
+        attack[batch] = {"optimised": run_attack(TestTimeAdapter, model, tokenizer, attack_images, labels,
+                                                 args.attack_steps, batch)}
+        if args.naive and batch == min(args.attack_batches):
+            attack[batch]["naive"] = run_attack(NaiveTestTimeAdapter, model, tokenizer, attack_images, labels,
+                                                args.attack_steps, batch)
+    return {"floor_s": floor, "adapters": rows, "attack_per_image_s": attack}
+
+
+def markdown(results) -> str:
+    lines = []
+    for model_name, result in results["models"].items():
+        floor = result["floor_s"]
+        lines += [f"### {model_name}: {results['views']} views, {len(PETS)} classes, "
+                  f"{results['device']} {results['precision']}, {results['threads']} threads",
+                  "", f"Compute floor (K-1 bases + K views, forward only): {floor:.2f} s per image", "",
+                  "| adapter | config | " + " | ".join(STAGES.values()) + " | total s | total/floor | peak MB |",
+                  "|---|---|" + "---|" * (len(STAGES) + 3)]
+        for name, row in result["adapters"].items():
+            for config in ("naive", "optimised"):
+                if config not in row:
+                    continue
+                r = row[config]
+                stages = " | ".join(f"{r['stages_s'][s]:.2f}" for s in STAGES.values())
+                lines.append(f"| {name} | {config} | {stages} | {r['total_s']:.2f} | "
+                             f"{r['total_s'] / floor:.2f} | {max(r['peak_mb'].values(), default=0):.0f} |")
+            if "naive" in row:
+                speedup = row["naive"]["total_s"] / row["optimised"]["total_s"]
+                lines.append(f"| {name} | speedup | | | | | | {speedup:.1f}x | | same predictions: "
+                             f"{row['same_predictions']} |")
+        lines += ["", f"PGD-{results['attack_steps']} per image (eps 4/255):", ""]
+        for batch, times in result["attack_per_image_s"].items():
+            said = f"batch {batch}: {times['optimised']:.2f} s"
+            if "naive" in times:
+                said += f" (naive, text re-encoded every step: {times['naive']:.2f} s, " \
+                        f"{times['naive'] / times['optimised']:.1f}x)"
+            lines.append(f"- {said}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="ViT-B-32")
+    parser.add_argument("--adapters", default="atpt,rtpt,tpt,zeroshot")
+    parser.add_argument("--views", type=int, default=64)
+    parser.add_argument("--images", type=int, default=2)
+    parser.add_argument("--naive", action="store_true", help="also run the naive computation")
+    parser.add_argument("--attack-steps", type=int, default=100)
+    parser.add_argument("--attack-batches", default="1,8")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args()
+    args.adapters = args.adapters.split(",")
+    args.attack_batches = [int(b) for b in args.attack_batches.split(",")]
+    torch.set_num_threads(args.threads)
+    sampler = PeakSampler(torch.device(args.device))
+    results = {"machine": platform.processor() or platform.machine(), "device": args.device,
+               "precision": args.precision, "threads": args.threads, "views": args.views,
+               "attack_steps": args.attack_steps, "models": {}}
+    for model_name in args.models.split(","):
+        results["models"][model_name] = bench_model(args, model_name, sampler)
+    sampler.close()
+    table = markdown(results)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"{args.device}_{args.precision}_{'-'.join(results['models'])}"
+    (out / f"{tag}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{tag}.md").write_text(table)
+
+
+if __name__ == "__main__":
+    main()
