@@ -36,7 +36,73 @@ def evaluation_mode(model: nn.Module):
             module.training = training
 
 
-class TestTimeAdapter(nn.Module):
+class EpisodicAdapter(nn.Module):
+    """What every test-time adapter shares: input checks, the model's state, per-image
+    seeding, the explainer and the views. Subclasses say what is tuned (`adapt`), how many
+    outputs there are (`num_outputs`) and what the explainer explains (`explanation_score`).
+    """
+
+    def __init__(self, model: nn.Module, backbone, config: AdapterConfig, name: str):
+        super().__init__()
+        self.name = name
+        self.config = config
+        self.model = model
+        self.backbone = backbone
+
+    def build_components(self):
+        config = self.config
+        self.augmenter = build_augmenter(config, self.backbone.image_size)
+        self.aggregator = build_aggregator(config)
+        needs_maps = (config.views > 1 and self.augmenter.needs_maps) or self.aggregator.needs_view_maps
+        self.explainer = build_explainer(config, self.backbone.kind) if needs_maps else None
+
+    @property
+    def num_outputs(self) -> int:
+        raise NotImplementedError
+
+    def explanation_score(self):
+        raise NotImplementedError
+
+    def adapt(self, image: torch.Tensor, track_input: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = check_images(images)
+        track_input = torch.is_grad_enabled() and images.requires_grad
+        with torch.inference_mode(False), torch.enable_grad(), evaluation_mode(self.model):
+            if images.is_inference():
+                images = images.clone()
+            images = images.to(self.backbone.device)
+            outputs = [self.adapt(image, track_input) for image in images]
+        if not outputs:
+            return torch.empty(0, self.num_outputs, device=self.backbone.device)
+        return torch.stack(outputs)
+
+    def explain(self, images: torch.Tensor) -> torch.Tensor:
+        """Attention maps (N, h, w) in [0,1] of [0,1] images at the model's input size."""
+        explainer = self.explainer or build_explainer(self.config, self.backbone.kind)
+        with torch.inference_mode(False), evaluation_mode(self.model):
+            return explainer(self.backbone, images, self.explanation_score())
+
+    def make_views(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(K,3,S,S): the center crop, then K-1 augmented views of one (3,H,W) image."""
+        first = center_view(image, self.backbone.image_size).unsqueeze(0)
+        if self.config.views == 1:
+            return first
+        bases = self.augmenter.bases(image, self.config.views - 1, generator)
+        maps = self.explain(bases.detach()) if self.augmenter.needs_maps else None
+        return torch.cat([first, self.augmenter.views(bases, maps, generator)])
+
+    def generator_for(self, image: torch.Tensor) -> torch.Generator:
+        """Randomness that depends only on the seed and the image itself, not on its batch."""
+        if self.config.seed is None:
+            return torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,))))
+        digest = hashlib.blake2b(image.detach().float().cpu().numpy().tobytes(), digest_size=8,
+                                 key=self.config.seed.to_bytes(8, "little"))
+        return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little"))
+
+
+class TestTimeAdapter(EpisodicAdapter):
     """A wrapped CLIP: `forward(images in [0,1]) -> (B, C) logits`, each image adapted alone.
 
     The wrapped model is never changed: its parameters are only read, gradients are taken
@@ -49,11 +115,7 @@ class TestTimeAdapter(nn.Module):
 
     def __init__(self, model: nn.Module, classnames: Sequence[str], tokenizer,
                  config: AdapterConfig = AdapterConfig(), name: str = "atpt"):
-        super().__init__()
-        self.name = name
-        self.config = config
-        self.model = model
-        self.backbone = OpenClipBackbone(model)
+        super().__init__(model, OpenClipBackbone(model), config, name)
         if tokenizer is None:
             raise ValueError("a tokenizer is needed for the class prompts: "
                              "tokenizer=open_clip.get_tokenizer(<model name>)")
@@ -63,45 +125,22 @@ class TestTimeAdapter(nn.Module):
                                         config.n_ctx, generator)
             self.register_buffer("zero_shot_text", self.prompt.text_features(self.prompt.initial_context),
                                  persistent=False)
-        self.augmenter = build_augmenter(config, self.backbone.image_size)
-        self.aggregator = build_aggregator(config)
-        needs_maps = (config.views > 1 and self.augmenter.needs_maps) or self.aggregator.needs_view_maps
-        self.explainer = build_explainer(config, self.backbone.kind) if needs_maps else None
+        self.build_components()
 
     @property
     def classnames(self):
         return self.prompt.classnames
 
+    @property
+    def num_outputs(self) -> int:
+        return len(self.classnames)
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}, classes={len(self.classnames)}, config={self.config}"
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        images = check_images(images)
-        track_input = torch.is_grad_enabled() and images.requires_grad
-        with torch.inference_mode(False), torch.enable_grad(), evaluation_mode(self.model):
-            if images.is_inference():
-                images = images.clone()
-            images = images.to(self.backbone.device)
-            outputs = [self.adapt(image, track_input) for image in images]
-        if not outputs:
-            return torch.empty(0, len(self.classnames), device=self.backbone.device)
-        return torch.stack(outputs)
-
-    def explain(self, images: torch.Tensor) -> torch.Tensor:
-        """Attention maps (N, h, w) in [0,1] of [0,1] images at the model's input size."""
-        explainer = self.explainer or build_explainer(self.config, self.backbone.kind)
-        score = top1_logit_score(self.zero_shot_text, self.backbone.logit_scale)
-        with torch.inference_mode(False), evaluation_mode(self.model):
-            return explainer(self.backbone, images, score)
-
-    def make_views(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """(K,3,S,S): the center crop, then K-1 augmented views of one (3,H,W) image."""
-        first = center_view(image, self.backbone.image_size).unsqueeze(0)
-        if self.config.views == 1:
-            return first
-        bases = self.augmenter.bases(image, self.config.views - 1, generator)
-        maps = self.explain(bases.detach()) if self.augmenter.needs_maps else None
-        return torch.cat([first, self.augmenter.views(bases, maps, generator)])
+    def explanation_score(self):
+        """S = top-1 logit under the initial prompt (never a tuned one: no stale prompt)."""
+        return top1_logit_score(self.zero_shot_text, self.backbone.logit_scale)
 
     def adapt(self, image: torch.Tensor, track_input: bool = False) -> torch.Tensor:
         """The episodic loop for one (3,H,W) image; returns (C,) logits."""
@@ -149,14 +188,6 @@ class TestTimeAdapter(nn.Module):
             optimizer.step()
         with torch.no_grad():
             return self.prompt.text_features(context)
-
-    def generator_for(self, image: torch.Tensor) -> torch.Generator:
-        """Randomness that depends only on the seed and the image itself, not on its batch."""
-        if self.config.seed is None:
-            return torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,))))
-        digest = hashlib.blake2b(image.detach().float().cpu().numpy().tobytes(), digest_size=8,
-                                 key=self.config.seed.to_bytes(8, "little"))
-        return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little"))
 
 
 class Adapter:

@@ -33,14 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .adapter import TestTimeAdapter, evaluation_mode
-from .aggregators import (MeanAggregator, SingleViewAggregator, TotalVariationAggregator,
-                          ViewPredictions, build_aggregator)
-from .augmenters import build_augmenter, center_view
+from .adapter import EpisodicAdapter
+from .aggregators import MeanAggregator, SingleViewAggregator, TotalVariationAggregator, ViewPredictions
 from .backbones.timm_vit import TimmVitBackbone, is_timm_model, timm_backbone, top1_class_score
 from .config import AdapterConfig
-from .explainers import build_explainer
-from .inputs import check_images
 from .objectives import OBJECTIVES, select_confident
 
 TEXT_ONLY_AGGREGATORS = {"mta": "MTA scores its feature mode against class text features"}
@@ -91,7 +87,7 @@ class _Forward(nn.Module):
         return logits, F.normalize(features.float().flatten(1), dim=-1)
 
 
-class ClassifierTestTimeAdapter(nn.Module):
+class ClassifierTestTimeAdapter(EpisodicAdapter):
     """A wrapped timm classifier: `forward(images in [0,1]) -> (B, num_classes)` logits, each
     image adapted alone, the model unchanged afterwards.
 
@@ -103,17 +99,13 @@ class ClassifierTestTimeAdapter(nn.Module):
 
     def __init__(self, model: nn.Module, config: AdapterConfig = AdapterConfig(), name: str = "atpt",
                  image_size: Optional[int] = None):
-        super().__init__()
+        super().__init__(model, timm_backbone(model, image_size), config, name)
         if config.aggregator in TEXT_ONLY_AGGREGATORS:
             raise ValueError(
                 f"adapter {name!r} uses aggregator={config.aggregator!r}, which needs a text encoder "
                 f"({TEXT_ONLY_AGGREGATORS[config.aggregator]}); a timm classifier has none: use a CLIP "
                 "model with classnames=..., or another aggregator (tv, reliability, mean, single)")
         tuning, vpt_tokens = config.classifier_tuning, config.vpt_tokens
-        self.name = name
-        self.config = config
-        self.model = model
-        self.backbone = timm_backbone(model, image_size)
         self.tuning = tuning
         self.num_classes = getattr(model, "num_classes", 0)
         if not self.num_classes:
@@ -136,46 +128,19 @@ class ClassifierTestTimeAdapter(nn.Module):
             prompts = torch.empty(vpt_tokens, model.embed_dim).uniform_(-bound, bound, generator=generator)
             self.register_buffer("initial_prompts", prompts.to(self.backbone.device, self.backbone.dtype),
                                  persistent=False)
-        self.augmenter = build_augmenter(config, self.backbone.image_size)
-        self.aggregator = build_aggregator(config)
-        needs_maps = (config.views > 1 and self.augmenter.needs_maps) or self.aggregator.needs_view_maps
-        self.explainer = build_explainer(config, self.backbone.kind) if needs_maps else None
+        self.build_components()
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, classes={self.num_classes}, tuning={self.tuning!r}, "
                 f"config={self.config}")
 
-    # the public interface ------------------------------------------------------
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        images = check_images(images)
-        track_input = torch.is_grad_enabled() and images.requires_grad
-        with torch.inference_mode(False), torch.enable_grad(), evaluation_mode(self.model):
-            if images.is_inference():
-                images = images.clone()
-            images = images.to(self.backbone.device)
-            outputs = [self.adapt(image, track_input) for image in images]
-        if not outputs:
-            return torch.empty(0, self.num_classes, device=self.backbone.device)
-        return torch.stack(outputs)
+    @property
+    def num_outputs(self) -> int:
+        return self.num_classes
 
-    def explain(self, images: torch.Tensor) -> torch.Tensor:
-        """Attention (ViT) or Grad-CAM (conv net) maps (N, h, w) in [0,1] of the unchanged model."""
-        explainer = self.explainer or build_explainer(self.config, self.backbone.kind)
-        with torch.inference_mode(False), evaluation_mode(self.model):
-            return explainer(self.backbone, images, top1_class_score(self.backbone))
-
-    def generator_for(self, image: torch.Tensor) -> torch.Generator:
-        """The CLIP adapter's per-image seeding: depends only on the seed and the image."""
-        return TestTimeAdapter.generator_for(self, image)
-
-    def make_views(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """(K,3,S,S): the center crop, then K-1 augmented views of one (3,H,W) image."""
-        first = center_view(image, self.backbone.image_size).unsqueeze(0)
-        if self.config.views == 1:
-            return first
-        bases = self.augmenter.bases(image, self.config.views - 1, generator)
-        maps = self.explain(bases.detach()) if self.augmenter.needs_maps else None
-        return torch.cat([first, self.augmenter.views(bases, maps, generator)])
+    def explanation_score(self):
+        """S = top-1 logit of the unchanged classifier."""
+        return top1_class_score(self.backbone)
 
     # the episodic loop ----------------------------------------------------------
     def run(self, x: torch.Tensor, params: Optional[Dict[str, torch.Tensor]] = None,
