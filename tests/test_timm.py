@@ -392,3 +392,20 @@ def test_norm_parameters_cover_every_layernorm():
     assert set(found) == expected and "fc_norm.weight" in found
     with pytest.raises(ValueError, match="no classifier head"):
         ClassifierTestTimeAdapter(timm.create_model("vit_tiny_patch16_224", **{**TINY, "num_classes": 0}))
+
+
+def test_open_clip_with_a_timm_tower_is_adapted():
+    """wrap() on an open_clip CLIP whose image tower is a timm ViT explains it through the trunk."""
+    import open_clip
+
+    torch.manual_seed(0)
+    text = dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)
+    vision = dict(timm_model_name="test_vit", timm_model_pretrained=False, timm_pool="",
+                  timm_proj="linear", image_size=64)
+    clip = open_clip.CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text).eval()
+    tta = presets.atpt.with_overrides(views=8).wrap(clip, classnames=["cat", "dog"],
+                                             tokenizer=open_clip.get_tokenizer("ViT-B-32"))
+    assert tta.backbone.kind == "vit" and tta.backbone.num_blocks == len(clip.visual.trunk.blocks)
+    maps = tta.explain(images(3, 64))
+    assert maps.shape == (3, 4, 4) and maps.max() == 1
+    assert torch.isfinite(tta(images(2, 64))).all()

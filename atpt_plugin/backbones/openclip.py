@@ -57,6 +57,7 @@ class OpenClipBackbone:
     def __init__(self, model: nn.Module):
         import open_clip
         from open_clip.modified_resnet import ModifiedResNet
+        from open_clip.timm_model import TimmModel
         from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
         if not isinstance(model, (open_clip.CLIP, open_clip.CustomTextCLIP)):
@@ -65,7 +66,17 @@ class OpenClipBackbone:
                 f"{type(model).__name__}; for a timm image classifier wrap it with a timm backbone")
         self.model = model
         self.visual = model.visual
-        if isinstance(self.visual, VisionTransformer):
+        self.timm_tower = None
+        size = self.visual.image_size
+        self.image_size = size if isinstance(size, int) else size[0]
+        self.mean = torch.tensor(getattr(self.visual, "image_mean", None) or OPENAI_MEAN)
+        self.std = torch.tensor(getattr(self.visual, "image_std", None) or OPENAI_STD)
+        if isinstance(self.visual, TimmModel):
+            from .timm_vit import TimmVitBackbone
+            self.kind = "vit"  # traced through its timm trunk and open_clip's projection head
+            self.timm_tower = TimmVitBackbone(self.visual.trunk, self.image_size, self.visual.head,
+                                              self.mean.tolist(), self.std.tolist())
+        elif isinstance(self.visual, VisionTransformer):
             self.kind = "vit"
             unsupported = []
             if self.visual.attn_pool is not None:
@@ -83,11 +94,7 @@ class OpenClipBackbone:
         else:
             raise NotImplementedError(
                 f"open_clip image tower {type(self.visual).__name__} is not supported; "
-                "use a ViT (VisionTransformer) or ResNet (ModifiedResNet) tower")
-        size = self.visual.image_size
-        self.image_size = size if isinstance(size, int) else size[0]
-        self.mean = torch.tensor(getattr(self.visual, "image_mean", None) or OPENAI_MEAN)
-        self.std = torch.tensor(getattr(self.visual, "image_std", None) or OPENAI_STD)
+                "use a ViT (VisionTransformer), timm ViT (TimmModel) or ResNet (ModifiedResNet) tower")
 
     @property
     def device(self) -> torch.device:
@@ -103,6 +110,8 @@ class OpenClipBackbone:
 
     @property
     def num_blocks(self) -> int:
+        if self.timm_tower is not None:
+            return self.timm_tower.num_blocks
         return len(self.visual.transformer.resblocks) if self.kind == "vit" else 0
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -116,6 +125,8 @@ class OpenClipBackbone:
 
     def trace(self, images: torch.Tensor, first_block: int = 0) -> VitTrace:
         """ViT forward recording blocks >= first_block; earlier blocks run without autograd."""
+        if self.timm_tower is not None:
+            return self.timm_tower.trace(images, first_block)
         visual = self.visual
         blocks = visual.transformer.resblocks
         records = []
