@@ -40,6 +40,23 @@ class VitTrace:
     query_weights: Optional[torch.Tensor] = None
 
 
+def run_blocks(blocks, x: torch.Tensor, first_block: int, traced_step):
+    """Blocks before `first_block` without autograd; from there `traced_step(block, x) ->
+    (x, BlockRecord)` with the input of `first_block` a fresh leaf, so a backward from the
+    output stops there (the explainer never needs earlier activations)."""
+    records = []
+    for index, block in enumerate(blocks):
+        if index < first_block:
+            with torch.no_grad():
+                x = block(x)
+            continue
+        if index == first_block:
+            x = x.detach().requires_grad_(True)
+        x, record = traced_step(block, x)
+        records.append(record)
+    return x, records
+
+
 def _multihead_attention(attn: nn.MultiheadAttention, x: torch.Tensor):
     """Self-attention of `attn` on batch-first `x`, returning output and probabilities."""
     n, length, dim = x.shape
@@ -49,6 +66,15 @@ def _multihead_attention(attn: nn.MultiheadAttention, x: torch.Tensor):
     probs = torch.softmax(q @ k.transpose(-2, -1) * (dim // heads) ** -0.5, dim=-1)
     out = (probs @ v).transpose(1, 2).reshape(n, length, dim)
     return attn.out_proj(out), probs
+
+
+def _traced_block(block, x: torch.Tensor):
+    """open_clip's ResidualAttentionBlock with the attention probabilities kept."""
+    normed = block.ln_1(x)
+    attended, probs = _multihead_attention(block.attn, normed)
+    record = BlockRecord(tokens=x, normed=normed, attn=probs)
+    x = x + block.ls_1(attended)
+    return x + block.ls_2(block.mlp(block.ln_2(x))), record
 
 
 class OpenClipBackbone:
@@ -128,22 +154,9 @@ class OpenClipBackbone:
         if self.timm_tower is not None:
             return self.timm_tower.trace(images, first_block)
         visual = self.visual
-        blocks = visual.transformer.resblocks
-        records = []
         with torch.no_grad():
             x = visual._embeds(self.normalize(images))
-        for index, block in enumerate(blocks):
-            if index < first_block:
-                with torch.no_grad():
-                    x = block(x)
-                continue
-            if index == first_block:
-                x = x.detach().requires_grad_(True)
-            normed = block.ln_1(x)
-            attended, probs = _multihead_attention(block.attn, normed)
-            records.append(BlockRecord(tokens=x, normed=normed, attn=probs))
-            x = x + block.ls_1(attended)
-            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        x, records = run_blocks(visual.transformer.resblocks, x, first_block, _traced_block)
         pooled, _ = visual._pool(x)
         if visual.proj is not None:
             pooled = pooled @ visual.proj

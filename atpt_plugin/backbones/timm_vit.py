@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .openclip import BlockRecord, VitTrace
+from .openclip import BlockRecord, VitTrace, run_blocks
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -255,35 +255,31 @@ class TimmVitBackbone(_TimmImage):
 
     def trace(self, images: torch.Tensor, first_block: int = 0) -> VitTrace:
         """ViT forward recording blocks >= first_block; earlier blocks run without autograd."""
-        from timm.models.vision_transformer import ResPostBlock
-
         model = self.model
-        records = []
         with torch.no_grad():
             x, grid = self.embed(self.normalize(images))
-        for index, block in enumerate(model.blocks):
-            if index < first_block:
-                with torch.no_grad():
-                    x = block(x)
-                continue
-            if index == first_block:
-                x = x.detach().requires_grad_(True)
-            if type(block) is ResPostBlock:
-                attended, probs = _attention(block.attn, x)
-                records.append(BlockRecord(tokens=x, normed=x, attn=probs))
-                x = x + block.drop_path1(block.norm1(attended))
-                x = x + block.drop_path2(block.norm2(block.mlp(x)))
-            else:
-                normed = block.norm1(x)
-                attended, probs = _attention(block.attn, normed)
-                records.append(BlockRecord(tokens=x, normed=normed, attn=probs))
-                x = x + block.drop_path1(block.ls1(attended))
-                x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        x, records = run_blocks(model.blocks, x, first_block, _traced_block)
         pooled, weights = self.head_input(model.norm(x))
         if self.projection is not None:
             pooled = self.projection(pooled)
         return VitTrace(pooled.float(), records, model.num_prefix_tokens, grid,
                         query_weights=None if weights is None else weights.detach().float())
+
+
+def _traced_block(block, x: torch.Tensor):
+    """timm's Block (pre-norm) or ResPostBlock (post-norm) with the attention probabilities kept."""
+    from timm.models.vision_transformer import ResPostBlock
+
+    if type(block) is ResPostBlock:
+        attended, probs = _attention(block.attn, x)
+        record = BlockRecord(tokens=x, normed=x, attn=probs)
+        x = x + block.drop_path1(block.norm1(attended))
+        return x + block.drop_path2(block.norm2(block.mlp(x))), record
+    normed = block.norm1(x)
+    attended, probs = _attention(block.attn, normed)
+    record = BlockRecord(tokens=x, normed=normed, attn=probs)
+    x = x + block.drop_path1(block.ls1(attended))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))), record
 
 
 def _distilled_forward_head():
