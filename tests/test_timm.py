@@ -177,15 +177,21 @@ def test_dynamic_image_size():
         TimmVitBackbone(make_vit("vit")).trace(x)
 
 
-def test_projection_reproduces_open_clip_timm_tower():
-    """An open_clip tower built on timm (TimmModel) is traced through its trunk and projection."""
+def open_clip_with_timm_tower(timm_name: str, image_size: int):
     import open_clip
 
     torch.manual_seed(0)
     text = dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)
-    vision = dict(timm_model_name="vit_tiny_patch16_224", timm_model_pretrained=False, timm_pool="",
-                  timm_proj="linear", image_size=224)
-    clip = open_clip.CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text).eval()
+    vision = dict(timm_model_name=timm_name, timm_model_pretrained=False, timm_pool="",
+                  timm_proj="linear", image_size=image_size)
+    return open_clip.CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text).eval()
+
+
+def test_projection_reproduces_open_clip_timm_tower():
+    """An open_clip tower built on timm (TimmModel) is traced through its trunk and projection."""
+    import open_clip
+
+    clip = open_clip_with_timm_tower("vit_tiny_patch16_224", 224)
     backbone = TimmVitBackbone(clip.visual.trunk, projection=clip.visual.head,
                                mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD)
     x = images(2, 224)
@@ -398,11 +404,7 @@ def test_open_clip_with_a_timm_tower_is_adapted():
     """wrap() on an open_clip CLIP whose image tower is a timm ViT explains it through the trunk."""
     import open_clip
 
-    torch.manual_seed(0)
-    text = dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)
-    vision = dict(timm_model_name="test_vit", timm_model_pretrained=False, timm_pool="",
-                  timm_proj="linear", image_size=64)
-    clip = open_clip.CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text).eval()
+    clip = open_clip_with_timm_tower("test_vit", 64)
     tta = presets.atpt.with_overrides(views=8).wrap(clip, classnames=["cat", "dog"],
                                              tokenizer=open_clip.get_tokenizer("ViT-B-32"))
     assert tta.backbone.kind == "vit" and tta.backbone.num_blocks == len(clip.visual.trunk.blocks)
