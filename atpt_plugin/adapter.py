@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .aggregators import ViewPredictions, build_aggregator
 from .augmenters import build_augmenter, center_view
@@ -22,6 +23,7 @@ from .explainers import build_explainer, top1_logit_score
 from .inputs import check_images
 from .objectives import OBJECTIVES, select_confident
 from .prompt import PromptLearner
+from .tuning import adamw
 
 
 @contextlib.contextmanager
@@ -109,8 +111,9 @@ class TestTimeAdapter(EpisodicAdapter):
     with `torch.autograd.grad` on activations and on the prompt context (so no `.grad` is
     written), and its train/eval flags are restored after every call. Works under
     `torch.no_grad()` and `torch.inference_mode()`. When the caller tracks gradients of
-    the input, the returned logits are differentiable w.r.t. it through the views'
-    image features, holding the tuned prompt fixed.
+    the input, the returned logits are differentiable w.r.t. it through the views' image
+    features and, by `config.input_gradient`, through the tuning step ("bpda", "exact") or
+    with the tuned prompt held fixed ("fixed_prompt", the default).
     """
 
     def __init__(self, model: nn.Module, classnames: Sequence[str], tokenizer,
@@ -146,8 +149,12 @@ class TestTimeAdapter(EpisodicAdapter):
         """The episodic loop for one (3,H,W) image; returns (C,) logits."""
         views = self.make_views(image, self.generator_for(image))
         features = self.encode_views(views, track_input)
-        text = self.tune(features.detach()) if self.config.steps > 0 else self.zero_shot_text
-        return self.aggregate(views, features, text)
+        if self.config.steps == 0:
+            return self.aggregate(views, features, self.zero_shot_text)
+        path = self.config.input_gradient if track_input else "fixed_prompt"
+        if path == "fixed_prompt":
+            return self.aggregate(views, features, self.tune(features.detach()))
+        return self.aggregate(views, features, self.tune(features, path))
 
     def encode_views(self, views: torch.Tensor, track_input: bool = False) -> torch.Tensor:
         """Image features of all views, once: they do not depend on the prompt."""
@@ -170,23 +177,29 @@ class TestTimeAdapter(EpisodicAdapter):
         )
         return self.aggregator(predictions)
 
-    def tune(self, features: torch.Tensor) -> torch.Tensor:
+    def tune(self, features: torch.Tensor, path: str = "none") -> torch.Tensor:
         """Fresh context, `steps` AdamW steps on the confident views; returns tuned text features.
 
         The confident set is re-selected under the current prompt at every step, as TPT does
-        (for one step that is the initial prompt's set).
+        (for one step that is the initial prompt's set). `path` ("bpda", "exact") keeps the
+        result differentiable w.r.t. `features`, for adaptive attacks.
         """
         config = self.config
-        context = self.prompt.initial_context.detach().float().clone().requires_grad_(True)
-        optimizer = torch.optim.AdamW([context], lr=config.lr, weight_decay=config.weight_decay)
-        objective = OBJECTIVES[config.objective]
         scale = self.backbone.logit_scale
-        for _ in range(config.steps):
+        objective = OBJECTIVES[config.objective]
+
+        def loss(context):
             logits = scale * features @ self.prompt.text_features(context).t()
-            chosen = select_confident(logits.detach(), config.n_confident)
-            (context.grad,) = torch.autograd.grad(objective(logits[chosen]), [context])
-            optimizer.step()
-        with torch.no_grad():
+            return objective(logits[select_confident(logits.detach(), config.n_confident)])
+
+        if path == "none":
+            context = adamw(self.prompt.initial_context.float(), loss, config.steps, config.lr,
+                            config.weight_decay)
+            with torch.no_grad():
+                return self.prompt.text_features(context)
+        with sdpa_kernel(SDPBackend.MATH):  # fused attention kernels have no double backward
+            context = adamw(self.prompt.initial_context.float(), loss, config.steps, config.lr,
+                            config.weight_decay, path=path)
             return self.prompt.text_features(context)
 
 

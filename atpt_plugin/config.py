@@ -59,6 +59,8 @@ class AdapterConfig:
     # timm classifiers (no text): what is tuned instead of the prompt context
     classifier_tuning: str = "norm"      # "norm": LayerNorm affine (TENT); "prompt": VPT-shallow tokens
     vpt_tokens: int = 4                  # visual prompt tokens for classifier_tuning="prompt"
+    # adaptive attacks: how logits are differentiated w.r.t. an input that requires grad
+    input_gradient: str = "fixed_prompt"  # "fixed_prompt", "bpda" or "exact" (through the tuning step)
     # reproducibility
     seed: Optional[int] = 0              # None: fresh randomness on every call
 
@@ -72,6 +74,7 @@ class AdapterConfig:
         _check_choice("base_crop", self.base_crop, ("center", "random_resized"))
         _check_choice("mask_rule", self.mask_rule, ("top_k", "quantile"))
         _check_choice("mean_over", self.mean_over, ("confident", "all"))
+        _check_choice("input_gradient", self.input_gradient, ("fixed_prompt", "bpda", "exact"))
         _check_choice("classifier_tuning", self.classifier_tuning, ("norm", "prompt"))
         _check_int("views", self.views, 1)
         _check_int("steps", self.steps, 0)
