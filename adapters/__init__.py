@@ -1,0 +1,37 @@
+"""Evaluation integrations for test-time adapters: attacks, datasets, RobustBench, the `atpt` command.
+
+Installed as `atpt_plugin.adapters` (the folder is `adapters/` in the repository; the
+top-level name `adapters` belongs to an unrelated PyPI package and is never installed).
+
+    from atpt_plugin.adapters import load_dataset, make_attack, benchmark, benchmark_table
+
+Submodules: `attacks` (threat models on torchattacks, the zero-shot attacked model, the
+adversarial cache), `datasets` (CoOp/TPT layouts, ImageNet variants, ImageFolder),
+`robustbench` (`benchmark`, leaderboard JSON, `import_robustbench`), `runner` (the
+resumable, sharded evaluation loop), `report` (tables and chart), `cli` (`atpt`).
+Names are imported lazily, so `import atpt_plugin.adapters` stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ATTACKS": "attacks", "AttackSpec": "attacks", "AdversarialCache": "attacks", "ZeroShotClassifier": "attacks",
+    "make_attack": "attacks", "parse_eps": "attacks", "run_attack": "attacks", "CacheMismatchError": "attacks",
+    "DATASETS": "datasets", "EvalDataset": "datasets", "load_dataset": "datasets", "describe_layout": "datasets",
+    "DatasetLayoutError": "datasets", "UnknownNameError": "datasets",
+    "benchmark": "robustbench", "benchmark_table": "robustbench", "import_robustbench": "robustbench",
+    "Evaluation": "runner",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

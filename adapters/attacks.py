@@ -1,0 +1,435 @@
+"""Threat models on torchattacks, run once per test set against the zero-shot model.
+
+The paper's protocol (method.md section 6) is a transfer attack: untargeted L-inf PGD with
+a random start and cross-entropy on the true label, against zero-shot CLIP with the
+initial prompt, on the center crop in [0,1] (eps 4/255, step eps/4, 100 steps for ViTs;
+eps 1/255, 1 step for RN50). The attack does not depend on the adapter, so its images are
+computed once, batched on the device, and cached per (model, dataset, attack, seed): six
+adapters compared on one set cost one attack.
+
+Units. In Python (`make_attack`, `benchmark`) `eps` and `alpha` are in [0,1] pixel units,
+as in torchattacks and RobustBench: pass `4/255`. On the command line (`parse_eps`) a bare
+L-inf budget is in 1/255 units, as in the paper and the authors' code (`--eps 4` is
+4/255); `4/255` may be written out. L2 budgets are L2 norms of [0,1] images in both.
+Values that cannot be meant are rejected with the reading that was probably intended.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from atpt_plugin.adapter import TestTimeAdapter
+from atpt_plugin.augmenters import center_view
+from atpt_plugin.config import AdapterConfig
+from atpt_plugin.inputs import check_images
+
+from .datasets import unknown_name
+
+ZEROSHOT_CONFIG = AdapterConfig(views=1, steps=0, aggregator="single")
+
+
+# ---- the attacked model -------------------------------------------------------------
+class ZeroShotClassifier(nn.Module):
+    """Zero-shot CLIP with the initial prompt, batched and differentiable w.r.t. its input.
+
+    Equal to `load_adapter("zeroshot")` (= `atpt` with views=1, steps=0, aggregator
+    "single"): the center crop, the frozen initial prompt, no tuning. The class text
+    features are computed once at construction; each forward is one image-tower pass over
+    the whole batch, so PGD costs one forward and one backward per step.
+    """
+
+    def __init__(self, adapter: TestTimeAdapter):
+        super().__init__()
+        self.model = adapter.model          # a submodule: torchattacks finds the device from it
+        self.backbone = adapter.backbone
+        self.classnames = list(adapter.classnames)
+        self.prompt_phrase = adapter.config.context_phrase
+        self.register_buffer("text_features", adapter.zero_shot_text.detach().clone(), persistent=False)
+
+    @classmethod
+    def build(cls, model: nn.Module, classnames: Sequence[str], tokenizer, domain_word: Optional[str] = None,
+              ctx_init: Optional[str] = "a photo of a") -> "ZeroShotClassifier":
+        config = ZEROSHOT_CONFIG.replace(ctx_init=ctx_init, domain_word=domain_word)
+        return cls(TestTimeAdapter(model, classnames, tokenizer, config, name="zeroshot"))
+
+    @classmethod
+    def from_adapter(cls, adapter: TestTimeAdapter) -> "ZeroShotClassifier":
+        """The zero-shot model under `adapter`'s own initial prompt."""
+        return cls(adapter)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = check_images(images).to(self.backbone.device)
+        views = center_view(images, self.backbone.image_size)
+        features = self.backbone.encode_image(views)
+        return self.backbone.logit_scale * features @ self.text_features.t()
+
+
+# ---- eps ----------------------------------------------------------------------------
+def format_eps(value: Optional[float], norm: Optional[str] = "Linf") -> str:
+    """L-inf budgets as 4/255 where they sit on the 1/255 grid; L2 budgets as plain numbers."""
+    if value is None:
+        return "-"
+    if norm != "Linf":
+        return f"{value:.4g}"
+    steps = value * 255
+    if abs(steps - round(steps)) < 1e-6:
+        return f"{int(round(steps))}/255"
+    if abs(steps * 4 - round(steps * 4)) < 1e-6:
+        return f"{round(steps, 2):g}/255"
+    return f"{value:.4g}"
+
+
+def parse_eps(text, norm: str = "Linf") -> float:
+    """A command-line budget: bare L-inf numbers are in 1/255 units, "a/b" is a fraction.
+
+    `4` and `4/255` both give 4/255 for L-inf; L2 budgets are plain L2 norms ("0.5").
+    """
+    raw = str(text).strip()
+    try:
+        if "/" in raw:
+            numerator, denominator = raw.split("/")
+            value = float(Fraction(numerator.strip())) / float(Fraction(denominator.strip()))
+            explicit = True
+        else:
+            value = float(raw)
+            explicit = False
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"--eps {raw!r} is not a number: write e.g. 4 or 4/255") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"--eps must be > 0, got {raw!r}; for clean accuracy only use --attack none")
+    if norm == "Linf" and not explicit:
+        if value < 1:
+            raise ValueError(
+                f"--eps {raw} is ambiguous: L-inf budgets on the command line are in 1/255 units "
+                f"(--eps 4 means 4/255), so {raw} would be {raw}/255 = {value / 255:.2g}. "
+                f"For {format_eps(value)} write --eps {value * 255:g} or --eps {value * 255:g}/255; "
+                f"for a budget below 1/255 write it as a fraction, e.g. --eps {raw}/255")
+        value = value / 255
+    return value
+
+
+def check_eps(eps: float, norm: str, image_size: Optional[int] = None) -> float:
+    """Reject budgets in the wrong unit or so large that every image can become every other."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a positive number in [0,1] pixel units (e.g. 4/255), got {eps!r}")
+    if norm == "Linf":
+        if eps >= 1:
+            raise ValueError(
+                f"eps={eps:g} is not in [0,1] pixel units: in Python eps is a fraction of the "
+                f"pixel range, as in torchattacks and RobustBench; for {eps:g}/255 pass eps={eps:g}/255")
+        if eps >= 0.5:
+            raise ValueError(f"eps={eps:g} (L-inf) lets the attacker turn every image into plain gray; "
+                             "did you mean eps=" f"{eps:g}/255?")
+    elif image_size is not None:
+        limit = 0.5 * math.sqrt(3 * image_size * image_size)
+        if eps >= limit:
+            raise ValueError(f"L2 eps={eps:g} reaches {limit:.1f}, the distance at which any "
+                             f"{image_size}x{image_size} image can become plain gray")
+    return float(eps)
+
+
+# ---- attacks by name ----------------------------------------------------------------
+@dataclass(frozen=True)
+class AttackKind:
+    name: str
+    norm: Optional[str]          # "Linf", "L2", or None (no budget: CW, none)
+    description: str
+    defaults: Tuple[Tuple[str, object], ...]
+    build: Optional[Callable]    # (model, spec, n_classes, seed) -> torchattacks.Attack
+
+
+def _pgd(model, spec, n_classes, seed):
+    import torchattacks
+    p = spec.param_dict
+    return torchattacks.PGD(model, eps=spec.eps, alpha=p["alpha"], steps=p["steps"], random_start=p["random_start"])
+
+
+def _fgsm(model, spec, n_classes, seed):
+    import torchattacks
+    return torchattacks.FGSM(model, eps=spec.eps)
+
+
+def _pgdl2(model, spec, n_classes, seed):
+    import torchattacks
+    p = spec.param_dict
+    return torchattacks.PGDL2(model, eps=spec.eps, alpha=p["alpha"], steps=p["steps"], random_start=p["random_start"])
+
+
+def _cw(model, spec, n_classes, seed):
+    import torchattacks
+    p = spec.param_dict
+    return torchattacks.CW(model, c=p["c"], kappa=p["kappa"], steps=p["steps"], lr=p["lr"])
+
+
+def _autoattack(model, spec, n_classes, seed):
+    import torchattacks
+    p = spec.param_dict
+    return torchattacks.AutoAttack(model, norm=spec.norm, eps=spec.eps, version=p["version"],
+                                   n_classes=n_classes, seed=seed)
+
+
+ATTACKS: Dict[str, AttackKind] = {kind.name: kind for kind in [
+    AttackKind("pgd", "Linf", "untargeted L-inf PGD, random start, CE on the true label (the paper's protocol)",
+               (("steps", 100), ("alpha", None), ("random_start", True)), _pgd),
+    AttackKind("fgsm", "Linf", "one signed-gradient step of size eps", (), _fgsm),
+    AttackKind("pgdl2", "L2", "untargeted L2 PGD, random start", (("steps", 100), ("alpha", None),
+                                                                   ("random_start", True)), _pgdl2),
+    AttackKind("cw", None, "Carlini-Wagner L2 (unbounded; c, kappa, steps, lr)",
+               (("c", 1.0), ("kappa", 0.0), ("steps", 100), ("lr", 0.01)), _cw),
+    AttackKind("autoattack", "Linf", "AutoAttack (torchattacks): APGD-CE, APGD-T, FAB-T, Square; norm Linf or L2",
+               (("version", "standard"), ("norm", "Linf")), _autoattack),
+    AttackKind("none", None, "no attack: clean accuracy only", (), None),
+]}
+
+PAPER_EPS = {"vit": 4 / 255, "resnet": 1 / 255}      # method.md section 6
+PAPER_STEPS = {"vit": 100, "resnet": 1}
+DEFAULT_L2_EPS = 0.5
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """A named attack with every parameter resolved; `eps`/`alpha` in [0,1] pixel units."""
+
+    name: str
+    norm: Optional[str]
+    eps: Optional[float]
+    params: Tuple[Tuple[str, object], ...] = ()
+
+    @property
+    def param_dict(self) -> Dict[str, object]:
+        return dict(self.params)
+
+    @property
+    def is_attack(self) -> bool:
+        return self.name != "none"
+
+    @property
+    def threat_model(self) -> str:
+        return self.norm or ("L2" if self.name == "cw" else "none")
+
+    def to_dict(self) -> Dict[str, object]:
+        return {"name": self.name, "norm": self.norm, "eps": self.eps, **self.param_dict}
+
+    def describe(self) -> str:
+        if not self.is_attack:
+            return "none (clean only)"
+        parts = [self.norm or "L2, unbounded"]
+        if self.eps is not None:
+            parts.append(f"eps={format_eps(self.eps, self.norm)}")
+        for key, value in self.params:
+            if key == "alpha":
+                value = format_eps(value, self.norm)
+            if key == "norm":
+                continue
+            parts.append(f"{key}={value}")
+        return f"{self.name} ({', '.join(parts)})"
+
+    def build(self, model: nn.Module, n_classes: int, seed: int = 0):
+        kind = ATTACKS[self.name]
+        if kind.build is None:
+            raise ValueError("attack 'none' builds no attack")
+        return kind.build(model, self, n_classes, seed)
+
+
+def resolve_attack_name(name: str) -> str:
+    """The registry key of an attack name (case, '-' and '_' ignored); unknown names list the valid ones."""
+    key = str(name).strip().lower().replace("-", "").replace("_", "")
+    key = {"pgdlinf": "pgd", "linfpgd": "pgd", "l2pgd": "pgdl2", "aa": "autoattack", "clean": "none",
+           "cwl2": "cw"}.get(key, key)
+    if key not in ATTACKS:
+        raise unknown_name("attack", name, list(ATTACKS))
+    return key
+
+
+def make_attack(name: str = "pgd", eps: Optional[float] = None, steps: Optional[int] = None,
+                alpha: Optional[float] = None, backbone_kind: str = "vit", image_size: Optional[int] = None,
+                **params) -> AttackSpec:
+    """Resolve an attack by name. Defaults: the paper's protocol for the backbone kind.
+
+    eps / alpha: [0,1] pixel units (4/255), L2 norm for L2 attacks. None: pgd/fgsm/
+    autoattack use the paper's eps (4/255 ViT, 1/255 ResNet), pgdl2 0.5; alpha = eps/4.
+    steps: PGD iterations (paper: 100 ViT, 1 ResNet), CW optimisation steps.
+    Other parameters by keyword: random_start (pgd, pgdl2), c, kappa, lr (cw), version and
+    norm (autoattack).
+    """
+    key = resolve_attack_name(name)
+    kind = ATTACKS[key]
+    if backbone_kind not in PAPER_EPS:
+        raise ValueError(f"backbone_kind must be one of {sorted(PAPER_EPS)}, got {backbone_kind!r}")
+    resolved = dict(kind.defaults)
+    unknown = sorted(set(params) - set(resolved))
+    if unknown:
+        raise ValueError(f"attack {key!r} has no parameter {', '.join(map(repr, unknown))}; "
+                         f"its parameters: {', '.join(['eps', *resolved]) if kind.norm else ', '.join(resolved) or 'none'}")
+    resolved.update(params)
+    norm = kind.norm
+    if key == "autoattack":
+        if resolved["norm"] not in ("Linf", "L2"):
+            raise ValueError(f"autoattack norm must be 'Linf' or 'L2', got {resolved['norm']!r}")
+        norm = resolved["norm"]
+        if resolved["version"] not in ("standard", "plus", "rand"):
+            raise ValueError(f"autoattack version must be standard, plus or rand, got {resolved['version']!r}")
+    if norm is None:
+        if eps is not None:
+            raise ValueError(f"attack {key!r} takes no eps (it has no fixed budget)")
+        if alpha is not None:
+            raise ValueError(f"attack {key!r} takes no alpha")
+    else:
+        if eps is None:
+            eps = PAPER_EPS[backbone_kind] if norm == "Linf" else DEFAULT_L2_EPS
+        eps = check_eps(eps, norm, image_size)
+    if "alpha" in resolved:
+        alpha = eps / 4 if alpha is None else alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= eps:
+            raise ValueError(f"alpha (the step size) must be in (0, eps={format_eps(eps, norm)}], in the unit "
+                             f"of eps; got {alpha!r}")
+        resolved["alpha"] = float(alpha)
+    elif alpha is not None:
+        raise ValueError(f"attack {key!r} takes no alpha")
+    if "steps" in resolved:
+        if steps is None:
+            steps = PAPER_STEPS[backbone_kind] if key == "pgd" else resolved["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        resolved["steps"] = steps
+    elif steps is not None:
+        raise ValueError(f"attack {key!r} takes no steps")
+    for number in ("c", "kappa", "lr"):
+        if number in resolved:
+            resolved[number] = float(resolved[number])
+    if "random_start" in resolved:
+        resolved["random_start"] = bool(resolved["random_start"])
+    return AttackSpec(key, norm, eps, tuple(sorted(resolved.items())))
+
+
+def chunk_seed(seed: int, start: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{start}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (2 ** 63)
+
+
+def run_attack(spec: AttackSpec, classifier: ZeroShotClassifier, images: torch.Tensor, labels: torch.Tensor,
+               seed: int) -> torch.Tensor:
+    """Adversarial versions of a batch, on the classifier's device, returned on the CPU.
+
+    The random start draws from a generator seeded with `seed` alone, so a batch gives
+    the same images whichever process attacks it.
+    """
+    if not spec.is_attack:
+        return images.detach().cpu().clone()
+    device = classifier.backbone.device
+    attack = spec.build(classifier, len(classifier.classnames), seed)
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
+        torch.manual_seed(seed)
+        adversarial = attack(images.to(device), labels.to(device))
+    return adversarial.detach().float().cpu()
+
+
+# ---- cache --------------------------------------------------------------------------
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in tensors:
+        shape = tensor.shape
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(str((tuple(shape), str(tensor.dtype))).encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A digest of every parameter and buffer: two models with one fingerprint compute the same."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor_digest(tensor).encode())
+    return digest.hexdigest()
+
+
+class CacheMismatchError(RuntimeError):
+    """A cached adversarial batch was made for something else than what is asked now."""
+
+
+class AdversarialCache:
+    """Adversarial batches on disk under `root/<dataset>-<attack>-<hash of key>/`.
+
+    The key names the model (with a fingerprint of its weights), the dataset (with a
+    fingerprint of its samples), the attack with all its parameters, the attacked prompt
+    and the seed. It is stored with every batch and compared on reuse, together with the
+    sample ids and a digest of the clean images the batch was made from, so a cache is
+    never read for another model, attack, dataset or changed image files. `root=None`
+    keeps batches in memory only.
+    """
+
+    def __init__(self, root, key: Dict[str, object]):
+        self.key = json.loads(json.dumps(key, sort_keys=True))
+        self.digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:20]
+        self.memory: Dict[Tuple[int, int], torch.Tensor] = {}
+        self.directory = None
+        if root is not None:
+            label = "-".join(str(self.key.get(k, "x")) for k in ("dataset", "attack_name"))
+            self.directory = Path(root).expanduser() / f"{label}-{self.digest}"
+            self.directory.mkdir(parents=True, exist_ok=True)
+            key_file = self.directory / "key.json"
+            if key_file.exists():
+                stored = json.loads(key_file.read_text())
+                if stored != self.key:
+                    raise CacheMismatchError(_difference("cache folder " + str(self.directory), stored, self.key))
+            else:
+                _atomic_write(key_file, json.dumps(self.key, indent=2, sort_keys=True).encode())
+
+    def _path(self, start: int, count: int) -> Path:
+        return self.directory / f"batch-{start:08d}-{count:05d}.pt"
+
+    def load(self, start: int, ids: List[str], clean_digest: str) -> Optional[torch.Tensor]:
+        if (start, len(ids)) in self.memory:
+            return self.memory[(start, len(ids))]
+        if self.directory is None:
+            return None
+        path = self._path(start, len(ids))
+        if not path.exists():
+            return None
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        if stored["key"] != self.key:
+            raise CacheMismatchError(_difference(str(path), stored["key"], self.key))
+        if stored["ids"] != ids:
+            raise CacheMismatchError(f"{path} holds images {stored['ids'][:3]}..., not {ids[:3]}...: "
+                                     "the dataset selection changed; delete the cache folder")
+        if stored["clean_digest"] != clean_digest:
+            raise CacheMismatchError(f"{path} was made from other clean images than those on disk now "
+                                     f"(ids {ids[:3]}...): the image files changed; delete {self.directory}")
+        return stored["adversarial"]
+
+    def save(self, start: int, ids: List[str], clean_digest: str, adversarial: torch.Tensor) -> None:
+        if self.directory is None:
+            self.memory[(start, len(ids))] = adversarial
+            return
+        import io
+        buffer = io.BytesIO()
+        torch.save({"key": self.key, "ids": ids, "clean_digest": clean_digest,
+                    "adversarial": adversarial.contiguous()}, buffer)
+        _atomic_write(self._path(start, len(ids)), buffer.getvalue())
+
+
+def _difference(where: str, stored: Dict, wanted: Dict) -> str:
+    keys = sorted(set(stored) | set(wanted))
+    changed = [f"{k}: {stored.get(k)!r} (cached) vs {wanted.get(k)!r} (now)" for k in keys
+               if stored.get(k) != wanted.get(k)]
+    return f"{where} was made for a different key; " + "; ".join(changed)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)

@@ -1,0 +1,80 @@
+"""The results table (Markdown, CSV) and a bar chart of clean and adversarial accuracy."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+COLUMNS = ("adapter", "n", "clean_acc", "adv_acc", "seconds_per_image", "image_passes_per_image")
+HEADERS = ("adapter", "n", "clean acc (%)", "adv acc (%)", "s / image", "image passes / image")
+
+
+def _percent(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _number(value: Optional[float], digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def markdown_table(rows: Sequence[dict], caption: str = "") -> str:
+    lines = [f"{caption}\n" if caption else ""]
+    lines.append("| " + " | ".join(HEADERS) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(HEADERS) - 1)) + "|")
+    for row in rows:
+        cells = [row["adapter"], str(row["n"]), _percent(row["clean_acc"]), _percent(row["adv_acc"]),
+                 _number(row["seconds_per_image"]), _number(row["image_passes_per_image"], 4)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(line for line in lines if line is not None).lstrip("\n") + "\n"
+
+
+def csv_table(rows: Sequence[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS})
+    return buffer.getvalue()
+
+
+def bar_chart(rows: Sequence[dict], path: Path, title: str = "") -> Path:
+    """Grouped bars: clean and adversarial accuracy (%) per adapter, values printed on top."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    names = [row["adapter"] for row in rows]
+    clean = [100 * (row["clean_acc"] or 0) for row in rows]
+    adv = [None if row["adv_acc"] is None else 100 * row["adv_acc"] for row in rows]
+    attacked = any(a is not None for a in adv)
+    figure = Figure(figsize=(max(4.0, 1.1 * len(names) + 2), 3.6), dpi=120)
+    axes = figure.subplots()
+    width = 0.38 if attacked else 0.6
+    positions = range(len(names))
+    offset = width / 2 if attacked else 0.0
+    bars = [axes.bar([p - offset for p in positions], clean, width, label="clean", color="#4C72B0")]
+    if attacked:
+        bars.append(axes.bar([p + offset for p in positions], [a or 0 for a in adv], width,
+                             label="adversarial", color="#DD8452"))
+    for group in bars:
+        axes.bar_label(group, fmt="%.1f", fontsize=7, padding=1)
+    axes.set_xticks(list(positions))
+    axes.set_xticklabels(names, rotation=20 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
+    axes.set_ylabel("top-1 accuracy (%)")
+    axes.set_ylim(0, 105)
+    import textwrap
+    axes.set_title(textwrap.fill(title, width=int(14 * figure.get_figwidth())), fontsize=8)
+    axes.legend(fontsize=8, loc="upper right")
+    axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def write_reports(rows: Sequence[dict], directory: Path, caption: str = "") -> List[Path]:
+    directory = Path(directory)
+    written = []
+    for name, text in (("results.md", markdown_table(rows, caption)), ("results.csv", csv_table(rows))):
+        (directory / name).write_text(text)
+        written.append(directory / name)
+    written.append(bar_chart(rows, directory / "results.png", caption))
+    return written

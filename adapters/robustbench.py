@@ -1,0 +1,329 @@
+"""RobustBench-style evaluation of test-time adapters, and the real robustbench package.
+
+`benchmark(tta, ...)` follows `robustbench.eval.benchmark` where it applies (model,
+n_examples, dataset, threat_model, to_disk, model_name, data_dir, device, batch_size, eps,
+log_path) and returns (clean accuracy, adversarial accuracy) in [0,1]; with `to_disk`
+it writes `model_info/<dataset>/<threat_model>/<model_name>.json` in RobustBench's
+model_info format. Differences, because the defence adapts at test time:
+
+- the adversarial images come from a transfer attack on zero-shot CLIP with the initial
+  prompt (the paper's protocol, `attacks.py`), by default L-inf PGD, not AutoAttack
+  against the defended model; the JSON says so in its footnote;
+- `dataset` is one of `datasets.DATASETS` under `data_dir` (nothing is downloaded), an
+  `EvalDataset`, or an `(x, y)` pair of tensors;
+- `eps=None` means the paper's budget (4/255 ViT, 1/255 ResNet) instead of an error;
+- `batch_size` is the attack's batch; the adapters adapt each image on its own;
+- `log_path`, when given, is a folder of per-sample results: a rerun resumes from it.
+
+`benchmark_table(...)` evaluates several adapters on one attack and returns one row per
+adapter. `import_robustbench()` imports the installed robustbench 1.1.1 even where its
+own imports fail (see its docstring); `robustbench.utils.clean_accuracy(tta, x, y)`
+works on any wrapped adapter.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import types
+import warnings
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .attacks import AdversarialCache, AttackSpec, ZeroShotClassifier, make_attack, model_fingerprint
+from .datasets import DatasetInfo, EvalDataset, dataset_info, load_dataset, select
+from .runner import DatasetSource, Evaluation, ResultLog, TensorSource
+
+INSTALL_HINT = ("robustbench 1.1.1 pins timm==1.0.9, which open_clip's timm>=1.0.17 excludes; install it "
+                "without its pins: pip install 'atpt-plugin[robustbench]' && pip install --no-deps robustbench==1.1.1")
+
+FOOTNOTE = ("Test-time defence ({adapter}: each test image is adapted on its own) evaluated under a "
+            "transfer attack: {attack}, computed against zero-shot CLIP with the initial prompt, not "
+            "against the adaptive pipeline (an adaptive attack, e.g. EOT/BPDA through the adaptation, "
+            "can be stronger; Croce et al., ICML 2022). {n} test images of {dataset}.")
+
+
+# ---- the real package ----------------------------------------------------------------
+def import_robustbench():
+    """Import robustbench (1.1.1) and return the module, working around its packaging.
+
+    robustbench 1.1.1 imports `pkg_resources` (gone from setuptools >= 81) and `autoattack`
+    (its dependency installs the module as `pyautoattack`). Where either is missing, this
+    puts a stand-in into `sys.modules` for the duration of the import only: a minimal
+    `pkg_resources.resource_filename`, and `pyautoattack` under the name `autoattack`.
+    Nothing is installed and the stand-ins are removed afterwards.
+    """
+    if "robustbench.utils" in sys.modules:
+        return sys.modules["robustbench"]
+    if importlib.util.find_spec("robustbench") is None:
+        raise ModuleNotFoundError(f"robustbench is not installed. {INSTALL_HINT}", name="robustbench")
+    injected = []
+    if importlib.util.find_spec("pkg_resources") is None:
+        sys.modules["pkg_resources"] = _pkg_resources_stand_in()
+        injected.append("pkg_resources")
+    if importlib.util.find_spec("autoattack") is None and importlib.util.find_spec("pyautoattack") is not None:
+        import pyautoattack
+        import pyautoattack.state
+        sys.modules["autoattack"] = pyautoattack
+        sys.modules["autoattack.state"] = pyautoattack.state
+        injected += ["autoattack", "autoattack.state"]
+    try:
+        with warnings.catch_warnings():  # its timm imports use deprecated paths
+            warnings.simplefilter("ignore", FutureWarning)
+            module = importlib.import_module("robustbench")
+            importlib.import_module("robustbench.utils")
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(f"robustbench could not be imported: {error}. {INSTALL_HINT}",
+                                  name=error.name) from error
+    finally:
+        for name in injected:
+            sys.modules.pop(name, None)
+    return module
+
+
+def _pkg_resources_stand_in() -> types.ModuleType:
+    module = types.ModuleType("pkg_resources")
+    module.__doc__ = "atpt_plugin stand-in for robustbench's single use of pkg_resources"
+
+    def resource_filename(package_or_module: str, resource: str) -> str:
+        target = importlib.import_module(package_or_module)
+        base = os.path.dirname(target.__file__)
+        return os.path.join(base, resource)
+
+    module.resource_filename = resource_filename
+    return module
+
+
+# ---- leaderboard entries ---------------------------------------------------------------
+MODEL_INFO_FIELDS = ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
+                     "architecture", "eps", "clean_acc", "reported", "corruptions_acc", "corruptions_acc_3d",
+                     "corruptions_mce", "corruptions_mce_3d", "autoattack_acc", "footnote")
+
+
+def accuracy_field(attack: AttackSpec) -> str:
+    """RobustBench's `autoattack_acc` for AutoAttack, else `<attack>_acc`."""
+    return f"{attack.name}_acc"
+
+
+def model_info(*, dataset: str, attack: AttackSpec, clean_acc: float, adv_acc: Optional[float], adapter: str,
+               n_examples: int, architecture: str = "", name: str = "", venue: str = "",
+               number_forward_passes: Optional[float] = None) -> dict:
+    """One leaderboard entry: RobustBench's ModelInfo fields (accuracies as percent strings)."""
+    info = {field: None for field in MODEL_INFO_FIELDS}
+    info.update(
+        name=name or adapter, venue=venue or None, additional_data=False, dataset=dataset,
+        architecture=architecture or None, eps=attack.eps, clean_acc=str(round(100 * clean_acc, 2)),
+        number_forward_passes=None if number_forward_passes is None else int(round(number_forward_passes)),
+        footnote=FOOTNOTE.format(adapter=adapter, attack=attack.describe(), n=n_examples, dataset=dataset))
+    if attack.is_attack and adv_acc is not None:
+        info[accuracy_field(attack)] = str(round(100 * adv_acc, 2))
+    return info
+
+
+def write_model_info(info: dict, model_name: str, threat_model: str, root="model_info") -> Path:
+    """Write (or update, keeping fields not given now) model_info/<dataset>/<threat>/<name>.json."""
+    path = Path(root) / str(info["dataset"]) / threat_model / f"{model_name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(path.read_text()) if path.exists() else {}
+    existing.update({k: v for k, v in info.items() if v is not None or k not in existing})
+    path.write_text(json.dumps(existing, indent=2) + "\n")
+    return path
+
+
+# ---- benchmark ------------------------------------------------------------------------------
+def _resolve_source(dataset, data_dir, n_examples, seed, split, image_size):
+    """(source, classnames or None, dataset key, DatasetInfo or None)."""
+    if isinstance(dataset, tuple) and len(dataset) == 2 and all(isinstance(t, torch.Tensor) for t in dataset):
+        x, y = dataset
+        if n_examples is not None:
+            x, y = x[:n_examples], y[:n_examples]
+        return TensorSource(x, y), None, "tensors", None
+    if isinstance(dataset, str):
+        dataset = load_dataset(dataset, data_dir, split=split, image_size=image_size)
+    if not isinstance(dataset, EvalDataset):
+        raise TypeError(f"dataset must be a dataset name, an EvalDataset or an (x, y) pair of tensors, "
+                        f"got {type(dataset).__name__}")
+    indices = select(len(dataset), n_examples, seed)
+    return DatasetSource(dataset, indices), dataset.classnames, dataset.name, dataset.info
+
+
+def _check_classes(adapter, classnames, name):
+    if classnames is None:
+        return
+    have = [c.strip() for c in getattr(adapter, "classnames", classnames)]
+    if have != [c.strip() for c in classnames]:
+        raise ValueError(f"adapter {name!r} was wrapped with {len(have)} class names that differ from the "
+                         f"dataset's {len(classnames)} (e.g. {have[:3]} vs {classnames[:3]}); wrap it with "
+                         "classnames=dataset.classnames")
+
+
+def _backbone_kind(adapter) -> str:
+    backbone = getattr(adapter, "backbone", None)
+    return getattr(backbone, "kind", "vit")
+
+
+def architecture_of(adapter) -> str:
+    visual = getattr(getattr(adapter, "model", None), "visual", None)
+    if visual is None:
+        return type(adapter).__name__
+    if hasattr(visual, "transformer"):
+        size = getattr(visual, "patch_size", None)
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        return (f"CLIP ViT (width {visual.transformer.width}, {len(visual.transformer.resblocks)} blocks, "
+                f"patch {size})")
+    return f"CLIP {type(visual).__name__}"
+
+
+def benchmark_table(adapters, n_examples: Optional[int] = 1000, dataset="pets", threat_model: str = "Linf",
+                    to_disk: bool = False, model_name: Optional[str] = None, data_dir: str = "./data",
+                    device=None, batch_size: int = 32, eps: Optional[float] = None,
+                    log_path: Optional[str] = None, *, attack: Optional[str] = None, steps: Optional[int] = None,
+                    alpha: Optional[float] = None, seed: int = 0, split: str = "test",
+                    cache_dir: Optional[str] = None, model: Optional[nn.Module] = None, tokenizer=None,
+                    architecture: Optional[str] = None, model_info_dir: str = "model_info",
+                    overrides: Optional[Mapping[str, object]] = None, progress: bool = False,
+                    **attack_params) -> List[dict]:
+    """Evaluate several adapters on one attack; one row dict per adapter.
+
+    adapters: {name: wrapped adapter}, a list of wrapped adapters, or adapter names (then
+      `model` and `tokenizer` are needed; each name is `load_adapter(name, **overrides)`
+      with the dataset's domain word, wrapped with the dataset's class names).
+    attack: an attack name (`attacks.ATTACKS`); default `pgd` for threat_model "Linf" and
+      `pgdl2` for "L2". eps/alpha in [0,1] pixel units (4/255); None: the paper's budget.
+    Rows: adapter, n, clean_acc, adv_acc (in [0,1]), seconds_per_image,
+    image_passes_per_image (measured images through the image tower per prediction).
+    """
+    if threat_model not in ("Linf", "L2"):
+        raise NotImplementedError(f"threat_model {threat_model!r}: only 'Linf' and 'L2' attacks are "
+                                  "implemented for test-time adapters")
+    attack_name = attack or ("pgd" if threat_model == "Linf" else "pgdl2")
+    wrapped, descriptions = _wrap_all(adapters, model, tokenizer, dataset, data_dir, split, overrides or {})
+    first = next(iter(wrapped.values()))
+    image_size = getattr(getattr(first, "backbone", None), "image_size", 224)
+    source, classnames, dataset_key, info = _resolve_source(dataset, data_dir, n_examples, seed, split, image_size)
+    for name, adapter in wrapped.items():
+        _check_classes(adapter, classnames, name)
+    spec = make_attack(attack_name, eps=eps, steps=steps, alpha=alpha, backbone_kind=_backbone_kind(first),
+                       image_size=image_size, **attack_params)
+    if spec.norm is not None and spec.norm != threat_model:
+        raise ValueError(f"attack {spec.name!r} is an {spec.norm} attack, not {threat_model}")
+    device = torch.device(device) if device is not None else getattr(first.backbone, "device", torch.device("cpu"))
+    for adapter in wrapped.values():
+        adapter.to(device)
+    attacked = None
+    if spec.is_attack:
+        if tokenizer is not None and hasattr(first, "model"):
+            domain = info.domain_word if info is not None else None
+            attacked = ZeroShotClassifier.build(first.model, first.classnames, tokenizer, domain_word=domain)
+        else:
+            attacked = ZeroShotClassifier.from_adapter(first)
+        attacked.to(device)
+    key = {"model": model_fingerprint(first.model) if hasattr(first, "model") else "unknown",
+           "dataset": dataset_key, "split": split, "attack_name": spec.name, "attack": spec.to_dict(),
+           "seed": seed, "batch": batch_size, "image_size": image_size,
+           "prompt": getattr(attacked, "prompt_phrase", None),
+           "classes": _digest(getattr(attacked, "classnames", None))}
+    cache = AdversarialCache(cache_dir, key)
+    log = ResultLog(log_path, 0) if log_path else None
+    if log_path:
+        Path(log_path).mkdir(parents=True, exist_ok=True)
+    evaluation = Evaluation(wrapped, source, spec, attacked, cache, seed=seed, attack_batch_size=batch_size,
+                            log=log, device=device, progress=progress)
+    rows = [row.as_dict() for row in evaluation.run()]
+    if to_disk:
+        for row in rows:
+            name = model_name if (model_name and len(rows) == 1) else f"{model_name or 'model'}_{row['adapter']}"
+            entry = model_info(dataset=dataset_key, attack=spec, clean_acc=row["clean_acc"], adv_acc=row["adv_acc"],
+                               adapter=row["adapter"], n_examples=row["n"],
+                               architecture=architecture or architecture_of(wrapped[row["adapter"]]),
+                               name=descriptions.get(row["adapter"], ""),
+                               number_forward_passes=row["image_passes_per_image"])
+            row["model_info"] = str(write_model_info(entry, name, spec.threat_model, model_info_dir))
+    return rows
+
+
+def _digest(values) -> Optional[str]:
+    if values is None:
+        return None
+    import hashlib
+    return hashlib.sha256(json.dumps(list(values)).encode()).hexdigest()[:16]
+
+
+def _wrap_all(adapters, model, tokenizer, dataset, data_dir, split,
+              overrides) -> Tuple[Dict[str, nn.Module], Dict[str, str]]:
+    from atpt_plugin import load_adapter
+    if isinstance(adapters, (nn.Module, str)):
+        adapters = [adapters]
+    items = list(adapters.items()) if isinstance(adapters, Mapping) else [(None, a) for a in adapters]
+    if not items:
+        raise ValueError("no adapters given")
+    wrapped, descriptions, classnames = {}, {}, None
+    for name, adapter in items:
+        if isinstance(adapter, str):
+            if model is None or tokenizer is None:
+                raise ValueError(f"adapter {adapter!r} is a name: pass model= and tokenizer= to wrap it")
+            if not isinstance(dataset, (str, EvalDataset)):
+                raise ValueError("adapters given by name need a named dataset (for the class names)")
+            info = dataset_info(dataset) if isinstance(dataset, str) else dataset.info
+            if classnames is None:
+                classnames = (dataset if isinstance(dataset, EvalDataset)
+                              else load_dataset(dataset, data_dir, split=split, image_size=None)).classnames
+            loaded = load_adapter(adapter)
+            loaded = loaded.with_overrides(**{**applicable_overrides(loaded.config, info), **overrides})
+            descriptions[name or adapter] = loaded.description
+            adapter = loaded.wrap(model, classnames=classnames, tokenizer=tokenizer)
+            name = name or loaded.name
+        name = name or getattr(adapter, "name", None) or f"adapter{len(wrapped)}"
+        if name in wrapped:
+            raise ValueError(f"two adapters are named {name!r}; pass a dict {{name: adapter}}")
+        wrapped[name] = adapter
+    return wrapped, descriptions
+
+
+def applicable_overrides(config, info: Optional[DatasetInfo]) -> Dict[str, object]:
+    """The dataset's domain word and AugMix convention, where the adapter's prompt can take them."""
+    if info is None:
+        return {}
+    overrides = info.adapter_overrides()
+    phrase = config.ctx_init
+    if "domain_word" in overrides and (phrase is None or "photo" not in phrase.split() or config.domain_word):
+        overrides.pop("domain_word")
+    return overrides
+
+
+def benchmark(model: Union[nn.Module, Sequence[nn.Module]], n_examples: Optional[int] = 1000, dataset="pets",
+              threat_model: str = "Linf", to_disk: bool = False, model_name: Optional[str] = None,
+              data_dir: str = "./data", corruptions_data_dir: Optional[str] = None, device=None,
+              batch_size: int = 32, eps: Optional[float] = None, log_path: Optional[str] = None,
+              preprocessing=None, aa_state_path=None, **kwargs) -> Tuple[float, Optional[float]]:
+    """(clean accuracy, adversarial accuracy) of one wrapped adapter; see the module docstring.
+
+    The parameters are RobustBench's, in its order. corruptions_data_dir, preprocessing
+    and aa_state_path do not apply (the adapter normalises inside; no AutoAttack state)
+    and must stay None. Keyword-only extras: attack, steps, alpha, seed, split, cache_dir,
+    tokenizer, architecture, model_info_dir, overrides, progress and attack parameters
+    (see `benchmark_table`).
+    """
+    if isinstance(model, (list, tuple)):
+        raise NotImplementedError("benchmark() takes one model, as RobustBench's does; use "
+                                  "benchmark_table() for several adapters")
+    for name, value in (("corruptions_data_dir", corruptions_data_dir), ("preprocessing", preprocessing),
+                        ("aa_state_path", aa_state_path)):
+        if value is not None:
+            raise NotImplementedError(f"{name} does not apply to test-time adapters (they take [0,1] images "
+                                      "and normalise inside); leave it None")
+    if to_disk and model_name is None:
+        raise ValueError("If `to_disk` is True, `model_name` should be specified.")
+    rows = benchmark_table({getattr(model, "name", "model"): model}, n_examples=n_examples, dataset=dataset,
+                           threat_model=threat_model, to_disk=to_disk, model_name=model_name, data_dir=data_dir,
+                           device=device, batch_size=batch_size, eps=eps, log_path=log_path, **kwargs)
+    row = rows[0]
+    print(f"Clean accuracy: {row['clean_acc']:.2%}")
+    if row["adv_acc"] is not None:
+        print(f"Adversarial accuracy: {row['adv_acc']:.2%}")
+    return row["clean_acc"], row["adv_acc"]

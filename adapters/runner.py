@@ -1,0 +1,449 @@
+"""The evaluation loop behind `benchmark()` and `atpt eval`: attack once, adapt per sample.
+
+1. Attack: the selected samples are cut into fixed batches of consecutive positions;
+   batch b is attacked by rank b % world (seeded by the seed and its first position, so it
+   is the same images whichever rank makes it) and cached. Every rank waits for all.
+2. Adapt: rank r owns positions r, r + world, r + 2 world, ... (no padding, no
+   duplicates). For each owned sample that is not done yet, every adapter predicts on the
+   clean and on the adversarial image, and one line per (sample, adapter) is appended to
+   the rank's results file as soon as it is known.
+3. Reduce: per-adapter counts are summed over ranks; rank 0 also merges the files and
+   checks that every (sample, adapter) is there exactly once and agrees with the sums.
+
+A run that is killed resumes from the results files: finished (sample, adapter) pairs
+are skipped, a half-written last line is dropped, and the attack batches come from the
+cache (or are recomputed identically). Each adapter adapts every image on its own from
+a seed and the image alone, so the results do not depend on the number of processes.
+"""
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .attacks import AdversarialCache, AttackSpec, ZeroShotClassifier, chunk_seed, run_attack, tensor_digest
+
+
+# ---- processes ------------------------------------------------------------------------
+class DistContext:
+    """Rank and world size; collectives are no-ops in a single process."""
+
+    def __init__(self, rank: int = 0, world: int = 1, owns_group: bool = False):
+        self.rank, self.world, self.owns_group = rank, world, owns_group
+
+    @classmethod
+    def from_env(cls) -> "DistContext":
+        """torchrun's RANK / WORLD_SIZE; a gloo group (CPU tensors only ever travel)."""
+        import torch.distributed as dist
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        owns = False
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
+            owns = True
+        return cls(dist.get_rank(), dist.get_world_size(), owns)
+
+    @property
+    def local_rank(self) -> int:
+        return int(os.environ.get("LOCAL_RANK", self.rank))
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+            values = values.clone()
+            dist.all_reduce(values)
+        return values
+
+    def gather(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+# ---- samples ----------------------------------------------------------------------------
+class DatasetSource:
+    """Positions 0..N-1 of a selection of an `EvalDataset`."""
+
+    def __init__(self, dataset, indices: Sequence[int]):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def get(self, position: int) -> Tuple[torch.Tensor, int]:
+        return self.dataset[self.indices[position]]
+
+    def sample_id(self, position: int) -> str:
+        return self.dataset.sample_id(self.indices[position])
+
+    def label(self, position: int) -> int:
+        return self.dataset.label(self.indices[position])
+
+
+class TensorSource:
+    """Positions of in-memory tensors x (N,3,H,W) in [0,1] and labels y (N,)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        if x.dim() != 4 or y.dim() != 1 or len(x) != len(y):
+            raise ValueError(f"expected x (N,3,H,W) and y (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
+        self.x, self.y = x, y.long()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def get(self, position: int):
+        return self.x[position], int(self.y[position])
+
+    def sample_id(self, position: int) -> str:
+        return str(position)
+
+    def label(self, position: int) -> int:
+        return int(self.y[position])
+
+
+# ---- per-sample results ---------------------------------------------------------------------
+class ResultLog:
+    """Append-only JSON lines, one file per rank; in memory when `directory` is None."""
+
+    PATTERN = "samples*.jsonl"
+
+    def __init__(self, directory=None, rank: int = 0):
+        self.directory = Path(directory) if directory is not None else None
+        self.rank = rank
+        self.memory: List[dict] = []
+        self.path = None
+        if self.directory is not None:
+            name = "samples.jsonl" if rank == 0 else f"samples.rank{rank}.jsonl"
+            self.path = self.directory / name
+
+    def repair(self) -> int:
+        """Drop a half-written last line of this rank's file (a kill mid-write); bytes dropped."""
+        if self.path is None or not self.path.exists():
+            return 0
+        data = self.path.read_bytes()
+        keep = data.rfind(b"\n") + 1
+        if keep < len(data):
+            with open(self.path, "r+b") as handle:
+                handle.truncate(keep)
+                handle.flush()
+                os.fsync(handle.fileno())
+        return len(data) - keep
+
+    def records(self) -> List[dict]:
+        """Every complete line of every rank's file (a partial last line is ignored)."""
+        if self.directory is None:
+            return list(self.memory)
+        out = []
+        for path in sorted(self.directory.glob(self.PATTERN)):
+            data = path.read_bytes()
+            for number, line in enumerate(data[: data.rfind(b"\n") + 1].splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise RuntimeError(f"{path}:{number} is not a JSON record; the results file is "
+                                       "damaged (it is append-only: do not edit it)") from None
+        return out
+
+    def append(self, record: dict) -> None:
+        if self.path is None:
+            self.memory.append(record)
+            return
+        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ---- summary ------------------------------------------------------------------------------
+FIELDS = ("n", "clean_correct", "adv_correct", "seconds", "image_passes", "predictions")
+
+
+@dataclass
+class Row:
+    """One adapter's totals; accuracies in [0,1]."""
+
+    adapter: str
+    n: int = 0
+    clean_correct: int = 0
+    adv_correct: int = 0
+    seconds: float = 0.0
+    image_passes: int = 0
+    predictions: int = 0
+    attacked: bool = True
+
+    def add(self, record: dict) -> None:
+        self.n += 1
+        self.clean_correct += int(record["clean"] == record["label"])
+        if record.get("adv") is not None:
+            self.adv_correct += int(record["adv"] == record["label"])
+        self.seconds += float(record.get("seconds", 0.0))
+        self.image_passes += int(record.get("image_passes") or 0)
+        self.predictions += 1 + (record.get("adv") is not None)
+
+    @property
+    def clean_acc(self) -> Optional[float]:
+        return self.clean_correct / self.n if self.n else None
+
+    @property
+    def adv_acc(self) -> Optional[float]:
+        return self.adv_correct / self.n if self.n and self.attacked else None
+
+    @property
+    def seconds_per_image(self) -> Optional[float]:
+        return self.seconds / self.predictions if self.predictions else None
+
+    @property
+    def passes_per_image(self) -> Optional[float]:
+        return self.image_passes / self.predictions if self.predictions and self.image_passes else None
+
+    def as_dict(self) -> dict:
+        return {"adapter": self.adapter, "n": self.n, "clean_acc": self.clean_acc, "adv_acc": self.adv_acc,
+                "clean_correct": self.clean_correct, "adv_correct": self.adv_correct if self.attacked else None,
+                "seconds_per_image": self.seconds_per_image, "image_passes_per_image": self.passes_per_image}
+
+
+class PassCounter:
+    """Counts images through each wrapped model's image tower (a forward hook on its stem)."""
+
+    def __init__(self, adapters: Dict[str, nn.Module]):
+        self.count = 0
+        self.handles = []
+        seen = set()
+        for adapter in adapters.values():
+            visual = getattr(getattr(adapter, "model", None), "visual", None)
+            stem = getattr(visual, "conv1", None)
+            if isinstance(stem, nn.Module) and id(stem) not in seen:
+                seen.add(id(stem))
+                self.handles.append(stem.register_forward_hook(self._hook))
+
+    def _hook(self, module, inputs, output):
+        self.count += int(inputs[0].shape[0])
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+class Evaluation:
+    """Evaluate `adapters` ({name: module mapping [0,1] images to logits}) on `source`."""
+
+    def __init__(self, adapters: Dict[str, nn.Module], source, attack: AttackSpec,
+                 attacked: Optional[ZeroShotClassifier], cache: AdversarialCache, *, seed: int = 0,
+                 attack_batch_size: int = 32, log: Optional[ResultLog] = None,
+                 dist: Optional[DistContext] = None, device=None, progress: bool = False):
+        if not adapters:
+            raise ValueError("no adapters to evaluate")
+        if attack.is_attack and attacked is None:
+            raise ValueError("an attack needs the attacked (zero-shot) model")
+        if attack_batch_size < 1:
+            raise ValueError(f"attack_batch_size must be >= 1, got {attack_batch_size}")
+        self.adapters = dict(adapters)
+        self.source = source
+        self.attack = attack
+        self.attacked = attacked
+        self.cache = cache
+        self.seed = seed
+        self.batch = attack_batch_size
+        self.dist = dist or DistContext()
+        self.log = log or ResultLog(None, self.dist.rank)
+        self.device = torch.device(device) if device is not None else None
+        self.progress = progress
+        self.merged: Optional[List[dict]] = None
+
+    # -- helpers
+    def _batches(self) -> List[range]:
+        n = len(self.source)
+        return [range(start, min(start + self.batch, n)) for start in range(0, n, self.batch)]
+
+    def _mine(self, position: int) -> bool:
+        return position % self.dist.world == self.dist.rank
+
+    def _load(self, positions: Iterable[int]):
+        items = [self.source.get(p) for p in positions]
+        images = torch.stack([image for image, _ in items])
+        labels = torch.tensor([label for _, label in items], dtype=torch.long)
+        return images, labels
+
+    def _adversarial(self, batch: range, images, labels) -> Optional[torch.Tensor]:
+        ids = [self.source.sample_id(p) for p in batch]
+        return self.cache.load(batch.start, ids, tensor_digest(images, labels))
+
+    def _done(self) -> Dict[Tuple[str, int], dict]:
+        done = {}
+        for record in self.log.records():
+            if record["adapter"] in self.adapters and 0 <= record["position"] < len(self.source):
+                done[(record["adapter"], record["position"])] = record
+        return done
+
+    # -- phases
+    def attack_phase(self, todo: set) -> None:
+        if not self.attack.is_attack:
+            return
+        batches = [b for i, b in enumerate(self._batches())
+                   if i % self.dist.world == self.dist.rank and any(p in todo for p in b)]
+        bar = _bar(self.progress and bool(batches), len(batches), f"attack {self.attack.name}", "batch")
+        for batch in batches:
+            images, labels = self._load(batch)
+            if self._adversarial(batch, images, labels) is None:
+                adversarial = run_attack(self.attack, self.attacked, images, labels, chunk_seed(self.seed, batch.start))
+                ids = [self.source.sample_id(p) for p in batch]
+                self.cache.save(batch.start, ids, tensor_digest(images, labels), adversarial)
+            bar.update(1)
+        bar.close()
+
+    @torch.no_grad()
+    def predict(self, adapter: nn.Module, image: torch.Tensor) -> int:
+        if self.device is not None:
+            image = image.to(self.device)
+        return int(adapter(image.unsqueeze(0)).argmax(dim=-1)[0])
+
+    def adapt_phase(self, todo: set, rows: Dict[str, Row], done: Dict) -> None:
+        mine = sorted(p for p in todo if self._mine(p))
+        bar = _bar(self.progress, len(mine), "adapt", "sample")
+        counter = PassCounter(self.adapters)
+        attacked = self.attack.is_attack
+        try:
+            for batch in self._batches():
+                positions = [p for p in batch if p in todo and self._mine(p)]
+                if not positions:
+                    continue
+                images, labels = self._load(batch)
+                adversarial = None
+                if attacked:
+                    adversarial = self._adversarial(batch, images, labels)
+                    if adversarial is None:
+                        raise RuntimeError(f"adversarial batch at position {batch.start} is missing from the "
+                                           "cache after the attack phase")
+                for p in positions:
+                    offset = p - batch.start
+                    label = int(labels[offset])
+                    for name, adapter in self.adapters.items():
+                        if (name, p) in done:
+                            continue
+                        counter.count = 0
+                        start = time.perf_counter()
+                        clean = self.predict(adapter, images[offset])
+                        adv = self.predict(adapter, adversarial[offset]) if attacked else None
+                        record = {"position": p, "id": self.source.sample_id(p), "label": label, "adapter": name,
+                                  "clean": clean, "adv": adv, "seconds": round(time.perf_counter() - start, 6),
+                                  "image_passes": counter.count, "rank": self.dist.rank}
+                        self.log.append(record)
+                        rows[name].add(record)
+                    bar.update(1)
+                    bar.set_postfix_str(_postfix(rows, attacked), refresh=False)
+        finally:
+            counter.close()
+            bar.close()
+
+    def run(self) -> List[Row]:
+        """Attack, adapt, reduce; returns one `Row` per adapter (the same on every rank)."""
+        self.log.repair()
+        self.dist.barrier()
+        done = self._done()
+        n = len(self.source)
+        todo = {p for p in range(n) if any((name, p) not in done for name in self.adapters)}
+        self.attack_phase(todo)
+        self.dist.barrier()
+        rows = {name: Row(name, attacked=self.attack.is_attack) for name in self.adapters}
+        for (name, p), record in sorted(done.items(), key=lambda item: item[0][1]):
+            if self._mine(p):
+                rows[name].add(record)
+        self.adapt_phase(todo, rows, done)
+        self.dist.barrier()
+        totals = torch.tensor([[getattr(rows[name], f) for f in FIELDS] for name in self.adapters], dtype=torch.float64)
+        totals = self.dist.sum(totals)
+        reduced = []
+        for name, values in zip(self.adapters, totals.tolist()):
+            row = Row(name, attacked=self.attack.is_attack)
+            for f, value in zip(FIELDS, values):
+                setattr(row, f, value if f == "seconds" else int(round(value)))
+            reduced.append(row)
+        if self.dist.rank == 0:
+            self.merged = self._merge(reduced)
+        return reduced
+
+    def _merge(self, reduced: List[Row]) -> List[dict]:
+        """All records, checked: each (sample, adapter) once, none missing, equal to the sums."""
+        records = [r for r in self.log.records() if r["adapter"] in self.adapters and 0 <= r["position"] < len(self.source)]
+        counts = collections.Counter((r["adapter"], r["position"]) for r in records)
+        duplicates = [key for key, count in counts.items() if count > 1]
+        if duplicates:
+            raise RuntimeError(f"{len(duplicates)} (adapter, sample) pairs were recorded more than once, "
+                               f"e.g. {duplicates[:3]}")
+        expected = {(name, p) for name in self.adapters for p in range(len(self.source))}
+        missing = sorted(expected - set(counts))
+        if missing:
+            raise RuntimeError(f"{len(missing)} (adapter, sample) results are missing, e.g. {missing[:3]}")
+        by_adapter = {name: Row(name, attacked=self.attack.is_attack) for name in self.adapters}
+        for record in sorted(records, key=lambda r: (r["position"], r["adapter"])):
+            by_adapter[record["adapter"]].add(record)
+        for row in reduced:
+            merged = by_adapter[row.adapter]
+            if (merged.n, merged.clean_correct, merged.adv_correct) != (row.n, row.clean_correct, row.adv_correct):
+                raise RuntimeError(f"results files and reduced counts disagree for {row.adapter}: "
+                                   f"{merged.as_dict()} vs {row.as_dict()}")
+        return sorted(records, key=lambda r: (r["position"], r["adapter"]))
+
+
+def _postfix(rows: Dict[str, Row], attacked: bool) -> str:
+    parts = []
+    for row in rows.values():
+        if not row.n:
+            continue
+        text = f"{row.adapter} {100 * row.clean_acc:.1f}"
+        if attacked:
+            text += f"/{100 * row.adv_acc:.1f}"
+        parts.append(text)
+    label = "clean/adv %" if attacked else "clean %"
+    return f"{label}: " + " ".join(parts) if parts else ""
+
+
+class _NoBar:
+    def update(self, *_):
+        pass
+
+    def set_postfix_str(self, *_, **__):
+        pass
+
+    def close(self):
+        pass
+
+
+def _bar(enabled: bool, total: int, description: str, unit: str):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True, mininterval=0.5)

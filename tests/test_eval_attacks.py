@@ -1,0 +1,152 @@
+"""Threat models: the attacked zero-shot model, eps units, attacks by name, the adversarial cache."""
+import pytest
+import torch
+
+from atpt_plugin import AdapterConfig
+from atpt_plugin.adapter import TestTimeAdapter as Wrapped  # not collected as a test class
+from atpt_plugin.adapters.attacks import (ATTACKS, AdversarialCache, CacheMismatchError, ZeroShotClassifier,
+                                          chunk_seed, make_attack, model_fingerprint, parse_eps, run_attack,
+                                          tensor_digest)
+from atpt_plugin.adapters.datasets import UnknownNameError
+from conftest import CLASSNAMES, make_tiny_resnet, make_tiny_vit
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two shared cores: one thread each is far faster than two fighting threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def zero_shot(tiny_vit, tokenizer):
+    return ZeroShotClassifier.build(tiny_vit, CLASSNAMES, tokenizer)
+
+
+def test_zero_shot_classifier_equals_the_zeroshot_adapter_batched(tiny_vit, tokenizer, zero_shot):
+    reference = Wrapped(tiny_vit, CLASSNAMES, tokenizer, AdapterConfig(views=1, steps=0, aggregator="single"))
+    x = torch.rand(4, 3, 40, 36, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(zero_shot(x), reference(x), rtol=1e-5, atol=1e-5)
+    x.requires_grad_(True)
+    (grad,) = torch.autograd.grad(zero_shot(x).logsumexp(-1).sum(), x)
+    assert grad.shape == x.shape and grad.abs().sum() > 0                     # differentiable w.r.t. the input
+    with_domain = ZeroShotClassifier.build(tiny_vit, CLASSNAMES, tokenizer, domain_word="pet")
+    assert with_domain.prompt_phrase == "a pet photo of a" and zero_shot.prompt_phrase == "a photo of a"
+
+
+def test_paper_protocol_defaults_per_backbone():
+    vit = make_attack("pgd")
+    assert (vit.norm, vit.eps, vit.param_dict) == ("Linf", 4 / 255, {"alpha": 1 / 255, "random_start": True,
+                                                                      "steps": 100})
+    resnet = make_attack("PGD", backbone_kind="resnet")
+    assert resnet.eps == 1 / 255 and resnet.param_dict["steps"] == 1 and resnet.param_dict["alpha"] == 0.25 / 255
+    assert vit.describe() == "pgd (Linf, eps=4/255, alpha=1/255, random_start=True, steps=100)"
+
+
+def test_eps_units_are_unambiguous():
+    assert parse_eps("4") == parse_eps("4/255") == pytest.approx(4 / 255)
+    assert parse_eps("0.5/255") == pytest.approx(0.5 / 255)
+    assert parse_eps("0.5", norm="L2") == 0.5 and parse_eps("255/255", norm="L2") == 1.0
+    with pytest.raises(ValueError, match=r"ambiguous.*1/255 units.*--eps 4"):
+        parse_eps("0.0157")
+    for bad in ("0", "-4", "abc", "nan", "1/0"):
+        with pytest.raises(ValueError):
+            parse_eps(bad)
+    with pytest.raises(ValueError, match=r"not in \[0,1\] pixel units.*eps=4/255"):
+        make_attack("pgd", eps=4)
+    with pytest.raises(ValueError, match="plain gray"):
+        make_attack("fgsm", eps=0.6)
+    with pytest.raises(ValueError, match="plain gray"):
+        make_attack("pgdl2", eps=30.0, image_size=32)
+    with pytest.raises(ValueError, match="alpha"):
+        make_attack("pgd", eps=4 / 255, alpha=8 / 255)
+    with pytest.raises(ValueError, match="takes no eps"):
+        make_attack("cw", eps=4 / 255)
+
+
+def test_unknown_attack_and_parameter_list_the_valid_ones():
+    with pytest.raises(UnknownNameError, match=r"unknown attack 'pgdd'.*valid attacks: pgd, fgsm, pgdl2, cw, "
+                                               r"autoattack, none"):
+        make_attack("pgdd")
+    with pytest.raises(ValueError, match="no parameter 'kappa'; its parameters: eps, steps, alpha, random_start"):
+        make_attack("pgd", kappa=1)
+    assert make_attack("aa").name == "autoattack" and make_attack("PGD-L2").name == "pgdl2"
+    assert make_attack("autoattack", norm="L2").norm == "L2"
+
+
+@pytest.mark.parametrize("name, params", [("pgd", dict(steps=3)), ("fgsm", {}), ("pgdl2", dict(steps=3)),
+                                          ("cw", dict(steps=3))])
+def test_attacks_by_name_respect_their_budget(zero_shot, name, params):
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2])
+    spec = make_attack(name, **params)
+    adversarial = run_attack(spec, zero_shot, x, y, seed=5)
+    assert adversarial.shape == x.shape and 0 <= adversarial.min() and adversarial.max() <= 1
+    delta = (adversarial - x).flatten(1)
+    if spec.norm == "Linf":
+        assert delta.abs().max() <= spec.eps + 1e-6
+    elif spec.eps is not None:
+        assert delta.norm(dim=1).max() <= spec.eps + 1e-4
+    assert torch.equal(adversarial, run_attack(spec, zero_shot, x, y, seed=5))    # seeded
+    if spec.param_dict.get("random_start"):
+        assert not torch.equal(adversarial, run_attack(spec, zero_shot, x, y, seed=6))
+
+
+def test_pgd_lowers_the_true_class_logit_and_is_batch_independent(zero_shot):
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([0, 1, 2, 3])
+    spec = make_attack("pgd", eps=16 / 255, steps=5)
+    adversarial = run_attack(spec, zero_shot, x, y, seed=0)
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy
+        assert loss(zero_shot(adversarial), y) > loss(zero_shot(x), y)
+    # a batch's random start depends on the seed alone: a prefix of it is attacked alike
+    torch.testing.assert_close(run_attack(spec, zero_shot, x[:2], y[:2], seed=0), adversarial[:2])
+
+
+def test_autoattack_by_name_skips_misclassified_images(zero_shot):
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        wrong = (zero_shot(x).argmax(1) + 1) % len(CLASSNAMES)
+    adversarial = run_attack(make_attack("autoattack"), zero_shot, x, wrong, seed=0)
+    assert torch.equal(adversarial, x)     # AutoAttack only attacks correctly classified images
+
+
+def test_attack_on_a_resnet_tower(tokenizer):
+    model = make_tiny_resnet()
+    zero_shot = ZeroShotClassifier.build(model, CLASSNAMES, tokenizer)
+    spec = make_attack("pgd", backbone_kind="resnet")
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    adversarial = run_attack(spec, zero_shot, x, torch.tensor([0, 1]), seed=0)
+    assert (adversarial - x).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_cache_checks_its_key_ids_and_clean_images(tmp_path):
+    key = {"dataset": "pets", "attack_name": "pgd", "model": "abc", "seed": 0}
+    cache = AdversarialCache(tmp_path, key)
+    clean = torch.rand(2, 3, 4, 4)
+    labels = torch.tensor([0, 1])
+    digest = tensor_digest(clean, labels)
+    cache.save(0, ["a.jpg", "b.jpg"], digest, clean * 0.5)
+    again = AdversarialCache(tmp_path, key)
+    assert torch.equal(again.load(0, ["a.jpg", "b.jpg"], digest), clean * 0.5)
+    assert again.load(2, ["c.jpg", "d.jpg"], digest) is None                      # not made yet
+    with pytest.raises(CacheMismatchError, match="other clean images"):
+        again.load(0, ["a.jpg", "b.jpg"], tensor_digest(clean + 0.1, labels))
+    with pytest.raises(CacheMismatchError, match="dataset selection changed"):
+        again.load(0, ["b.jpg", "a.jpg"], digest)
+    other = AdversarialCache(tmp_path, {**key, "seed": 1})                       # another key: another folder
+    assert other.directory != again.directory and other.load(0, ["a.jpg", "b.jpg"], digest) is None
+    (again.directory / "key.json").write_text('{"dataset": "dtd"}')             # a tampered folder
+    with pytest.raises(CacheMismatchError, match="different key.*dataset"):
+        AdversarialCache(tmp_path, key)
+
+
+def test_fingerprints_and_chunk_seeds():
+    assert model_fingerprint(make_tiny_vit(seed=0)) == model_fingerprint(make_tiny_vit(seed=0))
+    assert model_fingerprint(make_tiny_vit(seed=0)) != model_fingerprint(make_tiny_vit(seed=1))
+    assert chunk_seed(0, 32) == chunk_seed(0, 32) != chunk_seed(0, 64) != chunk_seed(1, 32)
+    assert set(ATTACKS) == {"pgd", "fgsm", "pgdl2", "cw", "autoattack", "none"}
