@@ -76,6 +76,8 @@ class DatasetInfo:
             folders = "0/ ... 999/ (class indices)" if self.imagenet_variant == "v2" else "<wnid>/ (e.g. n01440764/)"
             where = " or ".join(f"<root>/{d}/" for d in self.dirs)
             return f"{where} with one folder per class: {folders}, images inside"
+        if self.kind == "demo":
+            return "shipped with the package (1,000 held-out Fashion-MNIST test images); no --data-root needed"
         return "<root>/<class name>/<image> (one folder per class, sorted folder names = labels)"
 
     def adapter_overrides(self) -> Dict[str, object]:
@@ -130,6 +132,7 @@ DATASETS: Dict[str, DatasetInfo] = {info.key: info for info in [
                                                       "ImageNet-Sketch/sketch", "ImageNet-Sketch"], "sketch",
               ["k", "sketch", "imagenet-sketch"]),
     DatasetInfo("imagefolder", "ImageFolder", "imagefolder", (".",), aliases=("folder",)),
+    DatasetInfo("fmnist_demo", "Fashion-MNIST demo subset", "demo", (), aliases=("demo", "fmnist")),
 ]}
 
 
@@ -187,6 +190,29 @@ class EvalDataset(Dataset):
         return digest.hexdigest()[:16]
 
 
+class DemoDataset(EvalDataset):
+    """The held-out Fashion-MNIST subset shipped with the embedded demo model (in memory)."""
+
+    def __init__(self, info: DatasetInfo, image_size: Optional[int] = None):
+        from atpt_plugin.demo_model import CLASSNAMES, load_demo_subset, subset_path
+
+        if image_size not in (None, _demo_image_size()):
+            raise ValueError(f"the demo subset is made for the demo model's {_demo_image_size()}px input, "
+                             f"not {image_size}px: use --model demo")
+        self.images, labels = load_demo_subset()
+        samples = [(f"fmnist_test_1000/{index}", int(label)) for index, label in enumerate(labels)]
+        super().__init__(info, subset_path().parent, "test", samples, list(CLASSNAMES), subset_path().parent,
+                         image_size)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        return self.images[index], self.samples[index][1]
+
+
+def _demo_image_size() -> int:
+    from atpt_plugin.demo_model import image_size
+    return image_size()
+
+
 def load_image(path: Path, image_size: Optional[int], info: Optional[DatasetInfo] = None) -> torch.Tensor:
     from PIL import Image
     from torchvision.transforms import functional as TF
@@ -210,6 +236,8 @@ def load_dataset(name: str, root, split: str = "test", image_size: Optional[int]
     image_size: the model's input size S (Resize + CenterCrop); None keeps the original size.
     """
     info = dataset_info(name)
+    if info.kind == "demo":
+        return DemoDataset(info, image_size)
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetLayoutError(f"data root {str(root)!r} is not a directory; expected layout for "

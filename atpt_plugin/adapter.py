@@ -80,9 +80,13 @@ class EpisodicAdapter(nn.Module):
             return torch.empty(0, self.num_outputs, device=self.backbone.device)
         return torch.stack(outputs)
 
-    def explain(self, images: torch.Tensor) -> torch.Tensor:
-        """Attention maps (N, h, w) in [0,1] of [0,1] images at the model's input size."""
-        explainer = self.explainer or build_explainer(self.config, self.backbone.kind)
+    def explain(self, images: torch.Tensor, explainer: Optional[str] = None) -> torch.Tensor:
+        """Attention maps (N, h, w) in [0,1] of [0,1] images at the model's input size, by the
+        configured explainer or the one named (e.g. "grad_rollout", to compare)."""
+        if explainer is not None:
+            explainer = build_explainer(self.config.replace(explainer=explainer), self.backbone.kind)
+        else:
+            explainer = self.explainer or build_explainer(self.config, self.backbone.kind)
         with torch.inference_mode(False), evaluation_mode(self.model):
             return explainer(self.backbone, images, self.explanation_score())
 
