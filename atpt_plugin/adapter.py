@@ -87,8 +87,15 @@ class EpisodicAdapter(nn.Module):
             explainer = build_explainer(self.config.replace(explainer=explainer), self.backbone.kind)
         else:
             explainer = self.explainer or build_explainer(self.config, self.backbone.kind)
-        with torch.inference_mode(False), evaluation_mode(self.model):
+        with torch.inference_mode(False), evaluation_mode(self.model), self.image_precision():
             return explainer(self.backbone, images, self.explanation_score())
+
+    def image_precision(self):
+        """Autocast for the image-tower passes (`precision`); text and tuning stay in fp32."""
+        if self.config.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+        return torch.autocast(self.backbone.device.type, dtype=dtype)
 
     def make_views(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(K,3,S,S): the center crop, then K-1 augmented views of one (3,H,W) image."""
@@ -162,7 +169,7 @@ class TestTimeAdapter(EpisodicAdapter):
 
     def encode_views(self, views: torch.Tensor, track_input: bool = False) -> torch.Tensor:
         """Image features of all views, once: they do not depend on the prompt."""
-        with torch.set_grad_enabled(track_input):
+        with torch.set_grad_enabled(track_input), self.image_precision():
             return self.backbone.encode_image(views)
 
     def aggregate(self, views: torch.Tensor, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

@@ -148,7 +148,9 @@ class ClassifierTestTimeAdapter(EpisodicAdapter):
         """(logits, features) of normalised images with `params` replacing the model's own."""
         forward = _Forward(self.model, self.backbone)
         named = {f"model.{name}": value for name, value in (params or {}).items()}
-        return functional_call(forward, named, (x, prompts))
+        with self.image_precision():
+            logits, features = functional_call(forward, named, (x, prompts))
+        return logits.float(), features
 
     def adapt(self, image: torch.Tensor, track_input: bool = False) -> torch.Tensor:
         """The episodic loop for one (3,H,W) image; returns (num_classes,) logits."""

@@ -61,6 +61,8 @@ class AdapterConfig:
     vpt_tokens: int = 4                  # visual prompt tokens for classifier_tuning="prompt"
     # adaptive attacks: how logits are differentiated w.r.t. an input that requires grad
     input_gradient: str = "fixed_prompt"  # "fixed_prompt", "bpda" or "exact" (through the tuning step)
+    # speed
+    precision: str = "fp32"              # "bf16" / "fp16": autocast the image-tower passes
     # reproducibility
     seed: Optional[int] = 0              # None: fresh randomness on every call
 
@@ -74,6 +76,7 @@ class AdapterConfig:
         _check_choice("base_crop", self.base_crop, ("center", "random_resized"))
         _check_choice("mask_rule", self.mask_rule, ("top_k", "quantile"))
         _check_choice("mean_over", self.mean_over, ("confident", "all"))
+        _check_choice("precision", self.precision, ("fp32", "bf16", "fp16"))
         _check_choice("input_gradient", self.input_gradient, ("fixed_prompt", "bpda", "exact"))
         _check_choice("classifier_tuning", self.classifier_tuning, ("norm", "prompt"))
         _check_int("views", self.views, 1)

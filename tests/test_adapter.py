@@ -127,3 +127,12 @@ def test_wrap_errors(tiny_vit, tokenizer):
 
 def test_empty_batch(tiny_vit, tokenizer):
     assert wrap(tiny_vit, tokenizer)(torch.rand(0, 3, 32, 32)).shape == (0, len(CLASSNAMES))
+
+
+def test_bf16_autocast_runs_and_mostly_agrees(tiny_vit, tokenizer):
+    batch = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    full = wrap(tiny_vit, tokenizer)(batch)
+    half = wrap(tiny_vit, tokenizer, precision="bf16")(batch)
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    assert not torch.equal(full, half), "autocast must actually change the arithmetic"
+    assert (full.softmax(-1) - half.softmax(-1)).abs().max() < 0.2
