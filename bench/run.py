@@ -51,8 +51,8 @@ def compute_floor(tta: TestTimeAdapter, images: torch.Tensor) -> float:
                               tta.backbone.encode_image(images[:1].expand(views, -1, -1, -1))))
 
 
-def run_adapter(cls, model, tokenizer, name, views, images, sampler):
-    adapter = load_adapter(name)
+def run_adapter(cls, model, tokenizer, name, views, precision, images, sampler):
+    adapter = load_adapter(name, precision=precision)
     if adapter.config.views > 1:
         adapter = adapter.with_overrides(views=views)
     tta = cls(model, PETS, tokenizer, adapter.config, name)
@@ -79,8 +79,6 @@ def bench_model(args, model_name, sampler):
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = open_clip.create_model(model_name, pretrained=None).to(device).eval()
-    if args.precision == "bf16":
-        model = model.to(torch.bfloat16)
     tokenizer = open_clip.get_tokenizer(model_name)
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(args.images, 3, 224, 224, generator=generator).to(device)
@@ -88,10 +86,11 @@ def bench_model(args, model_name, sampler):
     floor_tta = TestTimeAdapter(model, PETS, tokenizer, load_adapter("atpt", views=args.views).config)
     floor = compute_floor(floor_tta, images)
     for name in args.adapters:
-        rows[name] = {"optimised": run_adapter(TestTimeAdapter, model, tokenizer, name, args.views, images, sampler)}
+        rows[name] = {"optimised": run_adapter(TestTimeAdapter, model, tokenizer, name, args.views, args.precision,
+                                                     images, sampler)}
         if args.naive:
-            rows[name]["naive"] = run_adapter(NaiveTestTimeAdapter, model, tokenizer, name, args.views, images,
-                                                 sampler)
+            rows[name]["naive"] = run_adapter(NaiveTestTimeAdapter, model, tokenizer, name, args.views,
+                                                 args.precision, images, sampler)
             rows[name]["same_predictions"] = rows[name]["naive"]["predictions"] == rows[name]["optimised"]["predictions"]
     attack = {}
     labels = torch.randint(len(PETS), (max(args.attack_batches),), generator=generator).to(device)
@@ -147,7 +146,8 @@ def main():
     parser.add_argument("--attack-steps", type=int, default=100)
     parser.add_argument("--attack-batches", default="1,8")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="autocast of the adapters' image-tower passes (the attack stays fp32)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
