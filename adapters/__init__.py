@@ -6,7 +6,8 @@ top-level name `adapters` belongs to an unrelated PyPI package and is never inst
     from atpt_plugin.adapters import load_dataset, make_attack, benchmark, benchmark_table
 
 Submodules: `attacks` (threat models on torchattacks, the zero-shot attacked model, the
-adversarial cache), `datasets` (CoOp/TPT layouts, ImageNet variants, ImageFolder),
+adversarial cache), `adaptive` (attacks on the whole wrapped adapter: EOT-PGD, Square, and
+their sanity checks), `datasets` (CoOp/TPT layouts, ImageNet variants, ImageFolder),
 `robustbench` (`benchmark`, leaderboard JSON, `import_robustbench`), `runner` (the
 resumable, sharded evaluation loop), `report` (tables and chart), `cli` (`atpt`).
 Names are imported lazily, so `import atpt_plugin.adapters` stays cheap.
@@ -18,6 +19,7 @@ import importlib
 _EXPORTS = {
     "ATTACKS": "attacks", "AttackSpec": "attacks", "AdversarialCache": "attacks", "ZeroShotClassifier": "attacks",
     "make_attack": "attacks", "parse_eps": "attacks", "run_attack": "attacks", "CacheMismatchError": "attacks",
+    "run_adaptive": "adaptive", "attack_view": "adaptive", "SanityChecks": "adaptive",
     "DATASETS": "datasets", "EvalDataset": "datasets", "load_dataset": "datasets", "describe_layout": "datasets",
     "DatasetLayoutError": "datasets", "UnknownNameError": "datasets",
     "benchmark": "robustbench", "benchmark_table": "robustbench", "import_robustbench": "robustbench",

@@ -1,4 +1,4 @@
-"""Threat models on torchattacks, run once per test set against the zero-shot model.
+"""Threat models on torchattacks: transfer attacks against the zero-shot model, adaptive ones by name.
 
 The paper's protocol (method.md section 6) is a transfer attack: untargeted L-inf PGD with
 a random start and cross-entropy on the true label, against zero-shot CLIP with the
@@ -6,6 +6,11 @@ initial prompt, on the center crop in [0,1] (eps 4/255, step eps/4, 100 steps fo
 eps 1/255, 1 step for RN50). The attack does not depend on the adapter, so its images are
 computed once, batched on the device, and cached per (model, dataset, attack, seed): six
 adapters compared on one set cost one attack.
+
+Adaptive attacks (`eot-pgd`, `square`; kind "adaptive") attack each wrapped adapter
+itself, the whole test-time pipeline, per image; they are run by `adaptive.py` inside
+the evaluation loop, not here, and are not cached (the per-sample results file makes
+such a run resumable).
 
 Units. In Python (`make_attack`, `benchmark`) `eps` and `alpha` are in [0,1] pixel units,
 as in torchattacks and RobustBench: pass `4/255`. On the command line (`parse_eps`) a bare
@@ -27,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from atpt_plugin.adapter import TestTimeAdapter
+from atpt_plugin.adapter import TestTimeAdapter, evaluation_mode
 from atpt_plugin.augmenters import center_view
 from atpt_plugin.config import AdapterConfig
 from atpt_plugin.inputs import check_images
@@ -144,7 +149,8 @@ class AttackKind:
     norm: Optional[str]          # "Linf", "L2", or None (no budget: CW, none)
     description: str
     defaults: Tuple[Tuple[str, object], ...]
-    build: Optional[Callable]    # (model, spec, n_classes, seed) -> torchattacks.Attack
+    build: Optional[Callable]    # (model, spec, n_classes, seed) -> torchattacks.Attack; None: not a transfer attack
+    kind: str = "transfer"       # "transfer" (on zero-shot CLIP, shared), "adaptive" (on each adapter), "none"
 
 
 def _pgd(model, spec, n_classes, seed):
@@ -187,8 +193,17 @@ ATTACKS: Dict[str, AttackKind] = {kind.name: kind for kind in [
                (("c", 1.0), ("kappa", 0.0), ("steps", 100), ("lr", 0.01)), _cw),
     AttackKind("autoattack", "Linf", "AutoAttack (torchattacks): APGD-CE, APGD-T, FAB-T, Square; norm Linf or L2",
                (("version", "standard"), ("norm", "Linf")), _autoattack),
-    AttackKind("none", None, "no attack: clean accuracy only", (), None),
+    AttackKind("eot-pgd", "Linf", "adaptive: L-inf PGD on each adapter's whole pipeline, gradients averaged over "
+               "eot_iter fresh draws of its random views per step; gradient path bpda, exact or fixed_prompt",
+               (("steps", 20), ("alpha", None), ("eot_iter", 4), ("gradient", "bpda"), ("loss", "ce"),
+                ("random_start", True)), None, "adaptive"),
+    AttackKind("square", "Linf", "adaptive, gradient-free: torchattacks' Square (random search) on each adapter's "
+               "whole pipeline as deployed; exposes gradient masking",
+               (("n_queries", 1000), ("p_init", 0.8), ("loss", "margin"), ("norm", "Linf")), None, "adaptive"),
+    AttackKind("none", None, "no attack: clean accuracy only", (), None, "none"),
 ]}
+
+GRADIENT_PATHS = ("bpda", "exact", "fixed_prompt")   # AdapterConfig.input_gradient
 
 PAPER_EPS = {"vit": 4 / 255, "resnet": 1 / 255}      # method.md section 6
 PAPER_STEPS = {"vit": 100, "resnet": 1}
@@ -216,13 +231,46 @@ class AttackSpec:
     def threat_model(self) -> str:
         return self.norm or ("L2" if self.name == "cw" else "none")
 
+    @property
+    def kind(self) -> str:
+        """"transfer" (made on zero-shot CLIP, shared by all adapters), "adaptive" (per adapter) or "none"."""
+        return ATTACKS[self.name].kind
+
+    @property
+    def is_adaptive(self) -> bool:
+        return self.kind == "adaptive"
+
+    def replace(self, eps: Optional[float] = None, **params) -> "AttackSpec":
+        """A copy with another eps and/or parameters (unchecked: for sanity-check variants and tests)."""
+        merged = {**self.param_dict, **params}
+        return AttackSpec(self.name, self.norm, self.eps if eps is None else float(eps), tuple(sorted(merged.items())))
+
+    def cost(self) -> Dict[str, object]:
+        """What the attack costs per image, from its parameters (measured figures come with the results).
+
+        forward / backward: passes of the attacked model per image; unit: what one pass is
+        ("zero-shot center view" for transfer attacks, "adaptation" of the whole pipeline
+        for adaptive ones); shared: whether one attack serves every adapter of the run.
+        """
+        p = self.param_dict
+        if self.kind == "none":
+            return {"forward": 0, "backward": 0, "unit": None, "shared": True}
+        if self.kind == "transfer":
+            steps = {"fgsm": 1}.get(self.name, p.get("steps"))
+            return {"forward": steps, "backward": steps, "unit": "zero-shot center view", "shared": True}
+        if self.name == "eot-pgd":
+            n = p["steps"] * p["eot_iter"]
+            return {"forward": n, "backward": n, "unit": "adaptation", "shared": False}
+        return {"forward": p["n_queries"] * p.get("n_restarts", 1), "backward": 0, "unit": "adaptation (at most)",
+                "shared": False}
+
     def to_dict(self) -> Dict[str, object]:
         return {"name": self.name, "norm": self.norm, "eps": self.eps, **self.param_dict}
 
     def describe(self) -> str:
         if not self.is_attack:
             return "none (clean only)"
-        parts = [self.norm or "L2, unbounded"]
+        parts = [self.kind, self.norm or "L2, unbounded"] if self.is_adaptive else [self.norm or "L2, unbounded"]
         if self.eps is not None:
             parts.append(f"eps={format_eps(self.eps, self.norm)}")
         for key, value in self.params:
@@ -236,7 +284,8 @@ class AttackSpec:
     def build(self, model: nn.Module, n_classes: int, seed: int = 0):
         kind = ATTACKS[self.name]
         if kind.build is None:
-            raise ValueError("attack 'none' builds no attack")
+            raise ValueError(f"attack {self.name!r} builds no transfer attack"
+                             + (" (adaptive attacks run per adapter: adaptive.run_adaptive)" if self.is_adaptive else ""))
         return kind.build(model, self, n_classes, seed)
 
 
@@ -244,7 +293,7 @@ def resolve_attack_name(name: str) -> str:
     """The registry key of an attack name (case, '-' and '_' ignored); unknown names list the valid ones."""
     key = str(name).strip().lower().replace("-", "").replace("_", "")
     key = {"pgdlinf": "pgd", "linfpgd": "pgd", "l2pgd": "pgdl2", "aa": "autoattack", "clean": "none",
-           "cwl2": "cw"}.get(key, key)
+           "cwl2": "cw", "eotpgd": "eot-pgd", "adaptivepgd": "eot-pgd", "squareattack": "square"}.get(key, key)
     if key not in ATTACKS:
         raise unknown_name("attack", name, list(ATTACKS))
     return key
@@ -258,8 +307,10 @@ def make_attack(name: str = "pgd", eps: Optional[float] = None, steps: Optional[
     eps / alpha: [0,1] pixel units (4/255), L2 norm for L2 attacks. None: pgd/fgsm/
     autoattack use the paper's eps (4/255 ViT, 1/255 ResNet), pgdl2 0.5; alpha = eps/4.
     steps: PGD iterations (paper: 100 ViT, 1 ResNet), CW optimisation steps.
-    Other parameters by keyword: random_start (pgd, pgdl2), c, kappa, lr (cw), version and
-    norm (autoattack).
+    Other parameters by keyword: random_start (pgd, pgdl2, eot-pgd), c, kappa, lr (cw),
+    version and norm (autoattack); eot-pgd (adaptive, default 20 steps): eot_iter (fresh
+    view draws per step), gradient ("bpda", "exact", "fixed_prompt"), loss ("ce",
+    "margin"); square (adaptive, gradient-free): n_queries, p_init, loss, norm.
     """
     key = resolve_attack_name(name)
     kind = ATTACKS[key]
@@ -272,11 +323,11 @@ def make_attack(name: str = "pgd", eps: Optional[float] = None, steps: Optional[
                          f"its parameters: {', '.join(['eps', *resolved]) if kind.norm else ', '.join(resolved) or 'none'}")
     resolved.update(params)
     norm = kind.norm
-    if key == "autoattack":
+    if key in ("autoattack", "square"):
         if resolved["norm"] not in ("Linf", "L2"):
-            raise ValueError(f"autoattack norm must be 'Linf' or 'L2', got {resolved['norm']!r}")
+            raise ValueError(f"{key} norm must be 'Linf' or 'L2', got {resolved['norm']!r}")
         norm = resolved["norm"]
-        if resolved["version"] not in ("standard", "plus", "rand"):
+        if key == "autoattack" and resolved["version"] not in ("standard", "plus", "rand"):
             raise ValueError(f"autoattack version must be standard, plus or rand, got {resolved['version']!r}")
     if norm is None:
         if eps is not None:
@@ -306,6 +357,20 @@ def make_attack(name: str = "pgd", eps: Optional[float] = None, steps: Optional[
     for number in ("c", "kappa", "lr"):
         if number in resolved:
             resolved[number] = float(resolved[number])
+    for count in ("eot_iter", "n_queries"):
+        if count in resolved:
+            value = resolved[count]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{count} must be a positive integer, got {value!r}")
+    if "gradient" in resolved and resolved["gradient"] not in GRADIENT_PATHS:
+        raise ValueError(f"gradient must be one of {', '.join(GRADIENT_PATHS)} (how the attack differentiates "
+                         f"through the tuning step), got {resolved['gradient']!r}")
+    if "loss" in resolved and resolved["loss"] not in ("ce", "margin"):
+        raise ValueError(f"loss must be 'ce' or 'margin', got {resolved['loss']!r}")
+    if "p_init" in resolved:
+        resolved["p_init"] = float(resolved["p_init"])
+        if not 0 < resolved["p_init"] <= 1:
+            raise ValueError(f"p_init must be in (0, 1], got {resolved['p_init']!r}")
     if "random_start" in resolved:
         resolved["random_start"] = bool(resolved["random_start"])
     return AttackSpec(key, norm, eps, tuple(sorted(resolved.items())))
@@ -328,7 +393,10 @@ def run_attack(spec: AttackSpec, classifier: ZeroShotClassifier, images: torch.T
     device = classifier.backbone.device
     attack = spec.build(classifier, len(classifier.classnames), seed)
     devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
+    # evaluation_mode: torchattacks would leave a model it found in training mode (as a fresh
+    # classifier module is) in training mode, recursively, wrapped CLIP included
+    with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad(), \
+            evaluation_mode(classifier):
         torch.manual_seed(seed)
         adversarial = attack(images.to(device), labels.to(device))
     return adversarial.detach().float().cpu()

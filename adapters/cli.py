@@ -29,6 +29,14 @@ units: --eps and --alpha for L-inf attacks (pgd, fgsm, autoattack) are in 1/255 
   with --attack-opt norm=L2) they are L2 norms of [0,1] images (e.g. --eps 0.5). Defaults:
   the paper's protocol, eps 4/255 with 100 steps on ViTs, eps 1/255 with 1 step on ResNets,
   alpha = eps / 4.
+adaptive attacks: --attack eot-pgd (PGD with EOT on each adapter's whole pipeline; --steps,
+  --alpha, --attack-opt eot_iter=4 gradient=bpda|exact|fixed_prompt loss=ce|margin) and
+  --attack square (gradient-free; --attack-opt n_queries=1000) attack every adapter itself,
+  per image: they cost about steps * eot_iter (or n_queries) adaptations per image and
+  adapter. --sanity-checks N (default 8, 0 = off) reruns cheaper variants, a large eps and
+  the transfer PGD on the first N images and warns in results.md / summary.json when the
+  attack fails a check (Carlini et al. 2019; Croce et al. 2022). --attack pgd is the
+  paper's transfer attack, for comparison.
 resume: the same command into the same --out continues where a killed run stopped; a run
   with other settings into that folder is refused (use a new --out).
 processes: --nproc N starts N processes (torchrun); or run
@@ -45,6 +53,9 @@ class PretrainedUnavailable(RuntimeError):
 
 
 # ---- model ------------------------------------------------------------------------------
+DEMO_MODEL = "demo"  # the embedded small CLIP trained on Fashion-MNIST, with its shipped weights
+
+
 def create_model(name: str, pretrained: Optional[str], seed: int = 0):
     """(model, tokenizer, model name, pretrained as recorded) for an open_clip name or config.
 
@@ -57,6 +68,11 @@ def create_model(name: str, pretrained: Optional[str], seed: int = 0):
 
     from .datasets import unknown_name
 
+    if name == DEMO_MODEL:
+        from atpt_plugin.demo_model import MODEL_NAME, checkpoint_path
+        name = MODEL_NAME
+        if pretrained in (None, "", "openai"):
+            pretrained = str(checkpoint_path())
     if name.endswith(".json"):
         path = Path(name).expanduser()
         if not path.is_file():
@@ -194,6 +210,7 @@ def run_eval(args) -> int:
 
     from atpt_plugin import list_adapters, load_adapter
 
+    from .adaptive import SanityChecks
     from .attacks import (ATTACKS, AdversarialCache, ZeroShotClassifier, make_attack, model_fingerprint, parse_eps,
                           resolve_attack_name)
     from .datasets import dataset_info, load_dataset, select, unknown_name
@@ -213,11 +230,13 @@ def run_eval(args) -> int:
     attack_key = resolve_attack_name(args.attack)
     attack_opts = _parse_pairs(args.attack_opt, "--attack-opt")
     norm = ATTACKS[attack_key].norm
-    if attack_key == "autoattack":
+    if attack_key in ("autoattack", "square"):
         norm = attack_opts.get("norm", "Linf")
     eps = parse_eps(args.eps, norm) if args.eps is not None else None
     alpha = parse_eps(args.alpha, norm) if args.alpha is not None else None
     overrides = _parse_pairs(args.set, "--set")
+    if args.sanity_checks < 0:
+        raise ValueError(f"--sanity-checks must be >= 0 (images), got {args.sanity_checks}")
 
     dist = DistContext.from_env()
     lock = None
@@ -264,6 +283,9 @@ def run_eval(args) -> int:
             "attacked_prompt": attacked.prompt_phrase if attacked else None,
             "seed": args.seed, "attack_batch_size": args.attack_batch_size,
         }
+        sanity = SanityChecks(n=args.sanity_checks) if spec.is_adaptive else None
+        if sanity is not None:
+            settings["sanity_checks"] = sanity.to_dict()
         if len({_digest(s) for s in dist.gather(settings)}) != 1:
             raise RuntimeError("the processes of this run disagree on its settings (model weights or data differ)")
         out = Path(args.out).expanduser()
@@ -276,14 +298,16 @@ def run_eval(args) -> int:
                                                      "split", "dataset_fingerprint", "seed", "attacked_prompt")}
         cache_key.update(attack_name=spec.name, attack=spec.to_dict(), batch=args.attack_batch_size,
                          image_size=image_size)
-        cache = AdversarialCache(args.cache_dir or default_cache_dir(), cache_key)
+        # adaptive attacks are made per adapter and per image: not cached (samples.jsonl resumes them)
+        cache = AdversarialCache(None if spec.is_adaptive else args.cache_dir or default_cache_dir(), cache_key)
         if dist.rank == 0:
             print(f"{'resuming' if resuming else 'starting'}: {len(indices)} images of {dataset.info.title} "
                   f"({len(dataset.classnames)} classes), adapters {', '.join(names)}, attack {spec.describe()}, "
                   f"{dist.world} process(es) on {device}; results in {out}", file=sys.stderr)
         evaluation = Evaluation(adapters, source, spec, attacked, cache, seed=args.seed,
                                 attack_batch_size=args.attack_batch_size, log=ResultLog(out, dist.rank),
-                                dist=dist, device=device, progress=not args.no_progress and dist.rank == 0)
+                                dist=dist, device=device, progress=not args.no_progress and dist.rank == 0,
+                                sanity=sanity, backbone_kind=kind, image_size=image_size)
         rows = [row.as_dict() for row in evaluation.run()]
         if dist.rank == 0:
             prefix = args.model_name or f"{model_name}-{Path(pretrained).stem if os.sep in pretrained else pretrained}"
@@ -293,14 +317,18 @@ def run_eval(args) -> int:
                 entry = model_info(dataset=info.key, attack=spec, clean_acc=row["clean_acc"], adv_acc=row["adv_acc"],
                                    adapter=row["adapter"], n_examples=row["n"], architecture=model_name,
                                    name=descriptions[row["adapter"]],
-                                   number_forward_passes=row["image_passes_per_image"])
+                                   number_forward_passes=row["image_passes_per_image"], row=row)
                 row["model_info"] = str(write_model_info(entry, f"{prefix}_{row['adapter']}", spec.threat_model,
                                                          out / "model_info"))
             files = write_reports(rows, out, caption)
+            warnings = [w for row in rows for w in row.get("warnings") or []]
             summary = {"rows": rows, "caption": caption, "settings": settings, "world_size": dist.world,
+                       "attack": attack_summary(spec, sanity), "warnings": warnings,
                        "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
             (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             print(markdown_table(rows, caption))
+            for warning in warnings:
+                print(f"atpt: warning: {warning}", file=sys.stderr)
             print("wrote: " + ", ".join(str(p) for p in [*files, out / "summary.json"]
                                         + [Path(r["model_info"]) for r in rows]), file=sys.stderr)
     finally:
@@ -308,6 +336,12 @@ def run_eval(args) -> int:
             lock.close()
         dist.close()
     return 0
+
+
+def attack_summary(spec, sanity=None) -> dict:
+    """The attack as the summary JSON records it: name, kind, parameters, cost per image, checks."""
+    return {"name": spec.name, "kind": spec.kind, "description": spec.describe(), "params": spec.to_dict(),
+            "cost": spec.cost(), "sanity_checks": sanity.to_dict() if sanity is not None else None}
 
 
 def default_cache_dir() -> Path:
@@ -334,11 +368,12 @@ def run_list(args) -> int:
             word = f", domain word {info.domain_word!r}" if info.domain_word else ""
             print(f"  {info.key:<16} {info.title}{word}\n  {'':<16} layout: {info.layout}")
     if what in (None, "attacks"):
-        print("attacks (--attack NAME; --eps in 1/255 for L-inf, L2 norm for L2):")
+        print("attacks (--attack NAME; --eps in 1/255 for L-inf, L2 norm for L2); transfer attacks are made "
+              "once on zero-shot CLIP, adaptive ones on each adapter:")
         for kind in ATTACKS.values():
             shown = {"alpha": "eps/4", "steps": "100 (1 on ResNets)" if kind.name == "pgd" else None}
             params = ", ".join(f"{k}={shown.get(k) or v}" for k, v in kind.defaults)
-            print(f"  {kind.name:<12} {kind.norm or '-':<5} {kind.description}" + (f" [{params}]" if params else ""))
+            print(f"  {kind.name:<12} {kind.norm or '-':<5} {kind.kind:<9} {kind.description}" + (f" [{params}]" if params else ""))
     return 0
 
 
@@ -349,11 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     ev = commands.add_parser("eval", help="run adapters on a test set, clean and under attack",
                              epilog=EPILOG_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ev.add_argument("--model", required=True, help="open_clip model name (ViT-B-16, RN50, ...) or a model config .json")
+    ev.add_argument("--model", default=DEMO_MODEL,
+                    help="open_clip model name (ViT-B-16, RN50, ...), a model config .json, or 'demo' "
+                         "(default: the embedded Fashion-MNIST CLIP with its shipped weights)")
     ev.add_argument("--pretrained", default="openai",
                     help="pretrained tag (openai), a local state-dict file, or 'none' for random init (default: openai)")
-    ev.add_argument("--dataset", required=True, help="dataset name (atpt list datasets)")
-    ev.add_argument("--data-root", required=True, help="the folder holding the dataset folders (or the dataset folder)")
+    ev.add_argument("--dataset", default="demo",
+                    help="dataset name (atpt list datasets; default: the shipped Fashion-MNIST demo subset)")
+    ev.add_argument("--data-root", help="the folder holding the dataset folders (or the dataset folder); "
+                                        "not needed for the demo subset")
     ev.add_argument("--split", default="test", help="split of split-file datasets (default: test)")
     ev.add_argument("--adapters", default="atpt", help="comma-separated adapter names (atpt list adapters)")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -366,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, help="attack steps (default: 100 ViT, 1 ResNet)")
     ev.add_argument("--attack-opt", action="append", metavar="KEY=VALUE",
                     help="other attack parameters, e.g. random_start=false, c=1, version=standard, norm=L2")
+    ev.add_argument("--sanity-checks", type=int, default=8, metavar="N",
+                    help="adaptive attacks: run the sanity checks on the first N images (default 8; 0: off)")
     ev.add_argument("--n-examples", type=int, help="evaluate the first N of a seeded permutation (default: all)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the selection, the attack and the adapters")
     ev.add_argument("--out", required=True, help="output folder (resumable)")
@@ -375,6 +416,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--nproc", type=int, default=1, help="processes to shard the samples over (uses torchrun)")
     ev.add_argument("--model-name", help="leaderboard name prefix (default: <model>-<pretrained>)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ex = commands.add_parser("explain", help="one picture of what an adapter does to one demo test image")
+    ex.add_argument("index", type=int, help="index into the shipped demo subset (0..999)")
+    st = commands.add_parser("stability", help="how much each explainer's maps move under the attack (demo subset)")
+    st.add_argument("--n-examples", type=int, default=200, help="first N images of the demo subset (default 200)")
+    for sub, out in ((ex, "explain.png"), (st, None)):
+        sub.add_argument("--adapter", default="atpt", help="adapter whose views and weights are shown (default atpt)")
+        sub.add_argument("--eps", default="4", help="PGD budget against zero-shot CLIP, in 1/255 (default 4)")
+        sub.add_argument("--steps", type=int, default=20, help="PGD steps (default 20)")
+        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--out", default=out, help=f"output file (default {out})")
     ls = commands.add_parser("list", help="list adapters, datasets and attacks")
     ls.add_argument("what", nargs="?", choices=["adapters", "datasets", "attacks"])
     return parser
@@ -406,6 +457,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "list":
             return run_list(args)
+        if args.command in ("explain", "stability"):
+            from .explain import run_explain, run_stability
+            return (run_explain if args.command == "explain" else run_stability)(args)
         if args.nproc < 1:
             raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
         if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:

@@ -238,6 +238,8 @@ def load_dataset(name: str, root, split: str = "test", image_size: Optional[int]
     info = dataset_info(name)
     if info.kind == "demo":
         return DemoDataset(info, image_size)
+    if root is None:
+        raise DatasetLayoutError(f"{info.title} needs --data-root (data_dir); expected layout: {info.layout}")
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetLayoutError(f"data root {str(root)!r} is not a directory; expected layout for "

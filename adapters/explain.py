@@ -110,3 +110,53 @@ def explain_figure(tta, clean: torch.Tensor, adversarial: torch.Tensor, label: i
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def _attacked(tta, images: torch.Tensor, labels: torch.Tensor, eps: float, steps: int, seed: int) -> torch.Tensor:
+    """The paper's transfer attack (PGD on zero-shot CLIP) on `images`."""
+    from .attacks import ZeroShotClassifier, make_attack, run_attack
+    spec = make_attack("pgd", eps=eps, steps=steps, backbone_kind=tta.backbone.kind,
+                       image_size=tta.backbone.image_size)
+    return run_attack(spec, ZeroShotClassifier.from_adapter(tta), images, labels, seed)
+
+
+def _demo_inputs(args):
+    from atpt_plugin import load_adapter
+    from atpt_plugin.demo_model import load_demo_model, load_demo_subset
+
+    model, tokenizer, names = load_demo_model()
+    images, labels = load_demo_subset()
+    return load_adapter(args.adapter).wrap(model, names, tokenizer), images, labels
+
+
+def run_explain(args) -> int:
+    """`atpt explain INDEX`: the picture for one shipped demo test image."""
+    from .attacks import parse_eps
+
+    tta, images, labels = _demo_inputs(args)
+    if not 0 <= args.index < len(images):
+        raise ValueError(f"index must be in 0..{len(images) - 1} (the shipped demo subset), got {args.index}")
+    image, label = images[args.index], labels[args.index]
+    adversarial = _attacked(tta, image[None], label[None], parse_eps(args.eps), args.steps, args.seed)[0]
+    path = explain_figure(tta, image, adversarial, int(label), args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def run_stability(args) -> int:
+    """`atpt stability`: clean-versus-adversarial agreement of each explainer's maps."""
+    import json
+
+    from .attacks import parse_eps
+
+    tta, images, labels = _demo_inputs(args)
+    images, labels = images[:args.n_examples], labels[:args.n_examples]
+    adversarial = _attacked(tta, images, labels, parse_eps(args.eps), args.steps, args.seed)
+    results = attention_stability(tta, images, adversarial)
+    print("| explainer | top-20% mask IoU (clean vs adversarial) | Spearman rank correlation |")
+    print("|---|---|---|")
+    for title, row in results.items():
+        print(f"| {title} | {row['top_mask_iou']:.3f} | {row['spearman']:.3f} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0

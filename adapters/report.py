@@ -1,4 +1,9 @@
-"""The results table (Markdown, CSV) and a bar chart of clean and adversarial accuracy."""
+"""The results table (Markdown, CSV) and a bar chart of clean and adversarial accuracy.
+
+Rows of an attacked run also say the attack's kind (transfer: made once on zero-shot CLIP
+and shared by all adapters; adaptive: made on each adapter) and its cost per image; rows
+of an adaptive attack carry sanity checks, listed under the table, and warnings.
+"""
 from __future__ import annotations
 
 import csv
@@ -6,8 +11,11 @@ import io
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-COLUMNS = ("adapter", "n", "clean_acc", "adv_acc", "seconds_per_image", "image_passes_per_image")
-HEADERS = ("adapter", "n", "clean acc (%)", "adv acc (%)", "s / image", "image passes / image")
+COLUMNS = ("adapter", "n", "clean_acc", "adv_acc", "seconds_per_image", "image_passes_per_image", "attack",
+           "attack_kind", "attack_forward_per_image", "attack_backward_per_image", "attack_image_passes_per_image",
+           "attack_seconds_per_image", "warnings")
+HEADERS = ("adapter", "n", "clean acc (%)", "adv acc (%)", "s / image", "image passes / image", "attack (kind)",
+           "attack fwd / bwd per image", "attack image passes / image", "attack s / image")
 
 
 def _percent(value: Optional[float]) -> str:
@@ -24,9 +32,56 @@ def markdown_table(rows: Sequence[dict], caption: str = "") -> str:
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(HEADERS) - 1)) + "|")
     for row in rows:
         cells = [row["adapter"], str(row["n"]), _percent(row["clean_acc"]), _percent(row["adv_acc"]),
-                 _number(row["seconds_per_image"]), _number(row["image_passes_per_image"], 4)]
+                 _number(row["seconds_per_image"]), _number(row["image_passes_per_image"], 4), _attack(row),
+                 _passes(row), _number(row.get("attack_image_passes_per_image"), 4),
+                 _number(row.get("attack_seconds_per_image"))]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _checks_section(rows)
     return "\n".join(line for line in lines if line is not None).lstrip("\n") + "\n"
+
+
+def _attack(row: dict) -> str:
+    if not row.get("attack"):
+        return "-"
+    kind = row.get("attack_kind") or "-"
+    if row.get("attack_shared") and kind == "transfer":
+        kind = "transfer, shared"
+    return f"{row['attack']} ({kind})"
+
+
+def _passes(row: dict) -> str:
+    forward, backward = row.get("attack_forward_per_image"), row.get("attack_backward_per_image")
+    if forward is None and backward is None:
+        return "-"
+    unit = row.get("attack_pass_unit")
+    text = f"{_number(forward, 4)} / {_number(backward, 4)}"
+    return f"{text} ({unit})" if unit else text
+
+
+def _checks_section(rows: Sequence[dict]) -> List[str]:
+    """Sanity checks of adaptive attacks (one line per adapter and check), then the warnings."""
+    lines: List[str] = []
+    adaptive = [row for row in rows if row.get("attack_kind") == "adaptive"]
+    if not adaptive:
+        return lines
+    checked = [row for row in adaptive if row.get("sanity_checks")]
+    lines.append("")
+    if not checked:
+        lines.append("Sanity checks of the adaptive attack: not run (enable them with --sanity-checks N).")
+    else:
+        lines.append("Sanity checks of the adaptive attack (Carlini et al. 2019; Croce et al. 2022):")
+        lines.append("")
+        lines.append("| adapter | check | expectation | measured | result |")
+        lines.append("|---|---|---|---|---|")
+        for row in checked:
+            for check in row["sanity_checks"]:
+                lines.append(f"| {row['adapter']} | {check['check']} | {check['expect']} | {check['measured']} | "
+                             f"{'pass' if check['passed'] else '**FAIL**'} |")
+    warnings = [w for row in rows for w in row.get("warnings") or []]
+    if warnings:
+        lines.append("")
+        lines += [f"**Warning**: {w}" for w in warnings]
+    return lines
 
 
 def csv_table(rows: Sequence[dict]) -> str:
@@ -34,7 +89,9 @@ def csv_table(rows: Sequence[dict]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS})
+        values = {k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS}
+        values["warnings"] = " | ".join(row.get("warnings") or [])
+        writer.writerow(values)
     return buffer.getvalue()
 
 

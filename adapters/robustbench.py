@@ -6,9 +6,12 @@ log_path) and returns (clean accuracy, adversarial accuracy) in [0,1]; with `to_
 it writes `model_info/<dataset>/<threat_model>/<model_name>.json` in RobustBench's
 model_info format. Differences, because the defence adapts at test time:
 
-- the adversarial images come from a transfer attack on zero-shot CLIP with the initial
-  prompt (the paper's protocol, `attacks.py`), by default L-inf PGD, not AutoAttack
-  against the defended model; the JSON says so in its footnote;
+- by default the adversarial images come from a transfer attack on zero-shot CLIP with the
+  initial prompt (the paper's protocol, `attacks.py`), L-inf PGD, not AutoAttack against
+  the defended model; the JSON says so in its footnote. `attack="eot-pgd"` or
+  `attack="square"` attack each adapter itself (adaptive, `adaptive.py`), with sanity
+  checks on the first `sanity_checks` images whose failures are listed in the rows'
+  `warnings` and the JSON's footnote;
 - `dataset` is one of `datasets.DATASETS` under `data_dir` (nothing is downloaded), an
   `EvalDataset`, or an `(x, y)` pair of tensors;
 - `eps=None` means the paper's budget (4/255 ViT, 1/255 ResNet) instead of an error;
@@ -35,6 +38,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .adaptive import SanityChecks
 from .attacks import AdversarialCache, AttackSpec, ZeroShotClassifier, make_attack, model_fingerprint
 from .datasets import DatasetInfo, EvalDataset, dataset_info, load_dataset, select
 from .runner import DatasetSource, Evaluation, ResultLog, TensorSource
@@ -46,6 +50,9 @@ FOOTNOTE = ("Test-time defence ({adapter}: each test image is adapted on its own
             "transfer attack: {attack}, computed against zero-shot CLIP with the initial prompt, not "
             "against the adaptive pipeline (an adaptive attack, e.g. EOT/BPDA through the adaptation, "
             "can be stronger; Croce et al., ICML 2022). {n} test images of {dataset}.")
+ADAPTIVE_FOOTNOTE = ("Test-time defence ({adapter}: each test image is adapted on its own) evaluated under an "
+                     "adaptive attack on the whole adaptive pipeline: {attack}; {cost}. {n} test images of "
+                     "{dataset}. Sanity checks: {checks}")
 
 
 # ---- the real package ----------------------------------------------------------------
@@ -106,20 +113,39 @@ MODEL_INFO_FIELDS = ("link", "name", "authors", "additional_data", "number_forwa
 
 
 def accuracy_field(attack: AttackSpec) -> str:
-    """RobustBench's `autoattack_acc` for AutoAttack, else `<attack>_acc`."""
-    return f"{attack.name}_acc"
+    """RobustBench's `autoattack_acc` for AutoAttack, else `<attack>_acc` (eot-pgd: eot_pgd_acc)."""
+    return f"{attack.name.replace('-', '_')}_acc"
+
+
+def _fmt(value) -> str:
+    return "?" if value is None else f"{value:.4g}"
 
 
 def model_info(*, dataset: str, attack: AttackSpec, clean_acc: float, adv_acc: Optional[float], adapter: str,
                n_examples: int, architecture: str = "", name: str = "", venue: str = "",
-               number_forward_passes: Optional[float] = None) -> dict:
-    """One leaderboard entry: RobustBench's ModelInfo fields (accuracies as percent strings)."""
+               number_forward_passes: Optional[float] = None, row: Optional[dict] = None) -> dict:
+    """One leaderboard entry: RobustBench's ModelInfo fields (accuracies as percent strings).
+
+    `row` (a results row) adds an adaptive attack's measured cost and sanity checks to the footnote.
+    """
     info = {field: None for field in MODEL_INFO_FIELDS}
+    if attack.is_adaptive:
+        row = row or {}
+        cost = (f"{_fmt(row.get('attack_forward_per_image'))} forward and "
+                f"{_fmt(row.get('attack_backward_per_image'))} backward passes of the pipeline per image")
+        checks = row.get("sanity_checks") or []
+        failed = [c["check"] for c in checks if not c["passed"]]
+        said = ("not run" if not checks else
+                f"{len(checks) - len(failed)}/{len(checks)} passed" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+        footnote = ADAPTIVE_FOOTNOTE.format(adapter=adapter, attack=attack.describe(), cost=cost, n=n_examples,
+                                            dataset=dataset, checks=said)
+    else:
+        footnote = FOOTNOTE.format(adapter=adapter, attack=attack.describe(), n=n_examples, dataset=dataset)
     info.update(
         name=name or adapter, venue=venue or None, additional_data=False, dataset=dataset,
         architecture=architecture or None, eps=attack.eps, clean_acc=str(round(100 * clean_acc, 2)),
         number_forward_passes=None if number_forward_passes is None else int(round(number_forward_passes)),
-        footnote=FOOTNOTE.format(adapter=adapter, attack=attack.describe(), n=n_examples, dataset=dataset))
+        footnote=footnote)
     if attack.is_attack and adv_acc is not None:
         info[accuracy_field(attack)] = str(round(100 * adv_acc, 2))
     return info
@@ -187,7 +213,7 @@ def benchmark_table(adapters, n_examples: Optional[int] = 1000, dataset="pets", 
                     cache_dir: Optional[str] = None, model: Optional[nn.Module] = None, tokenizer=None,
                     architecture: Optional[str] = None, model_info_dir: str = "model_info",
                     overrides: Optional[Mapping[str, object]] = None, progress: bool = False,
-                    **attack_params) -> List[dict]:
+                    sanity_checks: Union[int, SanityChecks, None] = 8, **attack_params) -> List[dict]:
     """Evaluate several adapters on one attack; one row dict per adapter.
 
     adapters: {name: wrapped adapter}, a list of wrapped adapters, or adapter names (then
@@ -195,8 +221,13 @@ def benchmark_table(adapters, n_examples: Optional[int] = 1000, dataset="pets", 
       with the dataset's domain word, wrapped with the dataset's class names).
     attack: an attack name (`attacks.ATTACKS`); default `pgd` for threat_model "Linf" and
       `pgdl2` for "L2". eps/alpha in [0,1] pixel units (4/255); None: the paper's budget.
+    Adaptive attacks (`eot-pgd`, `square`) attack each adapter itself; `sanity_checks`
+    (an image count, a `SanityChecks`, or 0/None for none) runs their sanity checks.
     Rows: adapter, n, clean_acc, adv_acc (in [0,1]), seconds_per_image,
-    image_passes_per_image (measured images through the image tower per prediction).
+    image_passes_per_image (measured images through the image tower per prediction),
+    attack, attack_kind, attack_forward_per_image, attack_backward_per_image,
+    attack_image_passes_per_image, attack_seconds_per_image, and for adaptive attacks
+    sanity_checks and warnings.
     """
     if threat_model not in ("Linf", "L2"):
         raise NotImplementedError(f"threat_model {threat_model!r}: only 'Linf' and 'L2' attacks are "
@@ -216,7 +247,7 @@ def benchmark_table(adapters, n_examples: Optional[int] = 1000, dataset="pets", 
     for adapter in wrapped.values():
         adapter.to(device)
     attacked = None
-    if spec.is_attack:
+    if spec.is_attack and hasattr(first, "classnames"):
         if tokenizer is not None and hasattr(first, "model"):
             domain = info.domain_word if info is not None else None
             attacked = ZeroShotClassifier.build(first.model, first.classnames, tokenizer, domain_word=domain)
@@ -228,12 +259,15 @@ def benchmark_table(adapters, n_examples: Optional[int] = 1000, dataset="pets", 
            "seed": seed, "batch": batch_size, "image_size": image_size,
            "prompt": getattr(attacked, "prompt_phrase", None),
            "classes": _digest(getattr(attacked, "classnames", None))}
-    cache = AdversarialCache(cache_dir, key)
+    cache = AdversarialCache(None if spec.is_adaptive else cache_dir, key)
+    if isinstance(sanity_checks, int) or sanity_checks is None:
+        sanity_checks = SanityChecks(n=sanity_checks or 0)
     log = ResultLog(log_path, 0) if log_path else None
     if log_path:
         Path(log_path).mkdir(parents=True, exist_ok=True)
     evaluation = Evaluation(wrapped, source, spec, attacked, cache, seed=seed, attack_batch_size=batch_size,
-                            log=log, device=device, progress=progress)
+                            log=log, device=device, progress=progress, sanity=sanity_checks,
+                            backbone_kind=_backbone_kind(first), image_size=image_size)
     rows = [row.as_dict() for row in evaluation.run()]
     if to_disk:
         for row in rows:
@@ -242,7 +276,7 @@ def benchmark_table(adapters, n_examples: Optional[int] = 1000, dataset="pets", 
                                adapter=row["adapter"], n_examples=row["n"],
                                architecture=architecture or architecture_of(wrapped[row["adapter"]]),
                                name=descriptions.get(row["adapter"], ""),
-                               number_forward_passes=row["image_passes_per_image"])
+                               number_forward_passes=row["image_passes_per_image"], row=row)
             row["model_info"] = str(write_model_info(entry, name, spec.threat_model, model_info_dir))
     return rows
 

@@ -10,6 +10,13 @@
 3. Reduce: per-adapter counts are summed over ranks; rank 0 also merges the files and
    checks that every (sample, adapter) is there exactly once and agrees with the sums.
 
+An adaptive attack (`eot-pgd`, `square`: `adaptive.py`) has no attack phase: in the adapt
+phase each adapter is attacked itself, per sample (seeded by the seed and the sample's
+position), and the deployed adapter predicts on its own adversarial image. On the first
+`SanityChecks.n` samples the sanity checks' attacks run as well; their predictions are
+stored with the sample's record, so they shard and resume like everything else, and the
+reduced counts are judged into `checks` and `warnings` on every row.
+
 A run that is killed resumes from the results files: finished (sample, adapter) pairs
 are skipped, a half-written last line is dropped, and the attack batches come from the
 cache (or are recomputed identically). Each adapter adapts every image on its own from
@@ -29,6 +36,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .adaptive import CHECKS, AttackStats, SanityChecks, check_attacks, judge, run_adaptive, zero_gradient_warning
 from .attacks import AdversarialCache, AttackSpec, ZeroShotClassifier, chunk_seed, run_attack, tensor_digest
 
 
@@ -183,12 +191,22 @@ class ResultLog:
 
 
 # ---- summary ------------------------------------------------------------------------------
-FIELDS = ("n", "clean_correct", "adv_correct", "seconds", "image_passes", "predictions")
+CHECK_FIELDS = tuple(f"check_{name}_correct" for name in CHECKS)
+FIELDS = ("n", "clean_correct", "adv_correct", "seconds", "image_passes", "predictions", "attacked_images",
+          "attack_seconds", "attack_forward", "attack_backward", "attack_image_passes", "attack_zero_gradients",
+          "checks_n", "checks_adv_correct", *CHECK_FIELDS)
+FLOAT_FIELDS = ("seconds", "attack_seconds")
 
 
 @dataclass
 class Row:
-    """One adapter's totals; accuracies in [0,1]."""
+    """One adapter's totals; accuracies in [0,1].
+
+    attack_* sum the measured cost of adaptive attacks (per adapter, per image); checks_*
+    count the sanity-check images, check_<name>_correct the images still correct under
+    each check's attack. `attack` (the spec) and `report` (judged checks and warnings,
+    set by `Evaluation.run`) describe the attack in `as_dict`.
+    """
 
     adapter: str
     n: int = 0
@@ -198,15 +216,51 @@ class Row:
     image_passes: int = 0
     predictions: int = 0
     attacked: bool = True
+    attacked_images: int = 0
+    attack_seconds: float = 0.0
+    attack_forward: int = 0
+    attack_backward: int = 0
+    attack_image_passes: int = 0
+    attack_zero_gradients: int = 0
+    checks_n: int = 0
+    checks_adv_correct: int = 0
+    check_fewer_steps_correct: int = 0
+    check_fewer_eot_correct: int = 0
+    check_fewer_queries_correct: int = 0
+    check_large_eps_correct: int = 0
+    check_transfer_correct: int = 0
+    attack: Optional[AttackSpec] = None
+    report: Optional[dict] = None
+    transfer_cost: Optional[dict] = None   # measured seconds of a shared transfer attack
 
     def add(self, record: dict) -> None:
         self.n += 1
         self.clean_correct += int(record["clean"] == record["label"])
+        adv_ok = record.get("adv") is not None and record["adv"] == record["label"]
         if record.get("adv") is not None:
-            self.adv_correct += int(record["adv"] == record["label"])
+            self.adv_correct += int(adv_ok)
         self.seconds += float(record.get("seconds", 0.0))
         self.image_passes += int(record.get("image_passes") or 0)
         self.predictions += 1 + (record.get("adv") is not None)
+        attack = record.get("attack")
+        if attack:
+            self.attacked_images += 1
+            self.attack_seconds += float(attack.get("seconds") or 0.0)
+            self.attack_forward += int(attack.get("forward") or 0)
+            self.attack_backward += int(attack.get("backward") or 0)
+            self.attack_image_passes += int(attack.get("image_passes") or 0)
+            self.attack_zero_gradients += int(attack.get("zero_gradients") or 0)
+        checks = record.get("checks")
+        if checks:
+            self.checks_n += 1
+            self.checks_adv_correct += int(adv_ok)
+            for name, prediction in checks.items():
+                field = f"check_{name}_correct"
+                if hasattr(self, field):
+                    setattr(self, field, getattr(self, field) + int(prediction == record["label"]))
+
+    def check_counts(self) -> Dict[str, int]:
+        return {name: getattr(self, f"check_{name}_correct") for name in CHECKS}
 
     @property
     def clean_acc(self) -> Optional[float]:
@@ -224,10 +278,42 @@ class Row:
     def passes_per_image(self) -> Optional[float]:
         return self.image_passes / self.predictions if self.predictions and self.image_passes else None
 
+    def attack_cost(self) -> dict:
+        """Per attacked image: passes of the attacked model (forward, backward), images through
+        the image tower, seconds; measured for adaptive attacks, from the parameters (and the
+        measured attack time, when this run made the images) for transfer attacks."""
+        spec = self.attack
+        if spec is None or not spec.is_attack:
+            return {}
+        cost = spec.cost()
+        out = {"attack_forward_per_image": cost["forward"], "attack_backward_per_image": cost["backward"],
+               "attack_pass_unit": cost["unit"], "attack_shared": cost["shared"],
+               "attack_image_passes_per_image": None, "attack_seconds_per_image": None}
+        if spec.is_adaptive:
+            count = self.attacked_images
+            if count:
+                out.update(attack_forward_per_image=self.attack_forward / count,
+                           attack_backward_per_image=self.attack_backward / count,
+                           attack_image_passes_per_image=(self.attack_image_passes / count
+                                                          if self.attack_image_passes else None),
+                           attack_seconds_per_image=self.attack_seconds / count,
+                           attack_zero_gradients=self.attack_zero_gradients)
+        else:
+            if cost["forward"] is not None:
+                out["attack_image_passes_per_image"] = cost["forward"]
+            if self.transfer_cost and self.transfer_cost.get("images"):
+                out["attack_seconds_per_image"] = self.transfer_cost["seconds"] / self.transfer_cost["images"]
+        return out
+
     def as_dict(self) -> dict:
-        return {"adapter": self.adapter, "n": self.n, "clean_acc": self.clean_acc, "adv_acc": self.adv_acc,
-                "clean_correct": self.clean_correct, "adv_correct": self.adv_correct if self.attacked else None,
-                "seconds_per_image": self.seconds_per_image, "image_passes_per_image": self.passes_per_image}
+        out = {"adapter": self.adapter, "n": self.n, "clean_acc": self.clean_acc, "adv_acc": self.adv_acc,
+               "clean_correct": self.clean_correct, "adv_correct": self.adv_correct if self.attacked else None,
+               "seconds_per_image": self.seconds_per_image, "image_passes_per_image": self.passes_per_image}
+        if self.attack is not None:
+            out.update(attack=self.attack.name, attack_kind=self.attack.kind, **self.attack_cost())
+        if self.report is not None:
+            out.update(sanity_checks=self.report["checks"], warnings=self.report["warnings"])
+        return out
 
 
 class PassCounter:
@@ -258,13 +344,17 @@ class Evaluation:
     """Evaluate `adapters` ({name: module mapping [0,1] images to logits}) on `source`."""
 
     def __init__(self, adapters: Dict[str, nn.Module], source, attack: AttackSpec,
-                 attacked: Optional[ZeroShotClassifier], cache: AdversarialCache, *, seed: int = 0,
+                 attacked: Optional[ZeroShotClassifier], cache: Optional[AdversarialCache], *, seed: int = 0,
                  attack_batch_size: int = 32, log: Optional[ResultLog] = None,
-                 dist: Optional[DistContext] = None, device=None, progress: bool = False):
+                 dist: Optional[DistContext] = None, device=None, progress: bool = False,
+                 sanity: Optional[SanityChecks] = None, backbone_kind: str = "vit",
+                 image_size: Optional[int] = None):
         if not adapters:
             raise ValueError("no adapters to evaluate")
-        if attack.is_attack and attacked is None:
-            raise ValueError("an attack needs the attacked (zero-shot) model")
+        if attack.is_attack and not attack.is_adaptive and attacked is None:
+            raise ValueError("a transfer attack needs the attacked (zero-shot) model")
+        if cache is None:
+            cache = AdversarialCache(None, {})
         if attack_batch_size < 1:
             raise ValueError(f"attack_batch_size must be >= 1, got {attack_batch_size}")
         self.adapters = dict(adapters)
@@ -279,6 +369,12 @@ class Evaluation:
         self.device = torch.device(device) if device is not None else None
         self.progress = progress
         self.merged: Optional[List[dict]] = None
+        self.sanity = sanity if attack.is_adaptive else None
+        self.checks = check_attacks(attack, sanity, backbone_kind, image_size) if self.sanity else {}
+        if attacked is None:
+            self.checks.pop("transfer", None)
+        self.transfer_seconds = 0.0
+        self.transfer_images = 0
 
     # -- helpers
     def _batches(self) -> List[range]:
@@ -307,7 +403,7 @@ class Evaluation:
 
     # -- phases
     def attack_phase(self, todo: set) -> None:
-        if not self.attack.is_attack:
+        if not self.attack.is_attack or self.attack.is_adaptive:
             return
         batches = [b for i, b in enumerate(self._batches())
                    if i % self.dist.world == self.dist.rank and any(p in todo for p in b)]
@@ -315,7 +411,10 @@ class Evaluation:
         for batch in batches:
             images, labels = self._load(batch)
             if self._adversarial(batch, images, labels) is None:
+                start = time.perf_counter()
                 adversarial = run_attack(self.attack, self.attacked, images, labels, chunk_seed(self.seed, batch.start))
+                self.transfer_seconds += time.perf_counter() - start
+                self.transfer_images += len(batch)
                 ids = [self.source.sample_id(p) for p in batch]
                 self.cache.save(batch.start, ids, tensor_digest(images, labels), adversarial)
             bar.update(1)
@@ -327,11 +426,41 @@ class Evaluation:
             image = image.to(self.device)
         return int(adapter(image.unsqueeze(0)).argmax(dim=-1)[0])
 
+    def attack_adapter(self, spec: AttackSpec, adapter: nn.Module, image: torch.Tensor, label: int, position: int,
+                       counter: Optional["PassCounter"] = None) -> Tuple[torch.Tensor, AttackStats]:
+        """An adaptive attack on one adapter and one image (seeded by the run's seed and the position)."""
+        stats = AttackStats()
+        if counter is not None:
+            counter.count = 0
+        adversarial = run_adaptive(spec, adapter, image.unsqueeze(0), torch.tensor([label]),
+                                   chunk_seed(self.seed, position), stats)
+        if counter is not None and counter.handles:
+            stats.image_passes = counter.count
+        return adversarial[0].cpu(), stats
+
+    def run_checks(self, adapter: nn.Module, image: torch.Tensor, label: int, position: int,
+                   transfer: Dict[int, torch.Tensor]) -> dict:
+        """{check: the deployed adapter's prediction under that check's attack} for one sample."""
+        out = {}
+        for name, spec in self.checks.items():
+            if name == "transfer":
+                if position not in transfer:
+                    transfer.clear()
+                    transfer[position] = run_attack(spec, self.attacked, image.unsqueeze(0), torch.tensor([label]),
+                                                    chunk_seed(self.seed, position))[0]
+                adversarial = transfer[position]
+            else:
+                adversarial, _ = self.attack_adapter(spec, adapter, image, label, position)
+            out[name] = self.predict(adapter, adversarial)
+        return out
+
     def adapt_phase(self, todo: set, rows: Dict[str, Row], done: Dict) -> None:
         mine = sorted(p for p in todo if self._mine(p))
         bar = _bar(self.progress, len(mine), "adapt", "sample")
         counter = PassCounter(self.adapters)
         attacked = self.attack.is_attack
+        adaptive = self.attack.is_adaptive
+        transfer_for_checks: Dict[int, torch.Tensor] = {}
         try:
             for batch in self._batches():
                 positions = [p for p in batch if p in todo and self._mine(p)]
@@ -339,7 +468,7 @@ class Evaluation:
                     continue
                 images, labels = self._load(batch)
                 adversarial = None
-                if attacked:
+                if attacked and not adaptive:
                     adversarial = self._adversarial(batch, images, labels)
                     if adversarial is None:
                         raise RuntimeError(f"adversarial batch at position {batch.start} is missing from the "
@@ -350,13 +479,25 @@ class Evaluation:
                     for name, adapter in self.adapters.items():
                         if (name, p) in done:
                             continue
+                        extra = {}
+                        if adaptive:
+                            image, stats = self.attack_adapter(self.attack, adapter, images[offset], label, p,
+                                                               counter)
+                            extra["attack"] = stats.as_dict()
+                            if self.checks and p < self.sanity.n:
+                                start = time.perf_counter()
+                                extra["checks"] = self.run_checks(adapter, images[offset], label, p,
+                                                                  transfer_for_checks)
+                                extra["checks_seconds"] = round(time.perf_counter() - start, 6)
+                        elif attacked:
+                            image = adversarial[offset]
                         counter.count = 0
                         start = time.perf_counter()
                         clean = self.predict(adapter, images[offset])
-                        adv = self.predict(adapter, adversarial[offset]) if attacked else None
+                        adv = self.predict(adapter, image) if attacked else None
                         record = {"position": p, "id": self.source.sample_id(p), "label": label, "adapter": name,
                                   "clean": clean, "adv": adv, "seconds": round(time.perf_counter() - start, 6),
-                                  "image_passes": counter.count, "rank": self.dist.rank}
+                                  "image_passes": counter.count, "rank": self.dist.rank, **extra}
                         self.log.append(record)
                         rows[name].add(record)
                     bar.update(1)
@@ -382,11 +523,20 @@ class Evaluation:
         self.dist.barrier()
         totals = torch.tensor([[getattr(rows[name], f) for f in FIELDS] for name in self.adapters], dtype=torch.float64)
         totals = self.dist.sum(totals)
+        transfer = self.dist.sum(torch.tensor([self.transfer_seconds, self.transfer_images], dtype=torch.float64))
+        transfer_cost = {"seconds": float(transfer[0]), "images": int(transfer[1])}
         reduced = []
         for name, values in zip(self.adapters, totals.tolist()):
-            row = Row(name, attacked=self.attack.is_attack)
+            row = Row(name, attacked=self.attack.is_attack, attack=self.attack, transfer_cost=transfer_cost)
             for f, value in zip(FIELDS, values):
-                setattr(row, f, value if f == "seconds" else int(round(value)))
+                setattr(row, f, value if f in FLOAT_FIELDS else int(round(value)))
+            if self.attack.is_adaptive:
+                checks, warnings = judge(self.attack, self.checks, self.sanity or SanityChecks(n=0), row.checks_n,
+                                         row.checks_adv_correct,
+                                         {k: v for k, v in row.check_counts().items() if k in self.checks},
+                                         adapter=name)
+                zero = zero_gradient_warning(self.attack, row.attack_zero_gradients, row.attack_backward, name)
+                row.report = {"checks": checks, "warnings": ([zero] if zero else []) + warnings}
             reduced.append(row)
         if self.dist.rank == 0:
             self.merged = self._merge(reduced)

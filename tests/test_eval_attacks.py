@@ -69,7 +69,7 @@ def test_eps_units_are_unambiguous():
 
 def test_unknown_attack_and_parameter_list_the_valid_ones():
     with pytest.raises(UnknownNameError, match=r"unknown attack 'pgdd'.*valid attacks: pgd, fgsm, pgdl2, cw, "
-                                               r"autoattack, none"):
+                                               r"autoattack, eot-pgd, square, none"):
         make_attack("pgdd")
     with pytest.raises(ValueError, match="no parameter 'kappa'; its parameters: eps, steps, alpha, random_start"):
         make_attack("pgd", kappa=1)
@@ -149,4 +149,4 @@ def test_fingerprints_and_chunk_seeds():
     assert model_fingerprint(make_tiny_vit(seed=0)) == model_fingerprint(make_tiny_vit(seed=0))
     assert model_fingerprint(make_tiny_vit(seed=0)) != model_fingerprint(make_tiny_vit(seed=1))
     assert chunk_seed(0, 32) == chunk_seed(0, 32) != chunk_seed(0, 64) != chunk_seed(1, 32)
-    assert set(ATTACKS) == {"pgd", "fgsm", "pgdl2", "cw", "autoattack", "none"}
+    assert set(ATTACKS) == {"pgd", "fgsm", "pgdl2", "cw", "autoattack", "eot-pgd", "square", "none"}

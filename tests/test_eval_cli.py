@@ -102,8 +102,12 @@ def test_end_to_end_outputs(workspace, reference):
         assert rows[adapter]["adv_acc"] == pytest.approx(sum(a == y for _, y, _, a in mine) / N_IMAGES)
         entry = json.loads((out / f"model_info/pets/Linf/tiny-vit-eval-none_{adapter}.json").read_text())
         assert entry["clean_acc"] == str(round(100 * rows[adapter]["clean_acc"], 2)) and "pgd_acc" in entry
+        assert rows[adapter]["attack_kind"] == "transfer" and rows[adapter]["attack_shared"]
+        assert rows[adapter]["attack_forward_per_image"] == rows[adapter]["attack_backward_per_image"] == 2
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("adapter,n,clean_acc,adv_acc") and len(csv_lines) == 3
+    assert summary["attack"]["kind"] == "transfer" and summary["warnings"] == []
+    assert "pgd (transfer, shared)" in (out / "results.md").read_text()
     settings = json.loads((out / "run.json").read_text())["settings"]
     assert settings["attack"]["eps"] == pytest.approx(4 / 255) and settings["attacked_prompt"] == "a pet photo of a"
     assert settings["adapters"]["atpt"]["domain_word"] == "pet" and settings["adapters"]["atpt"]["views"] == 4
@@ -215,7 +219,7 @@ def test_list_shows_adapters_datasets_and_attacks(capsys):
 @pytest.mark.parametrize("change, expected", [
     (("--adapters", "atpt,nope"), "unknown adapter 'nope'.*valid adapters: .*atpt"),
     (("--dataset", "petz"), "unknown dataset 'petz' \\(did you mean 'pets'\\?\\); valid datasets: pets, "),
-    (("--attack", "pgdd"), "unknown attack 'pgdd'.*valid attacks: pgd, fgsm, pgdl2, cw, autoattack, none"),
+    (("--attack", "pgdd"), "unknown attack 'pgdd'.*valid attacks: pgd, fgsm, pgdl2, cw, autoattack, eot-pgd, square, none"),
     (("--eps", "0.0157"), "ambiguous: L-inf budgets on the command line are in 1/255 units"),
     (("--model", "ViT-B-99"), "unknown model 'ViT-B-99'.*valid models: "),
 ])
