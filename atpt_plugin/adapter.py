@@ -173,14 +173,14 @@ class TestTimeAdapter(EpisodicAdapter):
             return self.backbone.encode_image(views)
 
     def aggregate(self, views: torch.Tensor, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """One prediction from the views' features under the tuned text features."""
+        """One prediction from the views' features under the tuned text features (every
+        aggregator stays differentiable w.r.t. the features when they carry gradients)."""
         scale = self.backbone.logit_scale
-        frozen = features.detach()
-        zero_shot_logits = scale * frozen @ self.zero_shot_text.t()
+        zero_shot_logits = scale * features @ self.zero_shot_text.t()
         predictions = ViewPredictions(
             logits=scale * features @ text.t(),
-            features=frozen,
-            confident=select_confident(zero_shot_logits, self.config.n_confident),
+            features=features,
+            confident=select_confident(zero_shot_logits.detach(), self.config.n_confident),
             view_maps=lambda indices: self.explain(views[indices].detach()),
             zero_shot_logits=zero_shot_logits,
             text_features=text,

@@ -57,3 +57,10 @@ def test_bpda_and_fixed_prompt_gradients_differ(tiny_vit, tokenizer, images):
         x = images[:1].clone().requires_grad_(True)
         (grads[path],) = torch.autograd.grad(tta(x)[0, 0], [x])
     assert not torch.allclose(grads["fixed_prompt"], grads["bpda"])
+
+
+def test_mta_output_is_differentiable(tiny_vit, tokenizer, images):
+    tta = load_adapter("mta", views=8).wrap(tiny_vit, CLASSNAMES, tokenizer)
+    x = images[:1].clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(tta(x)[0, 0], [x])
+    assert grad.abs().sum() > 0
