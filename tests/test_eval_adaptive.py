@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from atpt_plugin import load_adapter
+from atpt_plugin import adapter as adapter_module
 from atpt_plugin.adapters import cli
 from atpt_plugin.adapters.adaptive import (AttackStats, SanityChecks, attack_loss, attack_view, check_attacks, judge,
                                            run_adaptive)
@@ -78,9 +79,15 @@ def test_eot_pgd_raises_the_loss_of_the_deployed_adapter(tiny_vit, tokenizer, im
         assert attack_loss(tta(adversarial), y) > attack_loss(tta(images), y)
 
 
+class NoInputGradient(adapter_module.TestTimeAdapter):
+    """An adapter whose output has a graph but no gradient path to the image (masked gradients)."""
+
+    def aggregate(self, views, features, text):
+        return super().aggregate(views, features.detach(), text) + 0 * features.sum()
+
+
 def test_an_output_without_input_gradient_is_reported_not_fatal(tiny_vit, tokenizer, images):
-    """MTA's mode is computed from detached view features: no gradient reaches the image."""
-    mta = wrap("mta", tiny_vit, tokenizer)
+    mta = NoInputGradient(tiny_vit, CLASSNAMES, tokenizer, load_adapter("mta", **SMALL).config, "mta")
     spec = make_attack("eot-pgd", eps=8 / 255, steps=2, eot_iter=1, random_start=False)
     stats = AttackStats()
     assert torch.equal(run_adaptive(spec, mta, images[:1], torch.tensor([0]), seed=0, stats=stats), images[:1])
