@@ -19,12 +19,7 @@ from test_eval_cli import eval_args, workspace  # noqa: F401  (the tiny on-disk 
 SMALL = dict(views=6, rho=0.34)        # 6 views, 2 confident
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def wrap(name, model, tokenizer, **overrides):

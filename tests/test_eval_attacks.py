@@ -11,13 +11,7 @@ from atpt_plugin.adapters.datasets import UnknownNameError
 from conftest import CLASSNAMES, make_tiny_resnet, make_tiny_vit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one thread each is far faster than two fighting threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
