@@ -68,6 +68,10 @@ class EpisodicAdapter(nn.Module):
     def adapt(self, image: torch.Tensor, track_input: bool = False) -> torch.Tensor:
         raise NotImplementedError
 
+    def adapt_images(self, images: torch.Tensor, track_input: bool = False) -> torch.Tensor:
+        """(B, outputs) for (B,3,H,W) images, each adapted on its own; subclasses may batch."""
+        return torch.stack([self.adapt(image, track_input) for image in images])
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         images = check_images(images)
         track_input = torch.is_grad_enabled() and images.requires_grad
@@ -75,10 +79,9 @@ class EpisodicAdapter(nn.Module):
             if images.is_inference():
                 images = images.clone()
             images = images.to(self.backbone.device)
-            outputs = [self.adapt(image, track_input) for image in images]
-        if not outputs:
-            return torch.empty(0, self.num_outputs, device=self.backbone.device)
-        return torch.stack(outputs)
+            if len(images) == 0:
+                return torch.empty(0, self.num_outputs, device=self.backbone.device)
+            return self.adapt_images(images, track_input)
 
     def explain(self, images: torch.Tensor, explainer: Optional[str] = None) -> torch.Tensor:
         """Attention maps (N, h, w) in [0,1] of [0,1] images at the model's input size, by the
@@ -99,12 +102,23 @@ class EpisodicAdapter(nn.Module):
 
     def make_views(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(K,3,S,S): the center crop, then K-1 augmented views of one (3,H,W) image."""
-        first = center_view(image, self.backbone.image_size).unsqueeze(0)
+        return self.make_view_sets(image.unsqueeze(0), [generator])[0]
+
+    def make_view_sets(self, images: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """(B,K,3,S,S): `make_views` of each image with its own generator, the bases of all
+        images through the explainer in one pass."""
+        size = self.backbone.image_size
+        firsts = torch.stack([center_view(image, size) for image in images]).unsqueeze(1)
         if self.config.views == 1:
-            return first
-        bases = self.augmenter.bases(image, self.config.views - 1, generator)
-        maps = self.explain(bases.detach()) if self.augmenter.needs_maps else None
-        return torch.cat([first, self.augmenter.views(bases, maps, generator)])
+            return firsts
+        bases = torch.stack([self.augmenter.bases(image, self.config.views - 1, generator)
+                             for image, generator in zip(images, generators)])
+        maps = None
+        if self.augmenter.needs_maps:
+            maps = self.explain(bases.detach().flatten(0, 1)).unflatten(0, bases.shape[:2])
+        views = [self.augmenter.views(bases[i], None if maps is None else maps[i], generator)
+                 for i, generator in enumerate(generators)]
+        return torch.cat([firsts, torch.stack(views)], dim=1)
 
     def generator_for(self, image: torch.Tensor) -> torch.Generator:
         """Randomness that depends only on the seed and the image itself, not on its batch."""
@@ -140,6 +154,8 @@ class TestTimeAdapter(EpisodicAdapter):
             self.register_buffer("zero_shot_text", self.prompt.text_features(self.prompt.initial_context),
                                  persistent=False)
         self.build_components()
+        encode = self.backbone.encode_image
+        self.view_encoder = torch.compile(encode, dynamic=True) if config.compile else encode
 
     @property
     def classnames(self):
@@ -158,19 +174,31 @@ class TestTimeAdapter(EpisodicAdapter):
 
     def adapt(self, image: torch.Tensor, track_input: bool = False) -> torch.Tensor:
         """The episodic loop for one (3,H,W) image; returns (C,) logits."""
-        views = self.make_views(image, self.generator_for(image))
-        features = self.encode_views(views, track_input)
-        if self.config.steps == 0:
-            return self.aggregate(views, features, self.zero_shot_text)
+        return self.adapt_images(image.unsqueeze(0), track_input)[0]
+
+    def adapt_images(self, images: torch.Tensor, track_input: bool = False) -> torch.Tensor:
+        """(B, C) logits, `image_batch` images at a time. Each image keeps its own views,
+        prompt and optimiser state; batching only shares the passes. An attack that
+        differentiates through the tuning step ("bpda", "exact") goes one image at a time."""
         path = self.config.input_gradient if track_input else "fixed_prompt"
-        if path == "fixed_prompt":
-            return self.aggregate(views, features, self.tune(features.detach()))
-        return self.aggregate(views, features, self.tune(features, path))
+        chunk = self.config.image_batch if path == "fixed_prompt" else 1
+        return torch.cat([self.adapt_batch(part, track_input, path) for part in images.split(chunk)])
+
+    def adapt_batch(self, images: torch.Tensor, track_input: bool, path: str) -> torch.Tensor:
+        views = self.make_view_sets(images, [self.generator_for(image) for image in images])
+        features = self.encode_views(views.flatten(0, 1), track_input).unflatten(0, views.shape[:2])
+        if self.config.steps == 0:
+            texts = self.zero_shot_text.expand(len(images), -1, -1)
+        elif path == "fixed_prompt":
+            texts = self.tune(features.detach())
+        else:
+            texts = self.tune(features, path)
+        return torch.stack([self.aggregate(*parts) for parts in zip(views, features, texts)])
 
     def encode_views(self, views: torch.Tensor, track_input: bool = False) -> torch.Tensor:
         """Image features of all views, once: they do not depend on the prompt."""
         with torch.set_grad_enabled(track_input), self.image_precision():
-            return self.backbone.encode_image(views)
+            return self.view_encoder(views)
 
     def aggregate(self, views: torch.Tensor, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """One prediction from the views' features under the tuned text features (every
@@ -191,27 +219,36 @@ class TestTimeAdapter(EpisodicAdapter):
     def tune(self, features: torch.Tensor, path: str = "none") -> torch.Tensor:
         """Fresh context, `steps` AdamW steps on the confident views; returns tuned text features.
 
-        The confident set is re-selected under the current prompt at every step, as TPT does
-        (for one step that is the initial prompt's set). `path` ("bpda", "exact") keeps the
-        result differentiable w.r.t. `features`, for adaptive attacks.
+        features (K, D) -> (C, E); (B, K, D) -> (B, C, E) with B independent contexts: the
+        loss is the sum of the images' objectives, so each context gets exactly its own
+        image's gradient, and AdamW is elementwise. The confident set is re-selected under
+        the current prompt at every step, as TPT does (for one step that is the initial
+        prompt's set). `path` ("bpda", "exact") keeps the result differentiable w.r.t.
+        `features`, for adaptive attacks (one image: BPDA's step scale is per context).
         """
         config = self.config
         scale = self.backbone.logit_scale
         objective = OBJECTIVES[config.objective]
+        batched = features.dim() == 3
+        features = features if batched else features.unsqueeze(0)
+        initial = self.prompt.initial_context.float().expand(len(features), -1, -1)
 
-        def loss(context):
-            logits = scale * features @ self.prompt.text_features(context).t()
-            return objective(logits[select_confident(logits.detach(), config.n_confident)])
+        def loss(contexts):
+            logits = scale * features @ self.prompt.text_features(contexts).transpose(1, 2)
+            return sum(objective(image_logits[select_confident(image_logits.detach(), config.n_confident)])
+                       for image_logits in logits)
 
         if path == "none":
-            context = adamw(self.prompt.initial_context.float(), loss, config.steps, config.lr,
-                            config.weight_decay)
+            contexts = adamw(initial, loss, config.steps, config.lr, config.weight_decay)
             with torch.no_grad():
-                return self.prompt.text_features(context)
-        with sdpa_kernel(SDPBackend.MATH):  # fused attention kernels have no double backward
-            context = adamw(self.prompt.initial_context.float(), loss, config.steps, config.lr,
-                            config.weight_decay, path=path)
-            return self.prompt.text_features(context)
+                texts = self.prompt.text_features(contexts)
+        else:
+            if len(features) > 1:
+                raise ValueError(f"input_gradient={path!r} tunes one image at a time")
+            with sdpa_kernel(SDPBackend.MATH):  # fused attention kernels have no double backward
+                contexts = adamw(initial, loss, config.steps, config.lr, config.weight_decay, path=path)
+                texts = self.prompt.text_features(contexts)
+        return texts if batched else texts[0]
 
 
 class Adapter:

@@ -93,7 +93,8 @@ class ClassifierTestTimeAdapter(EpisodicAdapter):
 
     `config` is the same `AdapterConfig` as for CLIP (views, selection, objective, lr,
     steps, explainer, augmenter, aggregator); prompt-text settings do not apply and are
-    ignored; `classifier_tuning` ("norm" or "prompt") and `vpt_tokens` choose what is tuned.
+    ignored, and so are the CLIP loop's speed settings (`image_batch`: images go one at a
+    time); `classifier_tuning` ("norm" or "prompt") and `vpt_tokens` choose what is tuned.
     `image_size` overrides the view size for models created with `dynamic_img_size=True`.
     """
 
@@ -105,6 +106,10 @@ class ClassifierTestTimeAdapter(EpisodicAdapter):
                 f"adapter {name!r} uses aggregator={config.aggregator!r}, which needs a text encoder "
                 f"({TEXT_ONLY_AGGREGATORS[config.aggregator]}); a timm classifier has none: use a CLIP "
                 "model with classnames=..., or another aggregator (tv, reliability, mean, single)")
+        if config.compile:
+            raise ValueError("compile=True compiles the CLIP image tower's view pass; a timm classifier "
+                             "is run through torch.func.functional_call, which it does not cover: "
+                             "leave compile=False")
         tuning, vpt_tokens = config.classifier_tuning, config.vpt_tokens
         self.tuning = tuning
         self.num_classes = getattr(model, "num_classes", 0)

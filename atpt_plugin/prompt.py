@@ -95,12 +95,17 @@ class PromptLearner(nn.Module):
                              f"{model_limit}; use open_clip.get_tokenizer(<the model's name>)")
 
     def text_features(self, context: torch.Tensor) -> torch.Tensor:
-        """(C, E) L2-normalised class features for the context (n_ctx, D)."""
-        count = self.prefix.shape[0]
+        """(C, E) L2-normalised class features for the context (n_ctx, D); (B, C, E) for B
+        independent contexts (B, n_ctx, D), all B*C prompts in one text pass."""
+        contexts = context.unsqueeze(0) if context.dim() == 2 else context
+        batch, count = contexts.shape[0], self.prefix.shape[0]
         embeddings = torch.cat(
-            [self.prefix, context.to(self.prefix.dtype).unsqueeze(0).expand(count, -1, -1), self.suffix],
-            dim=1)
+            [self.prefix.expand(batch, -1, -1, -1),
+             contexts.to(self.prefix.dtype).unsqueeze(1).expand(-1, count, -1, -1),
+             self.suffix.expand(batch, -1, -1, -1)], dim=2).flatten(0, 1)
         mask = self.backbone.text_tower.attn_mask
         length = embeddings.shape[1]
         mask = mask[:length, :length] if mask is not None else None
-        return self.backbone.encode_text_embeddings(embeddings, self.eot, mask)
+        features = self.backbone.encode_text_embeddings(embeddings, self.eot.repeat(batch), mask)
+        features = features.unflatten(0, (batch, count))
+        return features[0] if context.dim() == 2 else features

@@ -3,7 +3,8 @@
 `NaiveTestTimeAdapter` changes only *how often* things are computed, never what:
 - the explainer runs one base view at a time, and recomputes the text features of all
   classes for each (method.md discrepancy 7);
-- the views go through the image encoder three times (selection, tuning, prediction).
+- the views go through the image encoder three times (selection, tuning, prediction);
+- one test image at a time.
 (Cutting the text sequence after the last EOT is exact and tested on its own in
 tests/test_backbones.py; its speedup is measured separately by bench/run.py.)
 With the same seed it gives the same predictions as `TestTimeAdapter` (tests/test_naive.py).
@@ -30,7 +31,10 @@ class NaiveTestTimeAdapter(TestTimeAdapter):
                 maps.append(explainer(self.backbone, image.unsqueeze(0), score))
         return torch.cat(maps)
 
-    def adapt(self, image: torch.Tensor, track_input: bool = False) -> torch.Tensor:
+    def adapt_images(self, images: torch.Tensor, track_input: bool = False) -> torch.Tensor:
+        return torch.stack([self.adapt_one(image, track_input) for image in images])
+
+    def adapt_one(self, image: torch.Tensor, track_input: bool) -> torch.Tensor:
         views = self.make_views(image, self.generator_for(image))
         self.encode_views(views)                                   # selection pass
         features = self.encode_views(views)                        # tuning pass

@@ -1,8 +1,8 @@
 """Per-stage wall time and peak memory of a TestTimeAdapter, without touching its code.
 
-The adapter's stages are methods (`make_views`, `explain`, `encode_views`, `tune`,
+The adapter's stages are methods (`make_view_sets`, `explain`, `encode_views`, `tune`,
 `aggregate`); `StageRecorder` wraps them on one instance and books *exclusive* time, so
-the explainer pass inside `make_views` counts as "explain", not "augment".
+the explainer pass inside `make_view_sets` counts as "explain", not "augment".
 Memory: on CUDA the allocator's peak per stage; on CPU the process's peak resident set
 size during the stage, sampled every 2 ms by a background thread.
 """
@@ -15,7 +15,7 @@ from collections import defaultdict
 
 import torch
 
-STAGES = {"make_views": "augment", "explain": "explain", "encode_views": "encode views",
+STAGES = {"make_view_sets": "augment", "explain": "explain", "encode_views": "encode views",
           "tune": "tune", "aggregate": "aggregate"}
 
 
