@@ -421,10 +421,10 @@ class Evaluation:
         bar.close()
 
     @torch.no_grad()
-    def predict(self, adapter: nn.Module, image: torch.Tensor) -> int:
+    def predict(self, adapter: nn.Module, images: torch.Tensor) -> List[int]:
         if self.device is not None:
-            image = image.to(self.device)
-        return int(adapter(image.unsqueeze(0)).argmax(dim=-1)[0])
+            images = images.to(self.device)
+        return adapter(images).argmax(dim=-1).tolist()
 
     def attack_adapter(self, spec: AttackSpec, adapter: nn.Module, image: torch.Tensor, label: int, position: int,
                        counter: Optional["PassCounter"] = None) -> Tuple[torch.Tensor, AttackStats]:
@@ -451,7 +451,7 @@ class Evaluation:
                 adversarial = transfer[position]
             else:
                 adversarial, _ = self.attack_adapter(spec, adapter, image, label, position)
-            out[name] = self.predict(adapter, adversarial)
+            out[name] = self.predict(adapter, adversarial.unsqueeze(0))[0]
         return out
 
     def adapt_phase(self, todo: set, rows: Dict[str, Row], done: Dict) -> None:
@@ -459,7 +459,6 @@ class Evaluation:
         bar = _bar(self.progress, len(mine), "adapt", "sample")
         counter = PassCounter(self.adapters)
         attacked = self.attack.is_attack
-        adaptive = self.attack.is_adaptive
         transfer_for_checks: Dict[int, torch.Tensor] = {}
         try:
             for batch in self._batches():
@@ -468,43 +467,61 @@ class Evaluation:
                     continue
                 images, labels = self._load(batch)
                 adversarial = None
-                if attacked and not adaptive:
+                if attacked and not self.attack.is_adaptive:
                     adversarial = self._adversarial(batch, images, labels)
                     if adversarial is None:
                         raise RuntimeError(f"adversarial batch at position {batch.start} is missing from the "
                                            "cache after the attack phase")
-                for p in positions:
-                    offset = p - batch.start
-                    label = int(labels[offset])
-                    for name, adapter in self.adapters.items():
-                        if (name, p) in done:
-                            continue
-                        extra = {}
-                        if adaptive:
-                            image, stats = self.attack_adapter(self.attack, adapter, images[offset], label, p,
-                                                               counter)
-                            extra["attack"] = stats.as_dict()
-                            if self.checks and p < self.sanity.n:
-                                start = time.perf_counter()
-                                extra["checks"] = self.run_checks(adapter, images[offset], label, p,
-                                                                  transfer_for_checks)
-                                extra["checks_seconds"] = round(time.perf_counter() - start, 6)
-                        elif attacked:
-                            image = adversarial[offset]
-                        counter.count = 0
-                        start = time.perf_counter()
-                        clean = self.predict(adapter, images[offset])
-                        adv = self.predict(adapter, image) if attacked else None
-                        record = {"position": p, "id": self.source.sample_id(p), "label": label, "adapter": name,
-                                  "clean": clean, "adv": adv, "seconds": round(time.perf_counter() - start, 6),
-                                  "image_passes": counter.count, "rank": self.dist.rank, **extra}
+                for name, adapter in self.adapters.items():
+                    offsets = [p - batch.start for p in positions if (name, p) not in done]
+                    if not offsets:
+                        continue
+                    if self.attack.is_adaptive:
+                        records = [self.adapt_adaptive(name, adapter, images[o], int(labels[o]), batch.start + o,
+                                                       counter, transfer_for_checks) for o in offsets]
+                    else:
+                        records = self.adapt_together(name, adapter, images[offsets], labels[offsets],
+                                                      None if adversarial is None else adversarial[offsets],
+                                                      [batch.start + o for o in offsets], counter)
+                    for record in records:
                         self.log.append(record)
                         rows[name].add(record)
-                    bar.update(1)
-                    bar.set_postfix_str(_postfix(rows, attacked), refresh=False)
+                bar.update(len(positions))
+                bar.set_postfix_str(_postfix(rows, attacked), refresh=False)
         finally:
             counter.close()
             bar.close()
+
+    def adapt_together(self, name: str, adapter: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                       adversarial: Optional[torch.Tensor], positions: List[int], counter: "PassCounter") -> List[dict]:
+        """Clean and adversarial images of a batch in one adapter call (the adapter batches them,
+        e.g. `image_batch`); per-sample seconds and image passes are the call's, shared evenly."""
+        both = images if adversarial is None else torch.cat([images, adversarial])
+        counter.count = 0
+        start = time.perf_counter()
+        predictions = self.predict(adapter, both)
+        share = len(positions)
+        seconds = (time.perf_counter() - start) / share
+        return [{"position": p, "id": self.source.sample_id(p), "label": int(label), "adapter": name,
+                 "clean": predictions[i], "adv": None if adversarial is None else predictions[share + i],
+                 "seconds": round(seconds, 6), "image_passes": counter.count / share, "rank": self.dist.rank}
+                for i, (p, label) in enumerate(zip(positions, labels))]
+
+    def adapt_adaptive(self, name: str, adapter: nn.Module, image: torch.Tensor, label: int, position: int,
+                       counter: "PassCounter", transfer_for_checks: Dict[int, torch.Tensor]) -> dict:
+        """One sample under an adaptive attack on this adapter, then its clean and adversarial predictions."""
+        adversarial, stats = self.attack_adapter(self.attack, adapter, image, label, position, counter)
+        extra = {"attack": stats.as_dict()}
+        if self.checks and position < self.sanity.n:
+            start = time.perf_counter()
+            extra["checks"] = self.run_checks(adapter, image, label, position, transfer_for_checks)
+            extra["checks_seconds"] = round(time.perf_counter() - start, 6)
+        counter.count = 0
+        start = time.perf_counter()
+        clean, adv = self.predict(adapter, torch.stack([image, adversarial]))
+        return {"position": position, "id": self.source.sample_id(position), "label": label, "adapter": name,
+                "clean": clean, "adv": adv, "seconds": round(time.perf_counter() - start, 6),
+                "image_passes": counter.count, "rank": self.dist.rank, **extra}
 
     def run(self) -> List[Row]:
         """Attack, adapt, reduce; returns one `Row` per adapter (the same on every rank)."""

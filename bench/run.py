@@ -3,11 +3,16 @@
     python -m bench.run --models ViT-B-32,ViT-B-16 --adapters atpt,rtpt,tpt,zeroshot --naive
 
 Random-init weights (cost does not depend on them), random 224x224 images, the 37 Oxford
-Pets classes. Writes bench/results/<tag>.json and .md; prints the table.
+Pets classes. Rows per adapter: "naive" (bench/naive.py), "optimised" (one test image at
+a time), "batch N" (`image_batch=N`: N images adapted together) and, with --compile,
+"compiled" (`compile=True`, its one-off compilation timed apart). Also the text pass with
+the sequence cut after the last EOT against the full context, and PGD per image at each
+attack batch size. Writes bench/results/<tag>.json and .md; prints the tables.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -52,21 +57,38 @@ def compute_floor(tta: TestTimeAdapter, images: torch.Tensor) -> float:
                               tta.backbone.encode_image(images[:1].expand(views, -1, -1, -1))))
 
 
-def run_adapter(cls, model, tokenizer, name, views, precision, images, sampler):
-    adapter = load_adapter(name, precision=precision)
+def run_adapter(cls, model, tokenizer, name, views, images, sampler, **overrides):
+    """Per-image time and peak memory of each stage, all `images` passed in one call."""
+    adapter = load_adapter(name, **overrides)
     if adapter.config.views > 1:
         adapter = adapter.with_overrides(views=views)
     tta = cls(model, PETS, tokenizer, adapter.config, name)
+    first_call = None
+    if adapter.config.compile:  # compilation happens once per wrap; time it apart
+        first_call = timed(lambda: tta(images[:1]))
     recorder = StageRecorder(tta, sampler)
-    predictions = []
-    start = time.perf_counter()
     with torch.no_grad():
-        for image in images:
-            predictions.append(tta(image.unsqueeze(0)).argmax(-1).item())
-    total = (time.perf_counter() - start) / len(images)
+        start = time.perf_counter()
+        predictions = tta(images).argmax(-1).tolist()
+        total = (time.perf_counter() - start) / len(images)
     per_image = {label: recorder.seconds[label] / len(images) for label in STAGES.values()}
-    return {"total_s": total, "stages_s": per_image, "peak_mb": {k: v / 2 ** 20 for k, v in recorder.peak_bytes.items()},
-            "predictions": predictions}
+    return {"total_s": total, "stages_s": per_image, "first_call_s": first_call,
+            "peak_mb": {k: v / 2 ** 20 for k, v in recorder.peak_bytes.items()}, "predictions": predictions}
+
+
+def text_pass(tta: TestTimeAdapter) -> dict:
+    """One pass of all class prompts: cut after the longest EOT (ours) against the full context."""
+    prompt, tower = tta.prompt, tta.backbone.text_tower
+    embeddings = torch.cat([prompt.prefix, prompt.initial_context.expand(len(prompt.prefix), -1, -1),
+                            prompt.suffix], dim=1)
+    full_length = tower.positional_embedding.shape[0]
+    padding = tower.token_embedding(torch.zeros(full_length - embeddings.shape[1], dtype=torch.long,
+                                                device=embeddings.device))
+    full = torch.cat([embeddings, padding.expand(len(embeddings), -1, -1)], dim=1)
+    with torch.no_grad():
+        cut_s = timed(lambda: prompt.text_features(prompt.initial_context), repeat=5)
+        full_s = timed(lambda: tta.backbone.encode_text_embeddings(full, prompt.eot, tower.attn_mask), repeat=5)
+    return {"tokens_cut": embeddings.shape[1], "tokens_full": full_length, "cut_s": cut_s, "full_s": full_s}
 
 
 def run_attack(cls, model, tokenizer, images, labels, steps, batch):
@@ -91,12 +113,17 @@ def bench_model(args, model_name, sampler):
     floor_tta = TestTimeAdapter(model, PETS, tokenizer, load_adapter("atpt", views=args.views).config)
     floor = compute_floor(floor_tta, images)
     for name in args.adapters:
-        rows[name] = {"optimised": run_adapter(TestTimeAdapter, model, tokenizer, name, args.views, args.precision,
-                                                     images, sampler)}
-        if args.naive:
-            rows[name]["naive"] = run_adapter(NaiveTestTimeAdapter, model, tokenizer, name, args.views,
-                                                 args.precision, images, sampler)
-            rows[name]["same_predictions"] = rows[name]["naive"]["predictions"] == rows[name]["optimised"]["predictions"]
+        run = functools.partial(run_adapter, model=model, tokenizer=tokenizer, name=name, views=args.views,
+                                images=images, sampler=sampler, precision=args.precision)
+        configs = {"naive": lambda: run(NaiveTestTimeAdapter)} if args.naive else {}
+        for image_batch in args.image_batches:
+            label = "optimised" if image_batch == 1 else f"batch {image_batch}"
+            configs[label] = functools.partial(run, TestTimeAdapter, image_batch=image_batch)
+        if args.compile:
+            configs["compiled"] = lambda: run(TestTimeAdapter, image_batch=1, compile=True)
+        rows[name] = {label: measure() for label, measure in configs.items()}
+        reference = rows[name][next(iter(rows[name]))]["predictions"]
+        rows[name]["same_predictions"] = all(r["predictions"] == reference for r in rows[name].values())
     attack = {}
     labels = torch.randint(len(PETS), (max(args.attack_batches),), generator=generator).to(device)
     attack_images = torch.rand(max(args.attack_batches), 3, 224, 224, generator=generator).to(device)
@@ -106,7 +133,7 @@ def bench_model(args, model_name, sampler):
         if args.naive and batch == min(args.attack_batches):
             attack[batch]["naive"] = run_attack(NaiveTestTimeAdapter, model, tokenizer, attack_images, labels,
                                                 args.attack_steps, batch)
-    return {"floor_s": floor, "adapters": rows, "attack_per_image_s": attack}
+    return {"floor_s": floor, "text_pass": text_pass(floor_tta), "adapters": rows, "attack_per_image_s": attack}
 
 
 def markdown(results) -> str:
@@ -116,20 +143,24 @@ def markdown(results) -> str:
         lines += [f"### {model_name}: {results['views']} views, {len(PETS)} classes, "
                   f"{results['device']} {results['precision']}, {results['threads']} threads",
                   "", f"Compute floor (K-1 bases + K views, forward only): {floor:.2f} s per image", "",
-                  "| adapter | config | " + " | ".join(STAGES.values()) + " | total s | total/floor | peak MB |",
-                  "|---|---|" + "---|" * (len(STAGES) + 3)]
+                  "| adapter | config | " + " | ".join(STAGES.values()) +
+                  " | total s | total/floor | vs naive | peak MB |",
+                  "|---|---|" + "---|" * (len(STAGES) + 4)]
         for name, row in result["adapters"].items():
-            for config in ("naive", "optimised"):
-                if config not in row:
-                    continue
-                r = row[config]
+            configs = {label: r for label, r in row.items() if label != "same_predictions"}
+            for config, r in configs.items():
                 stages = " | ".join(f"{r['stages_s'][s]:.2f}" for s in STAGES.values())
+                speedup = f"{configs['naive']['total_s'] / r['total_s']:.1f}x" if "naive" in configs else ""
                 lines.append(f"| {name} | {config} | {stages} | {r['total_s']:.2f} | "
-                             f"{r['total_s'] / floor:.2f} | {max(r['peak_mb'].values(), default=0):.0f} |")
-            if "naive" in row:
-                speedup = row["naive"]["total_s"] / row["optimised"]["total_s"]
-                lines.append(f"| {name} | speedup | | | | | | {speedup:.1f}x | | same predictions: "
-                             f"{row['same_predictions']} |")
+                             f"{r['total_s'] / floor:.2f} | {speedup} | {max(r['peak_mb'].values(), default=0):.0f} |")
+            lines.append(f"| {name} | same predictions in every config: {row['same_predictions']} |")
+            if configs.get("compiled", {}).get("first_call_s"):
+                lines.append(f"| {name} | compiled: first call (compilation, one image) "
+                             f"{configs['compiled']['first_call_s']:.1f} s |")
+        text = result["text_pass"]
+        lines += ["", f"Text pass, {len(PETS)} class prompts: cut after the last EOT ({text['tokens_cut']} "
+                      f"tokens) {text['cut_s'] * 1e3:.1f} ms against the full context ({text['tokens_full']} "
+                      f"tokens) {text['full_s'] * 1e3:.1f} ms, {text['full_s'] / text['cut_s']:.1f}x"]
         lines += ["", f"PGD-{results['attack_steps']} per image (eps 4/255):", ""]
         for batch, times in result["attack_per_image_s"].items():
             said = f"batch {batch}: {times['optimised']:.2f} s"
@@ -148,6 +179,8 @@ def main():
     parser.add_argument("--views", type=int, default=64)
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--naive", action="store_true", help="also run the naive computation")
+    parser.add_argument("--image-batches", default="1", help="image_batch values to run, e.g. 1,8")
+    parser.add_argument("--compile", action="store_true", help="also run with compile=True")
     parser.add_argument("--attack-steps", type=int, default=100)
     parser.add_argument("--attack-batches", default="1,8")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -155,8 +188,10 @@ def main():
                         help="autocast of the adapters' image-tower passes (the attack stays fp32)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--tag", default="", help="appended to the result files' names")
     args = parser.parse_args()
-    args.adapters = args.adapters.split(",")
+    args.adapters = [name for name in args.adapters.split(",") if name]
+    args.image_batches = [int(b) for b in args.image_batches.split(",")]
     args.attack_batches = [int(b) for b in args.attack_batches.split(",")]
     torch.set_num_threads(args.threads)
     sampler = PeakSampler(torch.device(args.device))
@@ -170,7 +205,7 @@ def main():
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.device}_{args.precision}_{'-'.join(results['models'])}"
+    tag = f"{args.device}_{args.precision}_{'-'.join(results['models'])}{args.tag}"
     (out / f"{tag}.json").write_text(json.dumps(results, indent=1))
     (out / f"{tag}.md").write_text(table)
 

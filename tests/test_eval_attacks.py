@@ -144,3 +144,28 @@ def test_fingerprints_and_chunk_seeds():
     assert model_fingerprint(make_tiny_vit(seed=0)) != model_fingerprint(make_tiny_vit(seed=1))
     assert chunk_seed(0, 32) == chunk_seed(0, 32) != chunk_seed(0, 64) != chunk_seed(1, 32)
     assert set(ATTACKS) == {"pgd", "fgsm", "pgdl2", "cw", "autoattack", "eot-pgd", "square", "none"}
+
+
+def test_evaluation_adapts_a_batch_in_one_call_and_equals_one_image_at_a_time(tiny_vit, tokenizer, zero_shot):
+    from atpt_plugin import load_adapter
+    from atpt_plugin.adapters.runner import Evaluation, TensorSource
+
+    x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 1, 2, 3, 0])
+    adapter = load_adapter("rtpt", views=4, rho=0.5)
+    batched = adapter.wrap(tiny_vit, CLASSNAMES, tokenizer)
+    alone = adapter.with_overrides(image_batch=1).wrap(tiny_vit, CLASSNAMES, tokenizer)
+    calls = []
+    batched.register_forward_pre_hook(lambda module, inputs: calls.append(len(inputs[0])))
+    spec = make_attack("pgd", eps=8 / 255, steps=2)
+    evaluation = Evaluation({"batched": batched, "alone": alone}, TensorSource(x, y), spec, zero_shot, None,
+                            attack_batch_size=4)
+    rows = {row.adapter: row for row in evaluation.run()}
+    assert calls == [8, 2]                                    # clean + adversarial images of each batch
+    found = {(r["adapter"], r["position"]): (r["clean"], r["adv"]) for r in evaluation.log.records()}
+    assert len(found) == 10 and all(found["batched", p] == found["alone", p] for p in range(5))
+    assert rows["batched"].clean_correct == rows["alone"].clean_correct and rows["batched"].n == 5
+    with torch.no_grad():
+        adversarial = run_attack(spec, zero_shot, x[:4], y[:4], chunk_seed(0, 0))
+        assert [found["alone", p][1] for p in range(4)] == alone(adversarial).argmax(-1).tolist()
+        assert [found["alone", p][0] for p in range(5)] == alone(x).argmax(-1).tolist()
