@@ -40,8 +40,8 @@ def evaluation_mode(model: nn.Module):
 
 class EpisodicAdapter(nn.Module):
     """What every test-time adapter shares: input checks, the model's state, per-image
-    seeding, the explainer and the views. Subclasses say what is tuned (`adapt`), how many
-    outputs there are (`num_outputs`) and what the explainer explains (`explanation_score`).
+    seeding, the explainer and the views. Subclasses say what is tuned (`adapt_images`), how
+    many outputs there are (`num_outputs`) and what the explainer explains (`explanation_score`).
     """
 
     def __init__(self, model: nn.Module, backbone, config: AdapterConfig, name: str):
@@ -65,12 +65,9 @@ class EpisodicAdapter(nn.Module):
     def explanation_score(self):
         raise NotImplementedError
 
-    def adapt(self, image: torch.Tensor, track_input: bool = False) -> torch.Tensor:
-        raise NotImplementedError
-
     def adapt_images(self, images: torch.Tensor, track_input: bool = False) -> torch.Tensor:
-        """(B, outputs) for (B,3,H,W) images, each adapted on its own; subclasses may batch."""
-        return torch.stack([self.adapt(image, track_input) for image in images])
+        """(B, outputs) for (B,3,H,W) images, each adapted on its own."""
+        raise NotImplementedError
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         images = check_images(images)
@@ -172,19 +169,18 @@ class TestTimeAdapter(EpisodicAdapter):
         """S = top-1 logit under the initial prompt (never a tuned one: no stale prompt)."""
         return top1_logit_score(self.zero_shot_text, self.backbone.logit_scale)
 
-    def adapt(self, image: torch.Tensor, track_input: bool = False) -> torch.Tensor:
-        """The episodic loop for one (3,H,W) image; returns (C,) logits."""
-        return self.adapt_images(image.unsqueeze(0), track_input)[0]
-
     def adapt_images(self, images: torch.Tensor, track_input: bool = False) -> torch.Tensor:
         """(B, C) logits, `image_batch` images at a time. Each image keeps its own views,
         prompt and optimiser state; batching only shares the passes. An attack that
         differentiates through the tuning step ("bpda", "exact") goes one image at a time."""
         path = self.config.input_gradient if track_input else "fixed_prompt"
-        chunk = self.config.image_batch if path == "fixed_prompt" else 1
+        chunk = self.config.image_batch or (8 if self.backbone.device.type == "cuda" else 1)
+        if path != "fixed_prompt":
+            chunk = 1
         return torch.cat([self.adapt_batch(part, track_input, path) for part in images.split(chunk)])
 
     def adapt_batch(self, images: torch.Tensor, track_input: bool, path: str) -> torch.Tensor:
+        """The loop for a few images: views, one view pass, tuned texts, a prediction each."""
         views = self.make_view_sets(images, [self.generator_for(image) for image in images])
         features = self.encode_views(views.flatten(0, 1), track_input).unflatten(0, views.shape[:2])
         if self.config.steps == 0:

@@ -157,7 +157,10 @@ class ClassifierTestTimeAdapter(EpisodicAdapter):
             logits, features = functional_call(forward, named, (x, prompts))
         return logits.float(), features
 
-    def adapt(self, image: torch.Tensor, track_input: bool = False) -> torch.Tensor:
+    def adapt_images(self, images: torch.Tensor, track_input: bool = False) -> torch.Tensor:
+        return torch.stack([self.adapt(image, track_input) for image in images])
+
+    def adapt(self, image: torch.Tensor, track_input: bool) -> torch.Tensor:
         """The episodic loop for one (3,H,W) image; returns (num_classes,) logits."""
         config = self.config
         views = self.make_views(image, self.generator_for(image))

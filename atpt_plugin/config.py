@@ -64,8 +64,9 @@ class AdapterConfig:
     # speed
     precision: str = "fp32"              # "bf16" / "fp16": autocast the image-tower passes
     compile: bool = False                # torch.compile the views' image-tower pass (see README)
-    image_batch: int = 8                 # test images adapted together (independent prompts, one
-                                         # batched pass per stage); results do not depend on it
+    image_batch: Optional[int] = None    # test images adapted together (independent prompts, one
+                                         # pass per stage); None: 8 on a GPU, 1 on a CPU, where
+                                         # batching is slower (README); results do not depend on it
     # reproducibility
     seed: Optional[int] = 0              # None: fresh randomness on every call
 
@@ -87,7 +88,8 @@ class AdapterConfig:
         _check_int("n_ctx", self.n_ctx, 1)
         _check_int("reliability_k", self.reliability_k, 1)
         _check_int("vpt_tokens", self.vpt_tokens, 1)
-        _check_int("image_batch", self.image_batch, 1)
+        if self.image_batch is not None:
+            _check_int("image_batch", self.image_batch, 1)
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be True or False, got {self.compile!r}")
         for name in ("rho", "r", "p_high", "p_low", "clip_quantile"):

@@ -50,9 +50,10 @@ def timed(function, repeat: int = 1) -> float:
 
 
 def compute_floor(tta: TestTimeAdapter, images: torch.Tensor) -> float:
-    """Forward passes the method cannot avoid: K-1 bases and K views through the image encoder."""
+    """Forward passes the method cannot avoid: K-1 bases and K views through the image encoder,
+    at the adapters' precision."""
     views = tta.config.views
-    with torch.no_grad():
+    with torch.no_grad(), tta.image_precision():
         return timed(lambda: (tta.backbone.encode_image(images[:1].expand(views - 1, -1, -1, -1)),
                               tta.backbone.encode_image(images[:1].expand(views, -1, -1, -1))))
 
@@ -110,7 +111,8 @@ def bench_model(args, model_name, sampler):
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(args.images, 3, 224, 224, generator=generator).to(device)
     rows = {}
-    floor_tta = TestTimeAdapter(model, PETS, tokenizer, load_adapter("atpt", views=args.views).config)
+    floor_tta = TestTimeAdapter(model, PETS, tokenizer,
+                                load_adapter("atpt", views=args.views, precision=args.precision).config)
     floor = compute_floor(floor_tta, images)
     for name in args.adapters:
         run = functools.partial(run_adapter, model=model, tokenizer=tokenizer, name=name, views=args.views,

@@ -56,18 +56,21 @@ def test_image_batch_does_not_change_results(name, make, size, tokenizer):
         assert torch.equal(together.argmax(-1), one_by_one.argmax(-1))
 
 
-def test_the_explainer_sees_all_images_bases_in_one_pass(tiny_vit, tokenizer):
-    tta = load_adapter("atpt", **SMALL, image_batch=4, aggregator="mean").wrap(tiny_vit, CLASSNAMES, tokenizer)
+@pytest.mark.parametrize("image_batch, passes", [(4, [4 * 7, 2 * 7]), (None, [7] * 6)])
+def test_the_explainer_sees_all_images_bases_in_one_pass(tiny_vit, tokenizer, image_batch, passes):
+    """None (the default) is one image at a time on a CPU, where batching measured slower."""
+    tta = load_adapter("atpt", **SMALL, image_batch=image_batch, aggregator="mean").wrap(
+        tiny_vit, CLASSNAMES, tokenizer)
     seen = []
     explain = tta.explain
     tta.explain = lambda bases, *args: seen.append(len(bases)) or explain(bases, *args)
     tta(batch(6, 32))
-    assert seen == [4 * 7, 2 * 7]
+    assert seen == passes
 
 
 def test_differentiable_tuning_goes_one_image_at_a_time(tiny_vit, tokenizer):
     """BPDA's step scale is per context, so it must not be shared across a batch."""
-    tta = load_adapter("atpt", **SMALL, input_gradient="bpda").wrap(tiny_vit, CLASSNAMES, tokenizer)
+    tta = load_adapter("atpt", **SMALL, input_gradient="bpda", image_batch=8).wrap(tiny_vit, CLASSNAMES, tokenizer)
     images = batch(2, 32).requires_grad_(True)
     together = tta(images)
     (grad,) = torch.autograd.grad(together.sum(), [images])

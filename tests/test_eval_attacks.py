@@ -153,7 +153,7 @@ def test_evaluation_adapts_a_batch_in_one_call_and_equals_one_image_at_a_time(ti
     x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     y = torch.tensor([0, 1, 2, 3, 0])
     adapter = load_adapter("rtpt", views=4, rho=0.5)
-    batched = adapter.wrap(tiny_vit, CLASSNAMES, tokenizer)
+    batched = adapter.with_overrides(image_batch=4).wrap(tiny_vit, CLASSNAMES, tokenizer)
     alone = adapter.with_overrides(image_batch=1).wrap(tiny_vit, CLASSNAMES, tokenizer)
     calls = []
     batched.register_forward_pre_hook(lambda module, inputs: calls.append(len(inputs[0])))
