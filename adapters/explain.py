@@ -61,7 +61,7 @@ def explain_figure(tta, clean: torch.Tensor, adversarial: torch.Tensor, label: i
     generator = tta.generator_for(adversarial)
     views = tta.make_views(adversarial, generator)
     with torch.no_grad():
-        features = tta.backbone.encode_image(views)
+        features = tta.encode_views(views)  # as the adapter encodes them (its precision)
         zero_shot = tta.backbone.logit_scale * features @ tta.zero_shot_text.t()
         before = zero_shot[0].argmax().item()
         after = tta(adversarial.unsqueeze(0))[0].argmax().item()

@@ -107,9 +107,6 @@ class DatasetSource:
     def sample_id(self, position: int) -> str:
         return self.dataset.sample_id(self.indices[position])
 
-    def label(self, position: int) -> int:
-        return self.dataset.label(self.indices[position])
-
 
 class TensorSource:
     """Positions of in-memory tensors x (N,3,H,W) in [0,1] and labels y (N,)."""
@@ -127,9 +124,6 @@ class TensorSource:
 
     def sample_id(self, position: int) -> str:
         return str(position)
-
-    def label(self, position: int) -> int:
-        return int(self.y[position])
 
 
 # ---- per-sample results ---------------------------------------------------------------------
@@ -390,9 +384,9 @@ class Evaluation:
         labels = torch.tensor([label for _, label in items], dtype=torch.long)
         return images, labels
 
-    def _adversarial(self, batch: range, images, labels) -> Optional[torch.Tensor]:
-        ids = [self.source.sample_id(p) for p in batch]
-        return self.cache.load(batch.start, ids, tensor_digest(images, labels))
+    def _cache_key(self, batch: range, images, labels) -> Tuple[int, List[str], str]:
+        """(start, sample ids, digest of the clean batch): what a cached adversarial batch is checked against."""
+        return batch.start, [self.source.sample_id(p) for p in batch], tensor_digest(images, labels)
 
     def _done(self) -> Dict[Tuple[str, int], dict]:
         done = {}
@@ -410,13 +404,13 @@ class Evaluation:
         bar = _bar(self.progress and bool(batches), len(batches), f"attack {self.attack.name}", "batch")
         for batch in batches:
             images, labels = self._load(batch)
-            if self._adversarial(batch, images, labels) is None:
+            key = self._cache_key(batch, images, labels)
+            if self.cache.load(*key) is None:
                 start = time.perf_counter()
                 adversarial = run_attack(self.attack, self.attacked, images, labels, chunk_seed(self.seed, batch.start))
                 self.transfer_seconds += time.perf_counter() - start
                 self.transfer_images += len(batch)
-                ids = [self.source.sample_id(p) for p in batch]
-                self.cache.save(batch.start, ids, tensor_digest(images, labels), adversarial)
+                self.cache.save(*key, adversarial)
             bar.update(1)
         bar.close()
 
@@ -445,7 +439,6 @@ class Evaluation:
         for name, spec in self.checks.items():
             if name == "transfer":
                 if position not in transfer:
-                    transfer.clear()
                     transfer[position] = run_attack(spec, self.attacked, image.unsqueeze(0), torch.tensor([label]),
                                                     chunk_seed(self.seed, position))[0]
                 adversarial = transfer[position]
@@ -459,16 +452,16 @@ class Evaluation:
         bar = _bar(self.progress, len(mine), "adapt", "sample")
         counter = PassCounter(self.adapters)
         attacked = self.attack.is_attack
-        transfer_for_checks: Dict[int, torch.Tensor] = {}
         try:
             for batch in self._batches():
                 positions = [p for p in batch if p in todo and self._mine(p)]
                 if not positions:
                     continue
+                transfer_for_checks: Dict[int, torch.Tensor] = {}  # the batch's check images, shared by adapters
                 images, labels = self._load(batch)
                 adversarial = None
                 if attacked and not self.attack.is_adaptive:
-                    adversarial = self._adversarial(batch, images, labels)
+                    adversarial = self.cache.load(*self._cache_key(batch, images, labels))
                     if adversarial is None:
                         raise RuntimeError(f"adversarial batch at position {batch.start} is missing from the "
                                            "cache after the attack phase")

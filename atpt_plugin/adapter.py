@@ -181,7 +181,8 @@ class TestTimeAdapter(EpisodicAdapter):
 
     def adapt_batch(self, images: torch.Tensor, track_input: bool, path: str) -> torch.Tensor:
         """The loop for a few images: views, one view pass, tuned texts, a prediction each."""
-        views = self.make_view_sets(images, [self.generator_for(image) for image in images])
+        host = images.detach().float().cpu()  # one transfer for the per-image seeds
+        views = self.make_view_sets(images, [self.generator_for(image) for image in host])
         features = self.encode_views(views.flatten(0, 1), track_input).unflatten(0, views.shape[:2])
         if self.config.steps == 0:
             texts = self.zero_shot_text.expand(len(images), -1, -1)

@@ -158,12 +158,14 @@ class ClassifierTestTimeAdapter(EpisodicAdapter):
         return logits.float(), features
 
     def adapt_images(self, images: torch.Tensor, track_input: bool = False) -> torch.Tensor:
-        return torch.stack([self.adapt(image, track_input) for image in images])
+        host = images.detach().float().cpu()  # one transfer for the per-image seeds
+        return torch.stack([self.adapt(image, self.generator_for(seen), track_input)
+                            for image, seen in zip(images, host)])
 
-    def adapt(self, image: torch.Tensor, track_input: bool) -> torch.Tensor:
+    def adapt(self, image: torch.Tensor, generator: torch.Generator, track_input: bool) -> torch.Tensor:
         """The episodic loop for one (3,H,W) image; returns (num_classes,) logits."""
         config = self.config
-        views = self.make_views(image, self.generator_for(image))
+        views = self.make_views(image, generator)
         x = self.backbone.normalize(views)
         with torch.no_grad():
             initial_logits, features = self.run(x.detach(), prompts=self.initial_prompts)

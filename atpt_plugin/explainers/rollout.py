@@ -72,7 +72,7 @@ class RolloutExplainer(Explainer):
 
     def __call__(self, backbone, images: torch.Tensor, score: Score) -> torch.Tensor:
         first = max(backbone.num_blocks - 2, 0) if self.layers == "last_two" else 0
-        with torch.enable_grad():
+        with torch.set_grad_enabled(self.weighting != "none"):  # plain rollout needs no graph
             trace = backbone.trace(images, first_block=first)
             matrices = self._refined_matrices(trace, score)
         if self.layers == "last_two" and len(matrices) == 2:
