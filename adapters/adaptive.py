@@ -64,22 +64,18 @@ CHECK_TEXT = {
 
 
 # ---- the attacked pipeline --------------------------------------------------------------
-def attack_view(adapter: nn.Module, gradient: Optional[str] = None, fresh_views: bool = True) -> nn.Module:
+def attack_view(adapter: nn.Module, gradient: Optional[str] = None) -> nn.Module:
     """The adapter as the attacker runs it: the same model, prompt and components (shared,
-    nothing copied but the configuration), with `input_gradient=gradient` and, when
-    `fresh_views`, `seed=None` (new random views at every call: EOT). A module without an
-    adapter configuration (e.g. a plain classifier) is returned as it is.
+    nothing copied but the configuration), with `input_gradient=gradient` and `seed=None`
+    (new random views at every call: EOT). A module without an adapter configuration (e.g.
+    a plain classifier) is returned as it is.
     """
     config = getattr(adapter, "config", None)
     if config is None or not hasattr(config, "replace"):
         return adapter
-    overrides = {}
+    overrides = {"seed": None}
     if gradient is not None:
         overrides["input_gradient"] = gradient
-    if fresh_views:
-        overrides["seed"] = None
-    if not overrides:
-        return adapter
     view = copy.copy(adapter)   # shares _modules, _parameters, _buffers: the same weights and prompt
     object.__setattr__(view, "config", config.replace(**overrides))
     return view
@@ -183,7 +179,7 @@ def run_adaptive(spec: AttackSpec, adapter: nn.Module, images: torch.Tensor, lab
     with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(seed)
         if spec.name == "eot-pgd":
-            model = attack_view(adapter, gradient=p["gradient"], fresh_views=True)
+            model = attack_view(adapter, gradient=p["gradient"])
             adversarial = eot_pgd(model, images, labels, spec.eps, p["alpha"], p["steps"], p["eot_iter"],
                                   p["random_start"], p["loss"], spec.norm, stats)
         elif spec.name == "square":

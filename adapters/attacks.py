@@ -37,7 +37,7 @@ from atpt_plugin.augmenters import center_view
 from atpt_plugin.config import AdapterConfig
 from atpt_plugin.inputs import check_images
 
-from .datasets import unknown_name
+from .datasets import json_digest, unknown_name
 
 ZEROSHOT_CONFIG = AdapterConfig(views=1, steps=0, aggregator="single")
 
@@ -261,7 +261,7 @@ class AttackSpec:
         if self.name == "eot-pgd":
             n = p["steps"] * p["eot_iter"]
             return {"forward": n, "backward": n, "unit": "adaptation", "shared": False}
-        return {"forward": p["n_queries"] * p.get("n_restarts", 1), "backward": 0, "unit": "adaptation (at most)",
+        return {"forward": p["n_queries"], "backward": 0, "unit": "adaptation (at most)",
                 "shared": False}
 
     def to_dict(self) -> Dict[str, object]:
@@ -439,7 +439,7 @@ class AdversarialCache:
 
     def __init__(self, root, key: Dict[str, object]):
         self.key = json.loads(json.dumps(key, sort_keys=True))
-        self.digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:20]
+        self.digest = json_digest(self.key, length=20)
         self.memory: Dict[Tuple[int, int], torch.Tensor] = {}
         self.directory = None
         if root is not None:

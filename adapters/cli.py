@@ -101,7 +101,7 @@ def create_model(name: str, pretrained: Optional[str], seed: int = 0):
     try:
         model = open_clip.create_model(name, pretrained=tag)
     except RuntimeError as error:
-        if tag is not None and recorded == tag and not Path(tag).exists():
+        if tag is not None and not Path(tag).exists():
             offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
             why = "offline mode (HF_HUB_OFFLINE is set)" if offline else "no network access or no cached copy"
             raise PretrainedUnavailable(
@@ -197,11 +197,6 @@ def _versions() -> Dict[str, str]:
     return out
 
 
-def _digest(value) -> str:
-    import hashlib
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-
-
 # ---- eval -----------------------------------------------------------------------------------
 def run_eval(args) -> int:
     import dataclasses
@@ -213,9 +208,9 @@ def run_eval(args) -> int:
     from .adaptive import SanityChecks
     from .attacks import (ATTACKS, AdversarialCache, ZeroShotClassifier, make_attack, model_fingerprint, parse_eps,
                           resolve_attack_name)
-    from .datasets import dataset_info, load_dataset, select, unknown_name
+    from .datasets import dataset_info, json_digest, load_dataset, select, unknown_name
     from .report import markdown_table, write_reports
-    from .robustbench import applicable_overrides, model_info, write_model_info
+    from .robustbench import applicable_overrides, write_row_model_info
     from .runner import DatasetSource, DistContext, Evaluation, ResultLog
 
     # validate the cheap things before any model is built
@@ -278,7 +273,7 @@ def run_eval(args) -> int:
             "model": model_name, "pretrained": pretrained, "model_fingerprint": fingerprint,
             "dataset": info.key, "data_root": str(Path(dataset.root).resolve()), "split": args.split,
             "dataset_fingerprint": dataset.fingerprint(), "n_examples": args.n_examples,
-            "selection": _digest([dataset.sample_id(i) for i in indices]),
+            "selection": json_digest([dataset.sample_id(i) for i in indices]),
             "adapters": configs, "attack": spec.to_dict(),
             "attacked_prompt": attacked.prompt_phrase if attacked else None,
             "seed": args.seed, "attack_batch_size": args.attack_batch_size,
@@ -286,7 +281,7 @@ def run_eval(args) -> int:
         sanity = SanityChecks(n=args.sanity_checks) if spec.is_adaptive else None
         if sanity is not None:
             settings["sanity_checks"] = sanity.to_dict()
-        if len({_digest(s) for s in dist.gather(settings)}) != 1:
+        if len({json_digest(s) for s in dist.gather(settings)}) != 1:
             raise RuntimeError("the processes of this run disagree on its settings (model weights or data differ)")
         out = Path(args.out).expanduser()
         out.mkdir(parents=True, exist_ok=True)
@@ -314,12 +309,9 @@ def run_eval(args) -> int:
             caption = (f"{dataset.info.title}, {len(indices)} images, {model_name} ({pretrained}), "
                        f"attack: {spec.describe()}")
             for row in rows:
-                entry = model_info(dataset=info.key, attack=spec, clean_acc=row["clean_acc"], adv_acc=row["adv_acc"],
-                                   adapter=row["adapter"], n_examples=row["n"], architecture=model_name,
-                                   name=descriptions[row["adapter"]],
-                                   number_forward_passes=row["image_passes_per_image"], row=row)
-                row["model_info"] = str(write_model_info(entry, f"{prefix}_{row['adapter']}", spec.threat_model,
-                                                         out / "model_info"))
+                row["model_info"] = write_row_model_info(
+                    row, dataset=info.key, attack=spec, architecture=model_name, name=descriptions[row["adapter"]],
+                    file_name=f"{prefix}_{row['adapter']}", root=out / "model_info")
             files = write_reports(rows, out, caption)
             warnings = [w for row in rows for w in row.get("warnings") or []]
             summary = {"rows": rows, "caption": caption, "settings": settings, "world_size": dist.world,

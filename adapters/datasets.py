@@ -39,6 +39,11 @@ class UnknownNameError(ValueError):
     """A dataset, attack or adapter name that does not exist; the message lists the valid ones."""
 
 
+def json_digest(value, length: int = 16) -> str:
+    """A short stable hash of a JSON-serialisable value (settings, class names, sample lists)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:length]
+
+
 def unknown_name(kind: str, name: str, valid: Sequence[str]) -> UnknownNameError:
     close = difflib.get_close_matches(name, list(valid), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -186,8 +191,7 @@ class EvalDataset(Dataset):
 
     def fingerprint(self) -> str:
         """Hash of the class names and the (path, label) list: what the samples are."""
-        digest = hashlib.sha256(json.dumps([self.classnames, self.samples]).encode())
-        return digest.hexdigest()[:16]
+        return json_digest([self.classnames, self.samples])
 
 
 class DemoDataset(EvalDataset):

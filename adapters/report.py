@@ -37,7 +37,7 @@ def markdown_table(rows: Sequence[dict], caption: str = "") -> str:
                  _number(row.get("attack_seconds_per_image"))]
         lines.append("| " + " | ".join(cells) + " |")
     lines += _checks_section(rows)
-    return "\n".join(line for line in lines if line is not None).lstrip("\n") + "\n"
+    return "\n".join(lines).lstrip("\n") + "\n"
 
 
 def _attack(row: dict) -> str:

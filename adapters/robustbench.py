@@ -40,7 +40,7 @@ from torch import nn
 
 from .adaptive import SanityChecks
 from .attacks import AdversarialCache, AttackSpec, ZeroShotClassifier, make_attack, model_fingerprint
-from .datasets import DatasetInfo, EvalDataset, dataset_info, load_dataset, select
+from .datasets import DatasetInfo, EvalDataset, dataset_info, json_digest, load_dataset, select
 from .runner import DatasetSource, Evaluation, ResultLog, TensorSource
 
 INSTALL_HINT = ("robustbench 1.1.1 pins timm==1.0.9, which open_clip's timm>=1.0.17 excludes; install it "
@@ -151,6 +151,15 @@ def model_info(*, dataset: str, attack: AttackSpec, clean_acc: float, adv_acc: O
     return info
 
 
+def write_row_model_info(row: dict, *, dataset: str, attack: AttackSpec, architecture: str, name: str,
+                         file_name: str, root) -> str:
+    """A results row's leaderboard entry, written under `root`; returns its path."""
+    entry = model_info(dataset=dataset, attack=attack, clean_acc=row["clean_acc"], adv_acc=row["adv_acc"],
+                       adapter=row["adapter"], n_examples=row["n"], architecture=architecture, name=name,
+                       number_forward_passes=row["image_passes_per_image"], row=row)
+    return str(write_model_info(entry, file_name, attack.threat_model, root))
+
+
 def write_model_info(info: dict, model_name: str, threat_model: str, root="model_info") -> Path:
     """Write (or update, keeping fields not given now) model_info/<dataset>/<threat>/<name>.json."""
     path = Path(root) / str(info["dataset"]) / threat_model / f"{model_name}.json"
@@ -254,11 +263,12 @@ def benchmark_table(adapters, n_examples: Optional[int] = 1000, dataset="pets", 
         else:
             attacked = ZeroShotClassifier.from_adapter(first)
         attacked.to(device)
+    classnames = getattr(attacked, "classnames", None)
     key = {"model": model_fingerprint(first.model) if hasattr(first, "model") else "unknown",
            "dataset": dataset_key, "split": split, "attack_name": spec.name, "attack": spec.to_dict(),
            "seed": seed, "batch": batch_size, "image_size": image_size,
            "prompt": getattr(attacked, "prompt_phrase", None),
-           "classes": _digest(getattr(attacked, "classnames", None))}
+           "classes": None if classnames is None else json_digest(list(classnames))}
     cache = AdversarialCache(None if spec.is_adaptive else cache_dir, key)
     if isinstance(sanity_checks, int) or sanity_checks is None:
         sanity_checks = SanityChecks(n=sanity_checks or 0)
@@ -272,20 +282,10 @@ def benchmark_table(adapters, n_examples: Optional[int] = 1000, dataset="pets", 
     if to_disk:
         for row in rows:
             name = model_name if (model_name and len(rows) == 1) else f"{model_name or 'model'}_{row['adapter']}"
-            entry = model_info(dataset=dataset_key, attack=spec, clean_acc=row["clean_acc"], adv_acc=row["adv_acc"],
-                               adapter=row["adapter"], n_examples=row["n"],
-                               architecture=architecture or architecture_of(wrapped[row["adapter"]]),
-                               name=descriptions.get(row["adapter"], ""),
-                               number_forward_passes=row["image_passes_per_image"], row=row)
-            row["model_info"] = str(write_model_info(entry, name, spec.threat_model, model_info_dir))
+            row["model_info"] = write_row_model_info(
+                row, dataset=dataset_key, attack=spec, name=descriptions.get(row["adapter"], ""), file_name=name,
+                architecture=architecture or architecture_of(wrapped[row["adapter"]]), root=model_info_dir)
     return rows
-
-
-def _digest(values) -> Optional[str]:
-    if values is None:
-        return None
-    import hashlib
-    return hashlib.sha256(json.dumps(list(values)).encode()).hexdigest()[:16]
 
 
 def _wrap_all(adapters, model, tokenizer, dataset, data_dir, split,

@@ -20,6 +20,13 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def normalize_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[0,1] images -> a model's input: (x - mean) / std per channel, in the model's dtype."""
+    mean = mean.to(images.device, images.dtype)[:, None, None]
+    std = std.to(images.device, images.dtype)[:, None, None]
+    return ((images - mean) / std).to(dtype)
+
+
 @dataclass
 class BlockRecord:
     """One transformer block's activations, kept in the autograd graph."""
@@ -101,7 +108,7 @@ class OpenClipBackbone:
             from .timm_vit import TimmVitBackbone
             self.kind = "vit"  # traced through its timm trunk and open_clip's projection head
             self.timm_tower = TimmVitBackbone(self.visual.trunk, self.image_size, self.visual.head,
-                                              self.mean.tolist(), self.std.tolist())
+                                              self.mean, self.std)
         elif isinstance(self.visual, VisionTransformer):
             self.kind = "vit"
             unsupported = []
@@ -141,9 +148,7 @@ class OpenClipBackbone:
         return len(self.visual.transformer.resblocks) if self.kind == "vit" else 0
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        mean = self.mean.to(images.device, images.dtype)[:, None, None]
-        std = self.std.to(images.device, images.dtype)[:, None, None]
-        return ((images - mean) / std).to(self.dtype)
+        return normalize_images(images, self.mean, self.std, self.dtype)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised embeddings of [0,1] images."""

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .openclip import BlockRecord, VitTrace, run_blocks
+from .openclip import BlockRecord, VitTrace, normalize_images, run_blocks
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -104,10 +104,7 @@ class _TimmImage:
         return next(self.model.parameters()).dtype
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """[0,1] images -> the model's input: (x - mean) / std in the model's dtype."""
-        mean = self.mean.to(images.device, images.dtype)[:, None, None]
-        std = self.std.to(images.device, images.dtype)[:, None, None]
-        return ((images - mean) / std).to(self.dtype)
+        return normalize_images(images, self.mean, self.std, self.dtype)
 
 
 class TimmVitBackbone(_TimmImage):
@@ -194,7 +191,7 @@ class TimmVitBackbone(_TimmImage):
                                       f"tokens and a {grid} patch grid")
         return x, grid
 
-    def head_input(self, tokens: torch.Tensor, prefix: Optional[int] = None):
+    def head_input(self, tokens: torch.Tensor):
         """Final (normed) tokens -> (pooled head input, query row weights or None for the class token).
 
         The weights say how much each token row contributes to the pooled vector: the mean
@@ -202,7 +199,7 @@ class TimmVitBackbone(_TimmImage):
         max, both tokens equally for DeiT-distilled. The rollout reads relevance from them.
         """
         model = self.model
-        prefix = model.num_prefix_tokens if prefix is None else prefix
+        prefix = model.num_prefix_tokens
         n, length, _ = tokens.shape
         if self.distilled:
             cls, dist = model.head_drop(tokens[:, 0]), model.head_drop(tokens[:, 1])
@@ -327,10 +324,6 @@ class TimmCnnBackbone(_TimmImage):
 
     def classify(self, feature_map: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(feature_map)
-
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.model.forward_head(self.feature_map(self.normalize(images)), pre_logits=True)
-        return F.normalize(features.float().flatten(1), dim=-1)
 
     def trace_resnet(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
