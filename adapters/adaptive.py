@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atpt_plugin.adapter import evaluation_mode
+from atpt_plugin.episodic import evaluation_mode
 
 from .attacks import AttackSpec, make_attack
 

@@ -32,7 +32,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from atpt_plugin.adapter import TestTimeAdapter, evaluation_mode
+from atpt_plugin.adapter import TestTimeAdapter
+from atpt_plugin.episodic import evaluation_mode
 from atpt_plugin.augmenters import center_view
 from atpt_plugin.config import AdapterConfig
 from atpt_plugin.inputs import check_images

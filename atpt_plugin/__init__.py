@@ -1,7 +1,7 @@
 """A-TPT and its baselines as test-time adapters for open_clip (and timm) models."""
-from .adapter import Adapter, TestTimeAdapter
+from .adapter import TestTimeAdapter
+from .api import ENTRY_POINT_GROUP, Adapter, list_adapters, load_adapter
 from .config import AdapterConfig
-from .registry import ENTRY_POINT_GROUP, list_adapters, load_adapter
 
 __all__ = ["Adapter", "AdapterConfig", "TestTimeAdapter", "ENTRY_POINT_GROUP", "list_adapters",
            "load_adapter"]

@@ -1,4 +1,4 @@
-"""The episodic test-time loop (method.md section 1) as an `nn.Module` on [0,1] images.
+"""The episodic test-time loop for CLIP (method.md section 1) as an `nn.Module` on [0,1] images.
 
 Per test image, independently of every other: explain the base views with the initial
 prompt, build the views, encode them once, select the confident ones, tune a fresh copy
@@ -7,123 +7,20 @@ on the prompt, so one image pass serves selection, tuning and the final predicti
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .aggregators import ViewPredictions, build_aggregator
-from .augmenters import build_augmenter, center_view
-from .backbones.openclip import OpenClipBackbone
+from .aggregators import ViewPredictions
+from .backbones import detect
 from .config import AdapterConfig
-from .explainers import build_explainer, top1_logit_score
-from .inputs import check_images
-from .objectives import OBJECTIVES, select_confident
+from .episodic import EpisodicAdapter, evaluation_mode
+from .explainers import top1_logit_score
+from .objectives import select_confident
 from .prompt import PromptLearner
 from .tuning import adamw
-
-
-@contextlib.contextmanager
-def evaluation_mode(model: nn.Module):
-    """Run `model` in eval mode and give every submodule back its own training flag."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
-class EpisodicAdapter(nn.Module):
-    """What every test-time adapter shares: input checks, the model's state, per-image
-    seeding, the explainer and the views. Subclasses say what is tuned (`adapt_images`), how
-    many outputs there are (`num_outputs`) and what the explainer explains (`explanation_score`).
-    """
-
-    def __init__(self, model: nn.Module, backbone, config: AdapterConfig, name: str):
-        super().__init__()
-        self.name = name
-        self.config = config
-        self.model = model
-        self.backbone = backbone
-
-    def build_components(self):
-        config = self.config
-        self.augmenter = build_augmenter(config, self.backbone.image_size)
-        self.aggregator = build_aggregator(config)
-        needs_maps = (config.views > 1 and self.augmenter.needs_maps) or self.aggregator.needs_view_maps
-        self.explainer = build_explainer(config, self.backbone.kind) if needs_maps else None
-
-    @property
-    def num_outputs(self) -> int:
-        raise NotImplementedError
-
-    def explanation_score(self):
-        raise NotImplementedError
-
-    def adapt_images(self, images: torch.Tensor, track_input: bool = False) -> torch.Tensor:
-        """(B, outputs) for (B,3,H,W) images, each adapted on its own."""
-        raise NotImplementedError
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        images = check_images(images)
-        track_input = torch.is_grad_enabled() and images.requires_grad
-        with torch.inference_mode(False), torch.enable_grad(), evaluation_mode(self.model):
-            if images.is_inference():
-                images = images.clone()
-            images = images.to(self.backbone.device)
-            if len(images) == 0:
-                return torch.empty(0, self.num_outputs, device=self.backbone.device)
-            return self.adapt_images(images, track_input)
-
-    def explain(self, images: torch.Tensor, explainer: Optional[str] = None) -> torch.Tensor:
-        """Attention maps (N, h, w) in [0,1] of [0,1] images at the model's input size, by the
-        configured explainer or the one named (e.g. "grad_rollout", to compare)."""
-        if explainer is not None:
-            explainer = build_explainer(self.config.replace(explainer=explainer), self.backbone.kind)
-        else:
-            explainer = self.explainer or build_explainer(self.config, self.backbone.kind)
-        with torch.inference_mode(False), evaluation_mode(self.model), self.image_precision():
-            return explainer(self.backbone, images, self.explanation_score())
-
-    def image_precision(self):
-        """Autocast for the image-tower passes (`precision`); text and tuning stay in fp32."""
-        if self.config.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
-        return torch.autocast(self.backbone.device.type, dtype=dtype)
-
-    def make_views(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """(K,3,S,S): the center crop, then K-1 augmented views of one (3,H,W) image."""
-        return self.make_view_sets(image.unsqueeze(0), [generator])[0]
-
-    def make_view_sets(self, images: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
-        """(B,K,3,S,S): `make_views` of each image with its own generator, the bases of all
-        images through the explainer in one pass."""
-        size = self.backbone.image_size
-        firsts = torch.stack([center_view(image, size) for image in images]).unsqueeze(1)
-        if self.config.views == 1:
-            return firsts
-        bases = torch.stack([self.augmenter.bases(image, self.config.views - 1, generator)
-                             for image, generator in zip(images, generators)])
-        maps = None
-        if self.augmenter.needs_maps:
-            maps = self.explain(bases.detach().flatten(0, 1)).unflatten(0, bases.shape[:2])
-        views = [self.augmenter.views(bases[i], None if maps is None else maps[i], generator)
-                 for i, generator in enumerate(generators)]
-        return torch.cat([firsts, torch.stack(views)], dim=1)
-
-    def generator_for(self, image: torch.Tensor) -> torch.Generator:
-        """Randomness that depends only on the seed and the image itself, not on its batch."""
-        if self.config.seed is None:
-            return torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,))))
-        digest = hashlib.blake2b(image.detach().float().cpu().numpy().tobytes(), digest_size=8,
-                                 key=self.config.seed.to_bytes(8, "little"))
-        return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little"))
 
 
 class TestTimeAdapter(EpisodicAdapter):
@@ -140,7 +37,7 @@ class TestTimeAdapter(EpisodicAdapter):
 
     def __init__(self, model: nn.Module, classnames: Sequence[str], tokenizer,
                  config: AdapterConfig = AdapterConfig(), name: str = "atpt"):
-        super().__init__(model, OpenClipBackbone(model), config, name)
+        super().__init__(model, detect(model, has_text=True), config, name)
         if tokenizer is None:
             raise ValueError("a tokenizer is needed for the class prompts: "
                              "tokenizer=open_clip.get_tokenizer(<model name>)")
@@ -225,7 +122,7 @@ class TestTimeAdapter(EpisodicAdapter):
         """
         config = self.config
         scale = self.backbone.logit_scale
-        objective = OBJECTIVES[config.objective]
+        objective = self.objective
         batched = features.dim() == 3
         features = features if batched else features.unsqueeze(0)
         initial = self.prompt.initial_context.float().expand(len(features), -1, -1)
@@ -246,29 +143,3 @@ class TestTimeAdapter(EpisodicAdapter):
                 contexts = adamw(initial, loss, config.steps, config.lr, config.weight_decay, path=path)
                 texts = self.prompt.text_features(contexts)
         return texts if batched else texts[0]
-
-
-class Adapter:
-    """A named, validated configuration; `wrap(model, ...)` makes the test-time module."""
-
-    def __init__(self, name: str, config: AdapterConfig = AdapterConfig(), description: str = "",
-                 paper: str = ""):
-        self.name = name
-        self.config = config
-        self.description = description
-        self.paper = paper
-
-    def with_overrides(self, **overrides) -> "Adapter":
-        if not overrides:
-            return self
-        return Adapter(self.name, self.config.replace(**overrides), self.description, self.paper)
-
-    def wrap(self, model: nn.Module, classnames: Optional[Sequence[str]] = None, tokenizer=None) -> nn.Module:
-        """CLIP + class names + tokenizer: prompt tuning. A timm classifier alone: its head's logits."""
-        if classnames is None and tokenizer is None:
-            from .classifier import wrap_classifier
-            return wrap_classifier(model, self.config, self.name)
-        return TestTimeAdapter(model, classnames, tokenizer, self.config, self.name)
-
-    def __repr__(self) -> str:
-        return f"Adapter({self.name!r}: {self.description})"

@@ -33,14 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .adapter import EpisodicAdapter
-from .aggregators import MeanAggregator, SingleViewAggregator, TotalVariationAggregator, ViewPredictions
+from .aggregators import ViewPredictions
 from .backbones.timm_vit import TimmVitBackbone, is_timm_model, timm_backbone, top1_class_score
 from .config import AdapterConfig
-from .objectives import OBJECTIVES, select_confident
-
-TEXT_ONLY_AGGREGATORS = {"mta": "MTA scores its feature mode against class text features"}
-
+from .episodic import EpisodicAdapter
+from .objectives import select_confident
 
 def _norm_types():
     types = [nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm]
@@ -101,11 +98,6 @@ class ClassifierTestTimeAdapter(EpisodicAdapter):
     def __init__(self, model: nn.Module, config: AdapterConfig = AdapterConfig(), name: str = "atpt",
                  image_size: Optional[int] = None):
         super().__init__(model, timm_backbone(model, image_size), config, name)
-        if config.aggregator in TEXT_ONLY_AGGREGATORS:
-            raise ValueError(
-                f"adapter {name!r} uses aggregator={config.aggregator!r}, which needs a text encoder "
-                f"({TEXT_ONLY_AGGREGATORS[config.aggregator]}); a timm classifier has none: use a CLIP "
-                "model with classnames=..., or another aggregator (tv, reliability, mean, single)")
         if config.compile:
             raise ValueError("compile=True compiles the CLIP image tower's view pass; a timm classifier "
                              "is run through torch.func.functional_call, which it does not cover: "
@@ -134,6 +126,12 @@ class ClassifierTestTimeAdapter(EpisodicAdapter):
             self.register_buffer("initial_prompts", prompts.to(self.backbone.device, self.backbone.dtype),
                                  persistent=False)
         self.build_components()
+        needs_text = self.aggregator.needs_text
+        if needs_text:
+            raise ValueError(
+                f"adapter {name!r} uses aggregator={config.aggregator!r}, which needs a text encoder "
+                f"({needs_text}); a timm classifier has none: use a CLIP model with classnames=..., "
+                "or another aggregator (tv, reliability, mean, single)")
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, classes={self.num_classes}, tuning={self.tuning!r}, "
@@ -177,7 +175,7 @@ class ClassifierTestTimeAdapter(EpisodicAdapter):
         if config.steps == 0 and not track_input:
             logits = initial_logits
         else:
-            needed = self.views_read(confident, len(views))
+            needed = self.aggregator.views_read(confident, len(views))
             with torch.set_grad_enabled(track_input):
                 read, _ = self.run(x if needed is None else x[needed], params, prompts)
             if needed is None:
@@ -194,16 +192,6 @@ class ClassifierTestTimeAdapter(EpisodicAdapter):
         )
         return self.aggregator(predictions)
 
-    def views_read(self, confident: torch.Tensor, count: int) -> Optional[torch.Tensor]:
-        """Indices of the views whose tuned logits the aggregator reads; None: all of them."""
-        aggregator = self.aggregator
-        if isinstance(aggregator, SingleViewAggregator):
-            return torch.zeros(1, dtype=torch.long, device=confident.device)
-        if isinstance(aggregator, TotalVariationAggregator) or (
-                isinstance(aggregator, MeanAggregator) and aggregator.over == "confident"):
-            return confident
-        return None
-
     def tune(self, x: torch.Tensor, confident: torch.Tensor):
         """Fresh copies of the tuned tensors, `steps` AdamW steps; returns (params, prompts).
 
@@ -218,7 +206,7 @@ class ClassifierTestTimeAdapter(EpisodicAdapter):
             prompts = self.initial_prompts.detach().clone().requires_grad_(True)
         leaves = list(params.values()) + ([prompts] if prompts is not None else [])
         optimizer = torch.optim.AdamW(leaves, lr=config.lr, weight_decay=config.weight_decay)
-        objective = OBJECTIVES[config.objective]
+        objective = self.objective
         chosen = confident
         for step in range(config.steps):
             if step > 0:

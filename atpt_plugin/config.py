@@ -8,12 +8,21 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
-EXPLAINERS = ("auto", "token_grad_rollout", "grad_rollout", "attention_rollout", "gradcam")
-AUGMENTERS = ("attention_mix", "augmix")
-AGGREGATORS = ("tv", "reliability", "mean", "single", "mta")
-OBJECTIVES = ("mean_entropy", "marginal_entropy")
+from .aggregators import AGGREGATORS, Aggregator
+from .augmenters import AUGMENTERS, Augmenter
+from .explainers import AUTO, EXPLAINERS, Explainer
+from .objectives import OBJECTIVES
+from .registry import Registry
+
+# The component settings: a registered name, or an object satisfying the interface.
+COMPONENTS = {  # field -> (registry, what an object must be)
+    "objective": (OBJECTIVES, "a callable (logits) -> scalar loss"),
+    "explainer": (EXPLAINERS, Explainer),
+    "augmenter": (AUGMENTERS, Augmenter),
+    "aggregator": (AGGREGATORS, Aggregator),
+}
 
 
 @dataclass(frozen=True)
@@ -26,13 +35,13 @@ class AdapterConfig:
     lr: float = 5e-3                     # AdamW learning rate
     weight_decay: float = 0.01           # AdamW default
     steps: int = 1                       # tuning steps per image; 0 = no tuning
-    objective: str = "mean_entropy"      # or "marginal_entropy" (TPT)
+    objective: Union[str, Any] = "mean_entropy"  # or "marginal_entropy" (TPT); a name or a callable
     # prompt
     ctx_init: Optional[str] = "a photo of a"  # None: random context of n_ctx tokens
     domain_word: Optional[str] = None    # "pet" turns "a photo of a" into "a pet photo of a"
     n_ctx: int = 4                       # only used when ctx_init is None
     # explainer
-    explainer: str = "auto"              # auto: token_grad_rollout on ViTs, gradcam on ResNets
+    explainer: Union[str, Explainer] = AUTO  # auto: the backbone's default (ViT: token_grad_rollout)
     token_site: str = "normed"           # "normed" (after ln_1, well conditioned) or "input" (literal)
     rollout_layers: str = "last_two"     # "last_two" (A-TPT) or "all"
     layer_weights: Tuple[float, float] = (1.0, 1.0)  # (block B-1, block B); authors' code: (0.5, 1.0)
@@ -40,7 +49,7 @@ class AdapterConfig:
     clip_quantile: float = 0.99          # maps are clipped at this quantile, then min-max scaled
     gradcam_sharpen: bool = False        # authors' RN50 code: (ReLU(cam - 0.2) / max) ** 2
     # augmenter
-    augmenter: str = "attention_mix"
+    augmenter: Union[str, Augmenter] = "attention_mix"
     base_crop: str = "center"            # "center" (paper: flip + center crop) or "random_resized" (code)
     augmix_ops: bool = True              # False: crop + flip only (TPT's ImageNet convention)
     mask_rule: str = "top_k"             # "top_k" (paper, ceil(r*H*W)) or "quantile" (authors' code)
@@ -50,7 +59,7 @@ class AdapterConfig:
     p_high: float = 0.2                  # quantile rule: top fraction that is "high"
     p_low: float = 0.8                   # quantile rule: bottom fraction that is "low"
     # aggregator
-    aggregator: str = "tv"
+    aggregator: Union[str, Aggregator] = "tv"
     tv_temperature: float = 1.0          # w = softmax(-TV / temperature)
     tv_map_size: Optional[int] = None    # None: TV on the patch-grid map; int: upsampled first
     reliability_k: int = 20              # R-TPT: top-k similarities per view
@@ -71,10 +80,8 @@ class AdapterConfig:
     seed: Optional[int] = 0              # None: fresh randomness on every call
 
     def __post_init__(self):
-        _check_choice("objective", self.objective, OBJECTIVES)
-        _check_choice("explainer", self.explainer, EXPLAINERS)
-        _check_choice("augmenter", self.augmenter, AUGMENTERS)
-        _check_choice("aggregator", self.aggregator, AGGREGATORS)
+        for name in COMPONENTS:
+            _check_component(name, getattr(self, name))
         _check_choice("token_site", self.token_site, ("normed", "input"))
         _check_choice("rollout_layers", self.rollout_layers, ("last_two", "all"))
         _check_choice("base_crop", self.base_crop, ("center", "random_resized"))
@@ -128,6 +135,17 @@ class AdapterConfig:
             return self.ctx_init
         return " ".join(f"{self.domain_word} photo" if w == "photo" else w for w in self.ctx_init.split())
 
+    def record(self) -> Dict[str, Any]:
+        """The settings as plain values for a run's manifest; a component object becomes
+        {"name": its registered name (None if unregistered), "options": {...}}."""
+        record = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in COMPONENTS and not isinstance(value, str):
+                value = component_record(COMPONENTS[field.name][0], value)
+            record[field.name] = list(value) if isinstance(value, tuple) else value
+        return record
+
     def replace(self, **overrides) -> "AdapterConfig":
         """A copy with `overrides`; unknown names list the valid ones."""
         known = {f.name for f in dataclasses.fields(self)}
@@ -139,6 +157,26 @@ class AdapterConfig:
         if "layer_weights" in overrides:
             overrides["layer_weights"] = tuple(overrides["layer_weights"])
         return dataclasses.replace(self, **overrides)
+
+
+def _check_component(field: str, value) -> None:
+    registry, interface = COMPONENTS[field]
+    if isinstance(value, str):
+        if value not in registry and not (field == "explainer" and value == AUTO):
+            raise registry.unknown(value)
+        return
+    satisfied = callable(value) if isinstance(interface, str) else isinstance(value, interface)
+    if not satisfied:
+        wanted = interface if isinstance(interface, str) else f"an instance of {interface.__module__}.{interface.__name__}"
+        raise TypeError(f"{field}={value!r} is neither a registered name ({', '.join(registry.names())}) "
+                        f"nor {wanted}")
+
+
+def component_record(registry: Registry, value) -> Dict[str, Any]:
+    """A component object as its registered name and options (name None: unregistered)."""
+    if hasattr(value, "record"):
+        return value.record()
+    return {"name": registry.name_of(value), "options": {}}
 
 
 def _check_choice(name, value, choices):

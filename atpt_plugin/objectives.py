@@ -1,9 +1,20 @@
-"""Test-time objectives on view logits and the confident-view selection."""
+"""Test-time objectives on view logits, their registry, and the confident-view selection.
+
+An objective is any callable `(logits (n, C) of the selected views) -> scalar loss`,
+differentiable w.r.t. the logits. Register one with `@OBJECTIVES.register("name")` or,
+from another package, under the entry-point group `atpt_plugin.objectives`; or pass it as
+`objective=`.
+"""
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
+
+from .registry import Component, Registry
+
+OBJECTIVES = Registry("objective", "atpt_plugin.objectives")
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -24,7 +35,30 @@ def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_mean.exp() * log_mean).sum()
 
 
-OBJECTIVES = {"mean_entropy": mean_entropy, "marginal_entropy": marginal_entropy}
+class Objective(Component, ABC):
+    """Base of the registered objectives: `__call__(logits) -> scalar` (any callable also works)."""
+
+    registry = OBJECTIVES
+
+    @abstractmethod
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        ...
+
+
+@OBJECTIVES.register("mean_entropy")
+class MeanEntropy(Objective):
+    """A-TPT / R-TPT: the mean of the selected views' entropies."""
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return mean_entropy(logits)
+
+
+@OBJECTIVES.register("marginal_entropy")
+class MarginalEntropy(Objective):
+    """TPT: the entropy of the selected views' average prediction."""
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return marginal_entropy(logits)
 
 
 def select_confident(logits: torch.Tensor, count: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ reproduces the stale-prompt bug of the public A-TPT / R-TPT code (method.md disc
 """
 from __future__ import annotations
 
-from .adapter import Adapter
+from .api import Adapter
 from .config import AdapterConfig
 
 ATPT_PAPER = "Attention-Guided Test-Time Prompt Tuning for VLMs (ICML 2026)"

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from atpt_plugin.adapter import TestTimeAdapter, evaluation_mode
+from atpt_plugin.adapter import TestTimeAdapter
+from atpt_plugin.episodic import evaluation_mode
 from atpt_plugin.explainers import build_explainer, top1_logit_score
 
 
@@ -23,7 +24,7 @@ class NaiveTestTimeAdapter(TestTimeAdapter):
             return self.prompt.text_features(self.prompt.initial_context)
 
     def explain(self, images: torch.Tensor) -> torch.Tensor:
-        explainer = self.explainer or build_explainer(self.config, self.backbone.kind)
+        explainer = self.explainer or build_explainer(self.config, self.backbone)
         maps = []
         with torch.inference_mode(False), evaluation_mode(self.model):
             for image in images:

@@ -71,7 +71,7 @@ def test_mix_formula():
 
 
 def test_attention_mix_weights_follow_the_mask():
-    augmenter = AttentionMixAugmenter(16, r=0.25, m_high=0.2, m_low=0.8)
+    augmenter = AttentionMixAugmenter(r=0.25, m_high=0.2, m_low=0.8)
     maps = torch.rand(3, 4, 4)
     lam = augmenter.mixing_weights(torch.rand(3, 3, 16, 16), maps, torch.Generator())
     high = top_k_mask(upsample_maps(maps, 16), 0.25)
@@ -80,17 +80,17 @@ def test_attention_mix_weights_follow_the_mask():
 
 def test_views_are_seeded_and_on_device():
     image = torch.rand(3, 24, 24)
-    augmenter = AugMixAugmenter(16)
-    first = augmenter.views(augmenter.bases(image, 5, torch.Generator().manual_seed(1)), None,
+    augmenter = AugMixAugmenter()
+    first = augmenter.views(augmenter.bases(image, 5, torch.Generator().manual_seed(1), 16), None,
                             torch.Generator().manual_seed(2))
-    again = augmenter.views(augmenter.bases(image, 5, torch.Generator().manual_seed(1)), None,
+    again = augmenter.views(augmenter.bases(image, 5, torch.Generator().manual_seed(1), 16), None,
                             torch.Generator().manual_seed(2))
     assert first.shape == (5, 3, 16, 16) and torch.equal(first, again)
     assert first.min() >= 0 and first.max() <= 1
 
 
 def test_crop_only_convention_returns_bases():
-    augmenter = AugMixAugmenter(16, augmix_ops=False)
-    bases = augmenter.bases(torch.rand(3, 16, 16), 4, torch.Generator())
+    augmenter = AugMixAugmenter(augmix_ops=False)
+    bases = augmenter.bases(torch.rand(3, 16, 16), 4, torch.Generator(), 16)
     assert augmenter.views(bases, None, torch.Generator()) is bases
-    assert not AttentionMixAugmenter(16, augmix_ops=False).needs_maps
+    assert not AttentionMixAugmenter(augmix_ops=False).needs_maps

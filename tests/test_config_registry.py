@@ -34,8 +34,10 @@ def test_overrides_reach_every_setting():
     (dict(views=0), "views must be an integer"),
     (dict(lr=-1.0), "lr must be > 0"),
     (dict(m_high=0.9, m_low=0.1), "must not exceed m_low"),
-    (dict(explainer="nope"), "explainer='nope' is not one of"),
-    (dict(aggregator="max"), "aggregator='max' is not one of"),
+    (dict(explainer="nope"), "no explainer named 'nope'; installed explainers: .*token_grad_rollout"),
+    (dict(aggregator="max"), "no aggregator named 'max'.*atpt_plugin.aggregators"),
+    (dict(objective="mean_entrop"), "did you mean 'mean_entropy'"),
+    (dict(augmenter=object()), "augmenter=.* is neither a registered name"),
     (dict(steps=1.5), "steps must be an integer"),
     (dict(domain_word="pet", ctx_init="a picture of a"), "domain_word"),
 ])

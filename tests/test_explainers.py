@@ -106,7 +106,7 @@ def test_clip_and_rescale_matches_numpy():
 def test_token_gradient_rollout_end_to_end(tiny_vit, tokenizer, images):
     score = score_for(tiny_vit, tokenizer)
     config = AdapterConfig(explainer="token_grad_rollout", layer_weights=(0.5, 1.0))
-    ours = build_explainer(config, "vit")(OpenClipBackbone(tiny_vit), images, score)
+    ours = build_explainer(config, OpenClipBackbone(tiny_vit))(OpenClipBackbone(tiny_vit), images, score)
     embeddings, records = reference_capture(tiny_vit, images)
     score(embeddings).backward()
     for b in range(images.shape[0]):
@@ -146,14 +146,14 @@ def test_literal_token_site(tiny_vit, tokenizer, images):
 def test_explainers_take_no_parameter_gradients(tiny_vit, tokenizer, images):
     score = score_for(tiny_vit, tokenizer)
     for name in ("token_grad_rollout", "grad_rollout", "attention_rollout"):
-        maps = build_explainer(AdapterConfig(explainer=name), "vit")(OpenClipBackbone(tiny_vit), images, score)
+        maps = build_explainer(AdapterConfig(explainer=name), OpenClipBackbone(tiny_vit))(OpenClipBackbone(tiny_vit), images, score)
         assert maps.shape == (3, 4, 4) and maps.min() >= 0 and maps.max() <= 1
     assert all(p.grad is None for p in tiny_vit.parameters())
 
 
 def test_chefer_gradient_rollout(tiny_vit, tokenizer, images):
     score = score_for(tiny_vit, tokenizer)
-    ours = build_explainer(AdapterConfig(explainer="grad_rollout"), "vit")(OpenClipBackbone(tiny_vit), images, score)
+    ours = build_explainer(AdapterConfig(explainer="grad_rollout"), OpenClipBackbone(tiny_vit))(OpenClipBackbone(tiny_vit), images, score)
     embeddings, records = reference_capture(tiny_vit, images)
     score(embeddings).backward()
     for b in range(images.shape[0]):
@@ -166,7 +166,7 @@ def test_chefer_gradient_rollout(tiny_vit, tokenizer, images):
 
 
 def test_attention_rollout(tiny_vit, tokenizer, images):
-    ours = build_explainer(AdapterConfig(explainer="attention_rollout"), "vit")(
+    ours = build_explainer(AdapterConfig(explainer="attention_rollout"), OpenClipBackbone(tiny_vit))(
         OpenClipBackbone(tiny_vit), images, score_for(tiny_vit, tokenizer))
     _, records = reference_capture(tiny_vit, images)
     for b in range(images.shape[0]):
@@ -180,8 +180,8 @@ def test_attention_rollout(tiny_vit, tokenizer, images):
 def test_batched_equals_one_at_a_time(tiny_vit, tokenizer):
     """The well-conditioned default (tokens after ln_1) is batch independent in fp32."""
     score = score_for(tiny_vit, tokenizer)
-    explainer = build_explainer(AdapterConfig(), "vit")
     backbone = OpenClipBackbone(tiny_vit)
+    explainer = build_explainer(AdapterConfig(), backbone)
     batch = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     together = explainer(backbone, batch, score)
     alone = torch.cat([explainer(backbone, batch[i:i + 1], score) for i in range(6)])
@@ -192,7 +192,7 @@ def test_gradcam_against_hooked_model(tiny_resnet, tokenizer):
     x = torch.rand(2, 3, 64, 64)
     score = score_for(tiny_resnet, tokenizer)
     backbone = OpenClipBackbone(tiny_resnet)
-    ours = build_explainer(AdapterConfig(), "resnet")(backbone, x, score)
+    ours = build_explainer(AdapterConfig(), backbone)(backbone, x, score)
     captured = []
     handle = tiny_resnet.visual.layer4.register_forward_hook(lambda m, a, out: captured.append(out))
     embeddings = tiny_resnet.encode_image(backbone.normalize(x))
@@ -214,6 +214,6 @@ def test_gradcam_sharpening():
     torch.testing.assert_close(sharpen(maps), expected)
 
 
-def test_explainer_tower_mismatch_is_an_error():
+def test_explainer_tower_mismatch_is_an_error(tiny_vit):
     with pytest.raises(ValueError, match="needs a resnet image tower"):
-        build_explainer(AdapterConfig(explainer="gradcam"), "vit")
+        build_explainer(AdapterConfig(explainer="gradcam"), OpenClipBackbone(tiny_vit))

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .augmix_ops import augmix_pure_mix
+from .base import AUGMENTERS, Augmenter
 from .crops import center_boxes, crop_views, random_resized_boxes, resize_shorter_side
 
 
@@ -47,28 +48,28 @@ def mix(bases: torch.Tensor, augmented: torch.Tensor, lam: torch.Tensor) -> torc
     return (1 - lam) * bases + lam * augmented
 
 
-class AugMixAugmenter:
+@AUGMENTERS.register("augmix")
+class AugMixAugmenter(Augmenter):
     """TPT's views: random crops + flips, AugMix-ed with one Beta(1,1) weight per view."""
 
-    def __init__(self, size: int, base_crop: str = "random_resized", augmix_ops: bool = True):
-        self.size = size
+    def __init__(self, base_crop: str = "random_resized", augmix_ops: bool = True):
         self.base_crop = base_crop
         self.augmix_ops = augmix_ops
 
-    @property
-    def needs_maps(self) -> bool:
-        return False
+    @classmethod
+    def from_config(cls, config) -> "AugMixAugmenter":
+        return cls(config.base_crop, config.augmix_ops)
 
-    def bases(self, image: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    def bases(self, image: torch.Tensor, count: int, generator: torch.Generator, size: int) -> torch.Tensor:
         """`count` base views of a (3,H,W) image, as one batch on its device."""
-        source = resize_shorter_side(image, self.size)
+        source = resize_shorter_side(image, size)
         height, width = source.shape[-2:]
         if self.base_crop == "random_resized":
             boxes = random_resized_boxes(count, height, width, generator)
         else:
             boxes = center_boxes(count, height, width)
         flips = torch.rand(count, generator=generator) < 0.5
-        return crop_views(source, boxes, flips, self.size)
+        return crop_views(source, boxes, flips, size)
 
     def views(self, bases: torch.Tensor, maps, generator: torch.Generator) -> torch.Tensor:
         if not self.augmix_ops:
@@ -81,16 +82,22 @@ class AugMixAugmenter:
         return (1 - m).to(bases.device, bases.dtype)
 
 
+@AUGMENTERS.register("attention_mix")
 class AttentionMixAugmenter(AugMixAugmenter):
     """A-TPT's non-uniform AugMix: lam = m_high on high-attention pixels, m_low elsewhere."""
 
-    def __init__(self, size: int, base_crop: str = "center", augmix_ops: bool = True,
+    def __init__(self, base_crop: str = "center", augmix_ops: bool = True,
                  mask_rule: str = "top_k", r: float = 0.2, m_high: float = 0.2, m_low: float = 0.8,
                  p_high: float = 0.2, p_low: float = 0.8):
-        super().__init__(size, base_crop, augmix_ops)
+        super().__init__(base_crop, augmix_ops)
         self.mask_rule = mask_rule
         self.r, self.m_high, self.m_low = r, m_high, m_low
         self.p_high, self.p_low = p_high, p_low
+
+    @classmethod
+    def from_config(cls, config) -> "AttentionMixAugmenter":
+        return cls(config.base_crop, config.augmix_ops, config.mask_rule, config.r, config.m_high,
+                   config.m_low, config.p_high, config.p_low)
 
     @property
     def needs_maps(self) -> bool:
@@ -99,7 +106,7 @@ class AttentionMixAugmenter(AugMixAugmenter):
     def mixing_weights(self, bases, maps, generator) -> torch.Tensor:
         if maps is None:
             raise ValueError("the attention mix needs one attention map per base view")
-        pixels = upsample_maps(maps, self.size).to(bases.device)
+        pixels = upsample_maps(maps, bases.shape[-1]).to(bases.device)
         if self.mask_rule == "top_k":
             high = top_k_mask(pixels, self.r)
             return torch.where(high, self.m_high, self.m_low).to(bases.dtype)

@@ -9,59 +9,17 @@ attention probabilities. `tests/test_backbones.py` checks that it reproduces
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import BACKBONES, Backbone, BlockRecord, VitTrace, normalize_images, run_blocks
+from .timm_vit import TimmVitBackbone
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def normalize_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[0,1] images -> a model's input: (x - mean) / std per channel, in the model's dtype."""
-    mean = mean.to(images.device, images.dtype)[:, None, None]
-    std = std.to(images.device, images.dtype)[:, None, None]
-    return ((images - mean) / std).to(dtype)
-
-
-@dataclass
-class BlockRecord:
-    """One transformer block's activations, kept in the autograd graph."""
-
-    tokens: torch.Tensor   # (N, L, D) block input T^(b)
-    normed: torch.Tensor   # (N, L, D) ln_1(T^(b)), what the attention reads
-    attn: torch.Tensor     # (N, heads, L, L) attention probabilities A^(b)
-
-
-@dataclass
-class VitTrace:
-    pooled: torch.Tensor           # (N, E) image embedding (unnormalised)
-    blocks: List[BlockRecord]      # records of blocks first_block..last
-    num_prefix_tokens: int
-    grid_size: Tuple[int, int]
-    # (N, L) or (L,) weights of the token rows the pooled output reads (avg/max pooling,
-    # distillation token); None: the class token's row 0 alone
-    query_weights: Optional[torch.Tensor] = None
-
-
-def run_blocks(blocks, x: torch.Tensor, first_block: int, traced_step):
-    """Blocks before `first_block` without autograd; from there `traced_step(block, x) ->
-    (x, BlockRecord)` with the input of `first_block` a fresh leaf, so a backward from the
-    output stops there (the explainer never needs earlier activations)."""
-    records = []
-    for index, block in enumerate(blocks):
-        if index < first_block:
-            with torch.no_grad():
-                x = block(x)
-            continue
-        if index == first_block:
-            x = x.detach().requires_grad_(True)
-        x, record = traced_step(block, x)
-        records.append(record)
-    return x, records
 
 
 def _multihead_attention(attn: nn.MultiheadAttention, x: torch.Tensor):
@@ -84,16 +42,23 @@ def _traced_block(block, x: torch.Tensor):
     return x + block.ls_2(block.mlp(block.ln_2(x))), record
 
 
-class OpenClipBackbone:
-    """Image and text access to an open_clip `CLIP` / `CustomTextCLIP` model (never modified)."""
+@BACKBONES.register("open_clip")
+class OpenClipBackbone(Backbone):
+    """open_clip CLIP / CustomTextCLIP: ViT, ModifiedResNet and timm-trunk image towers."""
+
+    has_text = True
+
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
+        import open_clip
+        return isinstance(model, (open_clip.CLIP, open_clip.CustomTextCLIP))
 
     def __init__(self, model: nn.Module):
-        import open_clip
         from open_clip.modified_resnet import ModifiedResNet
         from open_clip.timm_model import TimmModel
         from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
-        if not isinstance(model, (open_clip.CLIP, open_clip.CustomTextCLIP)):
+        if not self.accepts(model):
             raise TypeError(
                 f"expected an open_clip CLIP model (open_clip.create_model(...)), got "
                 f"{type(model).__name__}; for a timm image classifier wrap it with a timm backbone")
@@ -105,7 +70,6 @@ class OpenClipBackbone:
         self.mean = torch.tensor(getattr(self.visual, "image_mean", None) or OPENAI_MEAN)
         self.std = torch.tensor(getattr(self.visual, "image_std", None) or OPENAI_STD)
         if isinstance(self.visual, TimmModel):
-            from .timm_vit import TimmVitBackbone
             self.kind = "vit"  # traced through its timm trunk and open_clip's projection head
             self.timm_tower = TimmVitBackbone(self.visual.trunk, self.image_size, self.visual.head,
                                               self.mean, self.std)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .openclip import BlockRecord, VitTrace, normalize_images, run_blocks
+from .base import BACKBONES, Backbone, BlockRecord, VitTrace, detect, normalize_images, run_blocks
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,19 +45,8 @@ def is_timm_model(model) -> bool:
 
 
 def timm_backbone(model: nn.Module, image_size: Optional[int] = None):
-    """`TimmVitBackbone` for a timm ViT, `TimmCnnBackbone` (Grad-CAM) for a timm conv net."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    if isinstance(model, VisionTransformer):
-        return TimmVitBackbone(model, image_size)
-    if not is_timm_model(model):
-        raise TypeError(f"expected a timm model (timm.create_model(...)), got {type(model).__name__}")
-    if hasattr(model, "num_prefix_tokens"):  # a token-based transformer outside the ViT family
-        raise NotImplementedError(
-            f"timm {type(model).__name__} is a token transformer outside timm's VisionTransformer class: "
-            "the attention explainers cover VisionTransformer and its subclasses (ViT, DeiT, DeiT-III, "
-            "register and hybrid ViTs, ...), the Grad-CAM fallback covers conv nets (NCHW feature maps)")
-    return TimmCnnBackbone(model, image_size)
+    """The registered backbone for a timm image classifier: a ViT traced, a conv net for Grad-CAM."""
+    return detect(model, has_text=False, image_size=image_size)
 
 
 def _data_config(model: nn.Module) -> dict:
@@ -88,7 +77,7 @@ def _attention(attn: nn.Module, x: torch.Tensor):
     return attn.proj_drop(attn.proj(out)), probs
 
 
-class _TimmImage:
+class _TimmImage(Backbone):
     """What every timm backbone shares: the model, its device, dtype and normalisation."""
 
     model: nn.Module
@@ -107,6 +96,7 @@ class _TimmImage:
         return normalize_images(images, self.mean, self.std, self.dtype)
 
 
+@BACKBONES.register("timm_vit")
 class TimmVitBackbone(_TimmImage):
     """Image access to a timm `VisionTransformer` (never modified).
 
@@ -118,6 +108,11 @@ class TimmVitBackbone(_TimmImage):
     """
 
     kind = "vit"
+
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
+        from timm.models.vision_transformer import VisionTransformer
+        return isinstance(model, VisionTransformer)
 
     def __init__(self, model: nn.Module, image_size: Optional[int] = None,
                  projection: Optional[nn.Module] = None, mean=None, std=None):
@@ -284,6 +279,7 @@ def _distilled_forward_head():
     return VisionTransformerDistilled.forward_head
 
 
+@BACKBONES.register("timm_cnn")
 class TimmCnnBackbone(_TimmImage):
     """A timm conv net for Grad-CAM on its last feature map (`forward_features`, NCHW).
 
@@ -296,7 +292,17 @@ class TimmCnnBackbone(_TimmImage):
     kind = "resnet"
     num_blocks = 0
 
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
+        """Any other timm model; token transformers outside the ViT class are refused when built."""
+        return is_timm_model(model)
+
     def __init__(self, model: nn.Module, image_size: Optional[int] = None):
+        if hasattr(model, "num_prefix_tokens"):  # a token-based transformer outside the ViT family
+            raise NotImplementedError(
+                f"timm {type(model).__name__} is a token transformer outside timm's VisionTransformer class: "
+                "the attention explainers cover VisionTransformer and its subclasses (ViT, DeiT, DeiT-III, "
+                "register and hybrid ViTs, ...), the Grad-CAM fallback covers conv nets (NCHW feature maps)")
         if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
             raise NotImplementedError(
                 f"{type(model).__name__} has no forward_features/forward_head; the Grad-CAM fallback "

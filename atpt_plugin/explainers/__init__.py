@@ -1,31 +1,25 @@
-"""Explainers by name: images -> patch-grid attention maps in [0, 1]."""
+"""Explainers: images -> patch-grid attention maps in [0, 1], by name or as objects."""
 from __future__ import annotations
 
-from .base import Explainer, clip_and_rescale, top1_logit_score
+from ..registry import resolve
+from .base import EXPLAINERS, Explainer, clip_and_rescale, top1_logit_score
 from .gradcam import GradCamExplainer
 from .rollout import RolloutExplainer
 
+AUTO = "auto"  # the backbone's own default: A-TPT's rollout on ViTs, Grad-CAM on ResNets
 
-def build_explainer(config, backbone_kind: str) -> Explainer:
-    """The explainer `config.explainer` names; "auto" picks by tower (ViT: A-TPT's, ResNet: Grad-CAM)."""
-    name = config.explainer
-    if name == "auto":
-        name = "token_grad_rollout" if backbone_kind == "vit" else "gradcam"
-    if name == "token_grad_rollout":
-        explainer = RolloutExplainer("token_gradient", config.rollout_layers, config.token_site,
-                                     config.layer_weights, config.row_normalize, config.clip_quantile)
-    elif name == "grad_rollout":
-        explainer = RolloutExplainer("attention_gradient", "all", row_normalize=False,
-                                     clip_quantile=config.clip_quantile)
-    elif name == "attention_rollout":
-        explainer = RolloutExplainer("none", "all", row_normalize=True, clip_quantile=config.clip_quantile)
-    else:
-        explainer = GradCamExplainer(config.clip_quantile, config.gradcam_sharpen)
-    if backbone_kind not in explainer.supports:
-        raise ValueError(f"explainer {name!r} needs a {'/'.join(explainer.supports)} image tower, "
-                         f"this model has a {backbone_kind} tower; use explainer='auto'")
+
+def build_explainer(config, backbone, spec=None) -> Explainer:
+    """The explainer `spec` (default `config.explainer`) names or is, checked against the tower."""
+    spec = config.explainer if spec is None else spec
+    if spec == AUTO:
+        spec = backbone.default_explainer
+    explainer = resolve(EXPLAINERS, spec, config)
+    if backbone.kind not in explainer.supports:
+        raise ValueError(f"explainer {spec!r} needs a {'/'.join(explainer.supports)} image tower, "
+                         f"this model has a {backbone.kind} tower; use explainer='auto'")
     return explainer
 
 
-__all__ = ["Explainer", "RolloutExplainer", "GradCamExplainer", "build_explainer",
+__all__ = ["AUTO", "EXPLAINERS", "Explainer", "RolloutExplainer", "GradCamExplainer", "build_explainer",
            "clip_and_rescale", "top1_logit_score"]

@@ -1,4 +1,8 @@
-"""The explainer interface and the map post-processing every explainer shares."""
+"""The explainer interface, its registry and the map post-processing every explainer shares.
+
+Register an explainer with `@EXPLAINERS.register("name")` or, from another package, under
+the entry-point group `atpt_plugin.explainers`; or pass an instance as `explainer=`.
+"""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -6,17 +10,26 @@ from typing import Callable
 
 import torch
 
+from ..registry import Component, Registry
+
+EXPLAINERS = Registry("explainer", "atpt_plugin.explainers")
 Score = Callable[[torch.Tensor], torch.Tensor]
 """Maps image embeddings (N, E) to the scalar S whose gradients explain them."""
 
 
-class Explainer(ABC):
-    """images (N,3,S,S) in [0,1] -> attention maps (N, h, w) in [0,1] on the patch grid.
+class Explainer(Component, ABC):
+    """`(backbone, images (N,3,S,S) in [0,1], score) -> maps (N, h, w) in [0,1]` on the patch grid.
 
-    One forward and one backward for the whole batch; only activation gradients are
-    taken (`torch.autograd.grad` with explicit inputs), never parameter gradients.
+    `score(embeddings) -> scalar` is what the maps explain (a sum over images, so each
+    image gets its own gradient). Guarantees the loop relies on: one forward and one
+    backward for the whole batch; only activation gradients (`torch.autograd.grad` with
+    explicit inputs), never parameter gradients, so the model is left untouched; an
+    image's map does not depend on the rest of the batch. `supports` lists the backbone
+    kinds it reads ("vit": `backbone.trace`, "resnet": `backbone.trace_resnet`).
+    A registered class is built with `from_config(config)` if it defines it, else `cls()`.
     """
 
+    registry = EXPLAINERS
     supports = ("vit",)
 
     @abstractmethod

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Explainer, Score, clip_and_rescale
+from .base import EXPLAINERS, Explainer, Score, clip_and_rescale
 
 
 def gradcam(feature_map: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -19,8 +19,15 @@ def sharpen(maps: torch.Tensor, offset: float = 0.2) -> torch.Tensor:
     return (shifted / peak[:, None, None]) ** 2
 
 
+@EXPLAINERS.register("gradcam")
 class GradCamExplainer(Explainer):
+    """Grad-CAM on the last feature map (ResNet towers such as CLIP RN50, timm conv nets)."""
+
     supports = ("resnet",)
+
+    @classmethod
+    def from_config(cls, config) -> "GradCamExplainer":
+        return cls(config.clip_quantile, config.gradcam_sharpen)
 
     def __init__(self, clip_quantile: float = 0.99, sharpen: bool = False):
         self.clip_quantile = clip_quantile

@@ -12,7 +12,7 @@ from typing import List, Sequence
 
 import torch
 
-from .base import Explainer, Score, clip_and_rescale
+from .base import EXPLAINERS, Explainer, Score, clip_and_rescale
 
 
 def token_weights(tokens: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -98,3 +98,22 @@ class RolloutExplainer(Explainer):
             weights = token_weights(site.detach(), grad)
             matrices.append(refine(block.attn.detach() * weights[:, None, None, :], self.row_normalize))
         return matrices
+
+
+@EXPLAINERS.register("token_grad_rollout")
+def token_grad_rollout(config) -> RolloutExplainer:
+    """A-TPT: attention refined by token-gradient weights, last two blocks averaged."""
+    return RolloutExplainer("token_gradient", config.rollout_layers, config.token_site,
+                            config.layer_weights, config.row_normalize, config.clip_quantile)
+
+
+@EXPLAINERS.register("grad_rollout")
+def grad_rollout(config) -> RolloutExplainer:
+    """Chefer et al. 2021: attention weighted by its gradient, rolled out over all blocks."""
+    return RolloutExplainer("attention_gradient", "all", row_normalize=False, clip_quantile=config.clip_quantile)
+
+
+@EXPLAINERS.register("attention_rollout")
+def attention_rollout(config) -> RolloutExplainer:
+    """Abnar & Zuidema 2020: plain attention rolled out over all blocks, no gradients."""
+    return RolloutExplainer("none", "all", row_normalize=True, clip_quantile=config.clip_quantile)

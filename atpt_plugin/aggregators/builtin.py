@@ -1,28 +1,17 @@
-"""Aggregators: the views' tuned predictions -> one prediction per test image.
+"""The built-in aggregators: TV (A-TPT), reliability (R-TPT), mean, single view, MTA.
 
-They return logits; those that average probabilities return the log of the weighted
-mixture (softmax of it gives the mixture back, its argmax is the prediction).
+Those that average probabilities return the log of the weighted mixture (softmax of it
+gives the mixture back, its argmax is the prediction).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .mta import mta_mode
-
-
-@dataclass
-class ViewPredictions:
-    logits: torch.Tensor                     # (K, C) with the tuned prompt
-    features: torch.Tensor                   # (K, E) L2-normalised image features
-    confident: torch.Tensor                  # indices of the confident set B
-    view_maps: Callable[[torch.Tensor], torch.Tensor]  # view indices -> patch-grid maps
-    zero_shot_logits: Optional[torch.Tensor] = None    # (K, C) under the initial prompt
-    text_features: Optional[torch.Tensor] = None       # (C, E) of the tuned prompt
-    logit_scale: Optional[torch.Tensor] = None
+from ..mta import mta_mode
+from .base import AGGREGATORS, Aggregator, ViewPredictions
 
 
 def weighted_log_mixture(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -66,13 +55,22 @@ def reliability_weights(features: torch.Tensor, k: int = 20, temperature: float 
     return torch.softmax(scores / temperature, dim=0)
 
 
-class TotalVariationAggregator:
+@AGGREGATORS.register("tv")
+class TotalVariationAggregator(Aggregator):
     """A-TPT (paper): TV-weighted mixture of the confident views' probabilities."""
+
     needs_view_maps = True
 
     def __init__(self, temperature: float = 1.0, map_size: Optional[int] = None):
         self.temperature = temperature
         self.map_size = map_size
+
+    @classmethod
+    def from_config(cls, config) -> "TotalVariationAggregator":
+        return cls(config.tv_temperature, config.tv_map_size)
+
+    def views_read(self, confident: torch.Tensor, count: int) -> Optional[torch.Tensor]:
+        return confident
 
     def __call__(self, views: ViewPredictions) -> torch.Tensor:
         maps = views.view_maps(views.confident)
@@ -80,25 +78,36 @@ class TotalVariationAggregator:
         return weighted_log_mixture(views.logits[views.confident], weights.to(views.logits.device))
 
 
-class ReliabilityAggregator:
+@AGGREGATORS.register("reliability")
+class ReliabilityAggregator(Aggregator):
     """R-TPT and the authors' A-TPT code: reliability-weighted sum of all views' logits."""
-    needs_view_maps = False
 
     def __init__(self, k: int = 20, temperature: float = 0.01):
         self.k = k
         self.temperature = temperature
+
+    @classmethod
+    def from_config(cls, config) -> "ReliabilityAggregator":
+        return cls(config.reliability_k, config.reliability_temperature)
 
     def __call__(self, views: ViewPredictions) -> torch.Tensor:
         weights = reliability_weights(views.features, self.k, self.temperature)
         return (weights[:, None] * views.logits.float()).sum(dim=0)
 
 
-class MeanAggregator:
+@AGGREGATORS.register("mean")
+class MeanAggregator(Aggregator):
     """Uniform probability average over the confident set (ablation) or all views (TPT-Ens)."""
-    needs_view_maps = False
 
     def __init__(self, over: str = "confident"):
         self.over = over
+
+    @classmethod
+    def from_config(cls, config) -> "MeanAggregator":
+        return cls(config.mean_over)
+
+    def views_read(self, confident: torch.Tensor, count: int) -> Optional[torch.Tensor]:
+        return confident if self.over == "confident" else None
 
     def __call__(self, views: ViewPredictions) -> torch.Tensor:
         logits = views.logits[views.confident] if self.over == "confident" else views.logits
@@ -106,30 +115,23 @@ class MeanAggregator:
         return weighted_log_mixture(logits, uniform)
 
 
-class SingleViewAggregator:
+@AGGREGATORS.register("single")
+class SingleViewAggregator(Aggregator):
     """The prediction on view 0, the center crop (TPT, zero-shot CLIP)."""
-    needs_view_maps = False
+
+    def views_read(self, confident: torch.Tensor, count: int) -> Optional[torch.Tensor]:
+        return torch.zeros(1, dtype=torch.long, device=confident.device)
 
     def __call__(self, views: ViewPredictions) -> torch.Tensor:
         return views.logits[0]
 
 
-class MTAAggregator:
+@AGGREGATORS.register("mta")
+class MTAAggregator(Aggregator):
     """MTA (training-free): score the inlierness-weighted MeanShift mode of the view features."""
-    needs_view_maps = False
+
+    needs_text = "MTA scores its feature mode against class text features"
 
     def __call__(self, views: ViewPredictions) -> torch.Tensor:
         mode = mta_mode(views.features, torch.softmax(views.zero_shot_logits.float(), dim=-1))
         return views.logit_scale * mode.float() @ views.text_features.t()
-
-
-def build_aggregator(config):
-    if config.aggregator == "tv":
-        return TotalVariationAggregator(config.tv_temperature, config.tv_map_size)
-    if config.aggregator == "reliability":
-        return ReliabilityAggregator(config.reliability_k, config.reliability_temperature)
-    if config.aggregator == "mean":
-        return MeanAggregator(config.mean_over)
-    if config.aggregator == "mta":
-        return MTAAggregator()
-    return SingleViewAggregator()
