@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -174,16 +175,38 @@ def _short(value) -> str:
 
 
 def _parse_pairs(pairs: Sequence[str], what: str) -> Dict[str, object]:
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"{what} takes KEY=VALUE, got {pair!r}")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
+    from atpt_plugin.api import parse_setting
+    return dict(parse_setting(pair, what) for pair in pairs or [])
+
+
+def parse_adapters(text: str) -> Dict[str, object]:
+    """--adapters "atpt,atpt[aggregator=reliability],rtpt" -> {row name: Adapter}, every name
+    and setting checked before anything runs."""
+    from atpt_plugin.api import load_adapter_spec, split_top_level
+
+    adapters = {}
+    for spec in split_top_level(text):
+        if not spec.strip():
+            continue
+        adapter = load_adapter_spec(spec)
+        if adapter.name in adapters:
+            raise ValueError(f"--adapters names {adapter.name!r} twice")
+        adapters[adapter.name] = adapter
+    if not adapters:
+        raise ValueError(f"--adapters must name at least one adapter, got {text!r}")
+    return adapters
+
+
+def manifest_config(name: str, config) -> dict:
+    """The adapter's settings as run.json records them; an unregistered component object
+    cannot be recorded by name, so a resumable run refuses it."""
+    record = config.record()
+    for field, value in record.items():
+        if isinstance(value, dict) and value.get("name") is None:
+            raise ValueError(
+                f"adapter {name!r} has {field}={getattr(config, field)!r}, an object of an unregistered class: "
+                "a resumable run records components by name; register it (@<KIND>.register or an entry point)")
+    return record
 
 
 def _versions() -> Dict[str, str]:
@@ -199,28 +222,19 @@ def _versions() -> Dict[str, str]:
 
 # ---- eval -----------------------------------------------------------------------------------
 def run_eval(args) -> int:
-    import dataclasses
-
     import torch
-
-    from atpt_plugin import list_adapters, load_adapter
 
     from .adaptive import SanityChecks
     from .attacks import (ATTACKS, AdversarialCache, ZeroShotClassifier, make_attack, model_fingerprint, parse_eps,
                           resolve_attack_name)
-    from .datasets import dataset_info, json_digest, load_dataset, select, unknown_name
+    from .datasets import dataset_info, json_digest, load_dataset, select
     from .report import markdown_table, write_reports
     from .robustbench import applicable_overrides, write_row_model_info
     from .runner import DatasetSource, DistContext, Evaluation, ResultLog
 
     # validate the cheap things before any model is built
-    names = [n.strip() for n in args.adapters.split(",") if n.strip()]
-    if not names or len(set(names)) != len(names):
-        raise ValueError(f"--adapters must name distinct adapters, got {args.adapters!r}")
-    installed = list(list_adapters())
-    for name in names:
-        if name not in installed:
-            raise unknown_name("adapter", name, installed)
+    loaded = parse_adapters(args.adapters)
+    names = list(loaded)
     info = dataset_info(args.dataset)
     attack_key = resolve_attack_name(args.attack)
     attack_opts = _parse_pairs(args.attack_opt, "--attack-opt")
@@ -252,15 +266,14 @@ def run_eval(args) -> int:
         source = DatasetSource(dataset, indices)
 
         adapters, configs, descriptions = {}, {}, {}
-        for name in names:
-            adapter = load_adapter(name)
+        for name, adapter in loaded.items():
             extra = {} if args.no_dataset_settings else applicable_overrides(adapter.config, info)
             try:
                 adapter = adapter.with_overrides(**{**extra, "seed": args.seed, **overrides})
             except TypeError as error:
                 raise ValueError(f"--set: {error}") from None
             adapters[name] = adapter.wrap(model, classnames=dataset.classnames, tokenizer=tokenizer)
-            configs[name] = dataclasses.asdict(adapter.config)
+            configs[name] = manifest_config(name, adapter.config)
             descriptions[name] = adapter.description
         kind = next(iter(adapters.values())).backbone.kind
         spec = make_attack(attack_key, eps=eps, steps=args.steps, alpha=alpha, backbone_kind=kind,
@@ -311,7 +324,7 @@ def run_eval(args) -> int:
             for row in rows:
                 row["model_info"] = write_row_model_info(
                     row, dataset=info.key, attack=spec, architecture=model_name, name=descriptions[row["adapter"]],
-                    file_name=f"{prefix}_{row['adapter']}", root=out / "model_info")
+                    file_name=re.sub(r"[^\w.-]+", "_", f"{prefix}_{row['adapter']}"), root=out / "model_info")
             files = write_reports(rows, out, caption)
             warnings = [w for row in rows for w in row.get("warnings") or []]
             summary = {"rows": rows, "caption": caption, "settings": settings, "world_size": dist.world,

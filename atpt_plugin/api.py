@@ -9,7 +9,8 @@ this one; the group's entry point names an `Adapter` or a callable returning one
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+import json
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -66,3 +67,63 @@ def load_adapter(name: str, **overrides) -> Adapter:
 def list_adapters() -> Dict[str, str]:
     """{name: one-line description} of every installed adapter, sorted by name."""
     return {name: _adapter(name).description for name in ADAPTERS.names()}
+
+
+def split_top_level(text: str, separator: str = ",") -> List[str]:
+    """`text` split at `separator`s outside brackets: "a,b[x=1,y=[2,3]]" -> ["a", "b[x=1,y=[2,3]]"]."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        if char in "[(":
+            depth += 1
+        elif char in "])":
+            depth -= 1
+        if depth < 0:
+            raise ValueError(f"unbalanced brackets in {text!r}")
+        if char == separator and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    if depth != 0:
+        raise ValueError(f"unbalanced brackets in {text!r}")
+    return parts + [current]
+
+
+def parse_setting(pair: str, where: str) -> Tuple[str, object]:
+    """"key=value" with the value read as JSON where it parses (numbers, true, [0.5, 1.0]), else a string."""
+    key, sep, value = pair.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"{where} takes KEY=VALUE, got {pair!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value.strip()
+
+
+def parse_adapter_spec(spec: str) -> Tuple[str, Dict[str, object]]:
+    """"atpt[aggregator=reliability,views=32]" -> ("atpt", {"aggregator": "reliability", "views": 32})."""
+    spec = spec.strip()
+    name, bracket, rest = spec.partition("[")
+    if not bracket:
+        return name, {}
+    if not rest.endswith("]") or not name.strip():
+        raise ValueError(f"adapter variant {spec!r} must read NAME[KEY=VALUE,...]")
+    pairs = [p for p in split_top_level(rest[:-1]) if p.strip()]
+    if not pairs:
+        raise ValueError(f"adapter variant {spec!r} has empty brackets; drop them or add KEY=VALUE settings")
+    return name.strip(), dict(parse_setting(pair, f"adapter variant {spec!r}") for pair in pairs)
+
+
+def load_adapter_spec(spec: str) -> Adapter:
+    """An adapter or a variant, "atpt[aggregator=reliability]", named by the spec itself
+    (so each variant gets its own results); bad settings are errors naming the spec."""
+    name, overrides = parse_adapter_spec(spec)
+    adapter = load_adapter(name)
+    if not overrides:
+        return adapter
+    try:
+        variant = adapter.with_overrides(**overrides)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"adapter variant {spec!r}: {error}") from None
+    label = "".join(spec.split())
+    return Adapter(label, variant.config, f"{adapter.description} (variant {label})", adapter.paper)

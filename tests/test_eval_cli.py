@@ -217,7 +217,9 @@ def test_list_shows_adapters_datasets_and_attacks(capsys):
 
 
 @pytest.mark.parametrize("change, expected", [
-    (("--adapters", "atpt,nope"), "unknown adapter 'nope'.*valid adapters: .*atpt"),
+    (("--adapters", "atpt,nope"), "no adapter named 'nope'.*installed adapters: .*atpt"),
+    (("--adapters", "atpt[vews=8]"), "adapter variant 'atpt\\[vews=8\\]': unknown adapter setting 'vews' \\(did you mean 'views'"),
+    (("--adapters", "atpt[views=8"), "unbalanced brackets"),
     (("--dataset", "petz"), "unknown dataset 'petz' \\(did you mean 'pets'\\?\\); valid datasets: pets, "),
     (("--attack", "pgdd"), "unknown attack 'pgdd'.*valid attacks: pgd, fgsm, pgdl2, cw, autoattack, eot-pgd, square, none"),
     (("--eps", "0.0157"), "ambiguous: L-inf budgets on the command line are in 1/255 units"),
@@ -246,3 +248,23 @@ def test_offline_pretrained_name_suggests_a_local_path(workspace, capsys, monkey
     args[args.index("--pretrained") + 1] = str(workspace / "missing.pt")
     assert cli.main(args) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_adapter_variants_are_rows_of_their_own_and_resume(workspace, one_thread):
+    """`--adapters "zeroshot,atpt[aggregator=mean]"`: the variant is its own row and its own
+    records, equal to the same settings given with --set; a rerun recomputes nothing."""
+    args = eval_args(workspace, "variants")
+    args[args.index("--adapters") + 1] = "zeroshot,atpt[aggregator=mean,layer_weights=[0.5,1.0]]"
+    assert cli.main(args) == 0
+    out = workspace / "variants"
+    first = records(out)
+    names = {row["adapter"] for row in json.loads((out / "summary.json").read_text())["rows"]}
+    assert names == {"zeroshot", "atpt[aggregator=mean,layer_weights=[0.5,1.0]]"}
+    assert cli.main(args) == 0
+    assert records(out) == first, "a resumed run must not recompute or duplicate a sample"
+
+    plain = eval_args(workspace, "variants-set", "--set", "aggregator=mean", "--set", "layer_weights=[0.5,1.0]")
+    assert cli.main(plain) == 0
+    variant = {r["position"]: (r["clean"], r["adv"]) for r in first if r["adapter"].startswith("atpt[")}
+    with_set = {r["position"]: (r["clean"], r["adv"]) for r in records(workspace / "variants-set") if r["adapter"] == "atpt"}
+    assert variant == with_set
