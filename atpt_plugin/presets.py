@@ -31,6 +31,19 @@ mta = Adapter(
     "mta", AdapterConfig(steps=0, augmix_ops=False, aggregator="mta", **TPT_VIEWS),
     "MTA: training-free MeanShift mode of crop views with inlierness scores",
     "Zanella & Ben Ayed, On the test-time zero-shot generalization of VLMs (CVPR 2024)")
+# Augmentation-only baselines: the same views, no tuning; what tuning adds is measured against these.
+ens = Adapter(
+    "ens", AdapterConfig(steps=0, aggregator="mean", mean_over="all", **TPT_VIEWS),
+    "augmentation only: TPT's 64 AugMix views, no tuning, uniform average of all views",
+    "baseline (no tuning) for TPT / R-TPT / A-TPT")
+ens_reliability = Adapter(
+    "ens_reliability", AdapterConfig(steps=0, aggregator="reliability", **TPT_VIEWS),
+    "augmentation only: TPT's 64 AugMix views, no tuning, R-TPT's reliability weights",
+    "baseline (no tuning) for R-TPT")
+zero = Adapter(
+    "zero", AdapterConfig(steps=0, aggregator="vote", **TPT_VIEWS),
+    "ZERO: TPT's 64 AugMix views, no tuning, the confident 10% vote with their argmax",
+    "Farina et al., Frustratingly Easy Test-Time Adaptation of VLMs (NeurIPS 2024)")
 atpt = Adapter(
     "atpt", AdapterConfig(),
     "A-TPT (paper): token-gradient rollout, attention-guided AugMix, mean entropy, TV-weighted ensemble",

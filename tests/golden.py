@@ -16,7 +16,8 @@ from atpt_plugin.presets import ABLATIONS  # noqa: E402
 from conftest import CLASSNAMES, make_tiny_resnet, make_tiny_vit  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "data" / "preset_logits.pt"
-PRESETS = ["zeroshot", "tpt", "tpt_ens", "rtpt", "mta", "atpt", "atpt_official", *ABLATIONS]
+PRESETS = ["zeroshot", "tpt", "tpt_ens", "rtpt", "mta", "ens", "ens_reliability", "zero", "atpt", "atpt_official",
+           *ABLATIONS]
 SMALL = dict(views=16, rho=0.25)
 
 

@@ -7,7 +7,8 @@ from atpt_plugin.mta import mta_mode
 from atpt_plugin.presets import ABLATIONS
 from conftest import CLASSNAMES, make_tiny_resnet, make_tiny_vit
 
-PRESETS = ["zeroshot", "tpt", "tpt_ens", "rtpt", "mta", "atpt", "atpt_official", *ABLATIONS]
+PRESETS = ["zeroshot", "tpt", "tpt_ens", "rtpt", "mta", "ens", "ens_reliability", "zero", "atpt", "atpt_official",
+           *ABLATIONS]
 SMALL = dict(views=8, rho=0.25)
 
 

@@ -57,25 +57,28 @@ def reliability_weights(features: torch.Tensor, k: int = 20, temperature: float 
 
 @AGGREGATORS.register("tv")
 class TotalVariationAggregator(Aggregator):
-    """A-TPT (paper): TV-weighted mixture of the confident views' probabilities."""
+    """A-TPT (paper): TV-weighted mixture of the confident (or all) views' probabilities."""
 
     needs_view_maps = True
 
-    def __init__(self, temperature: float = 1.0, map_size: Optional[int] = None):
+    def __init__(self, temperature: float = 1.0, map_size: Optional[int] = None, over: str = "confident"):
         self.temperature = temperature
         self.map_size = map_size
+        self.over = over
 
     @classmethod
     def from_config(cls, config) -> "TotalVariationAggregator":
-        return cls(config.tv_temperature, config.tv_map_size)
+        return cls(config.tv_temperature, config.tv_map_size, config.mean_over)
 
     def views_read(self, confident: torch.Tensor, count: int) -> Optional[torch.Tensor]:
-        return confident
+        return confident if self.over == "confident" else None
 
     def __call__(self, views: ViewPredictions) -> torch.Tensor:
-        maps = views.view_maps(views.confident)
+        chosen = views.confident if self.over == "confident" else torch.arange(
+            len(views.logits), device=views.confident.device)
+        maps = views.view_maps(chosen)
         weights = total_variation_weights(maps, self.temperature, self.map_size)
-        return weighted_log_mixture(views.logits[views.confident], weights.to(views.logits.device))
+        return weighted_log_mixture(views.logits[chosen], weights.to(views.logits.device))
 
 
 @AGGREGATORS.register("reliability")
@@ -113,6 +116,23 @@ class MeanAggregator(Aggregator):
         logits = views.logits[views.confident] if self.over == "confident" else views.logits
         uniform = torch.full((logits.shape[0],), 1.0 / logits.shape[0], device=logits.device)
         return weighted_log_mixture(logits, uniform)
+
+
+@AGGREGATORS.register("vote")
+class ConfidentVoteAggregator(Aggregator):
+    """ZERO: the confident views vote with their argmax (zero temperature); ties go to the
+    class with the higher mean probability over those views."""
+
+    def views_read(self, confident: torch.Tensor, count: int) -> Optional[torch.Tensor]:
+        return confident
+
+    def __call__(self, views: ViewPredictions) -> torch.Tensor:
+        logits = views.logits[views.confident].float()
+        votes = F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).sum(dim=0).to(logits.dtype)
+        # mean probabilities lie in [0, 1) and sum to one: they only reorder classes with equal votes,
+        # and they keep the output differentiable for adaptive attacks
+        score = votes + torch.softmax(logits, dim=-1).mean(dim=0)
+        return torch.log(score / score.sum())
 
 
 @AGGREGATORS.register("single")
