@@ -9,6 +9,10 @@ results.md, results.csv, results.png, model_info/<dataset>/<threat>/<name>.json
 (RobustBench's leaderboard format). Starting the same command again resumes; a different
 command into the same folder is refused. `--nproc N` (or torchrun) shards the samples over
 N processes. See `atpt eval --help` for the units of --eps.
+
+Faults end in one `atpt: error:` line, never a traceback, and lose nothing finished: a
+failed write (a full disk) exits 1 and the same command resumes once it is fixed; bad
+arguments exit 2.
 """
 from __future__ import annotations
 
@@ -38,7 +42,9 @@ adaptive attacks: --attack eot-pgd (PGD with EOT on each adapter's whole pipelin
   attack fails a check (Carlini et al. 2019; Croce et al. 2022). --attack pgd is the
   paper's transfer attack, for comparison.
 resume: the same command into the same --out continues where a killed run stopped; a run
-  with other settings into that folder is refused (use a new --out).
+  with other settings into that folder is refused (use a new --out). A full disk stops the
+  run with an error naming the file; free space and rerun. Damaged cache entries are
+  recomputed.
 processes: --nproc N starts N processes (torchrun); or run
   torchrun --nproc_per_node N -m atpt_plugin.adapters.cli eval ...
 """
@@ -119,8 +125,12 @@ def check_manifest(out: Path, settings: dict, info: dict, write: bool) -> bool:
     path = out / "run.json"
     settings = json.loads(json.dumps(settings))  # tuples -> lists, as stored
     if path.exists():
-        stored = json.loads(path.read_text())
-        old = stored.get("settings", {})
+        try:
+            old = json.loads(path.read_text())["settings"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise RunConflict(f"{path} is damaged ({type(error).__name__}: {error}); it records the settings the "
+                              f"results in {out} were made with, so they cannot be checked: restore it, or use "
+                              "another --out") from None
         if old != settings:
             changed = [f"  {k}: {_short(a)} (in the folder) -> {_short(b)} (now)" for k, a, b in _changes(old, settings)]
             if len(changed) > 12:
@@ -134,14 +144,19 @@ def check_manifest(out: Path, settings: dict, info: dict, write: bool) -> bool:
         raise RunConflict(f"{out} has results files but no run.json; it was not made by this command "
                           "(or run.json was deleted): use another --out")
     if write:
-        from .attacks import _atomic_write
-        _atomic_write(path, json.dumps({"settings": settings, "info": info}, indent=2, sort_keys=True).encode())
+        from .storage import atomic_write
+        atomic_write(path, json.dumps({"settings": settings, "info": info}, indent=2, sort_keys=True).encode())
     return False
 
 
 def lock_folder(out: Path, rank: int):
     """An exclusive lock per rank on the folder: two runs never append to one results file."""
-    handle = open(out / f".lock.rank{rank}", "w")
+    from .storage import write_error
+    path = out / f".lock.rank{rank}"
+    try:
+        handle = open(path, "w")
+    except OSError as error:
+        raise write_error(path, error) from error
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
@@ -206,12 +221,13 @@ def run_eval(args) -> int:
     from atpt_plugin import list_adapters, load_adapter
 
     from .adaptive import SanityChecks
-    from .attacks import (ATTACKS, AdversarialCache, ZeroShotClassifier, make_attack, model_fingerprint, parse_eps,
-                          resolve_attack_name)
+    from .attacks import ATTACKS, ZeroShotClassifier, make_attack, parse_eps, resolve_attack_name
+    from .cache import AdversarialCache, model_fingerprint
     from .datasets import dataset_info, json_digest, load_dataset, select, unknown_name
     from .report import markdown_table, write_reports
     from .robustbench import applicable_overrides, write_row_model_info
     from .runner import DatasetSource, DistContext, Evaluation, ResultLog
+    from .storage import atomic_write, make_dir
 
     # validate the cheap things before any model is built
     names = [n.strip() for n in args.adapters.split(",") if n.strip()]
@@ -283,8 +299,7 @@ def run_eval(args) -> int:
             settings["sanity_checks"] = sanity.to_dict()
         if len({json_digest(s) for s in dist.gather(settings)}) != 1:
             raise RuntimeError("the processes of this run disagree on its settings (model weights or data differ)")
-        out = Path(args.out).expanduser()
-        out.mkdir(parents=True, exist_ok=True)
+        out = make_dir(Path(args.out).expanduser())
         run_info = {"command": sys.argv, "versions": _versions(), "world_size": dist.world,
                     "device": str(device), "attack": spec.describe(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         lock = lock_folder(out, dist.rank)
@@ -317,7 +332,7 @@ def run_eval(args) -> int:
             summary = {"rows": rows, "caption": caption, "settings": settings, "world_size": dist.world,
                        "attack": attack_summary(spec, sanity), "warnings": warnings,
                        "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
             print(markdown_table(rows, caption))
             for warning in warnings:
                 print(f"atpt: warning: {warning}", file=sys.stderr)
@@ -444,8 +459,9 @@ def _relaunch(argv: List[str], nproc: int) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    from .attacks import CacheMismatchError
+    from .cache import CacheMismatchError
     from .datasets import DatasetLayoutError
+    from .storage import StorageError
     try:
         if args.command == "list":
             return run_list(args)
@@ -457,11 +473,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
             return _relaunch(argv, args.nproc)
         return run_eval(args)
-    except (ValueError, FileNotFoundError, PretrainedUnavailable, CacheMismatchError, DatasetLayoutError) as error:
+    except (ValueError, FileNotFoundError, PretrainedUnavailable, CacheMismatchError, DatasetLayoutError,
+            StorageError) as error:
         if os.environ.get("ATPT_DEBUG"):
             raise
         print(f"atpt: error: {error}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(error, StorageError) else 2
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Rows of an attacked run also say the attack's kind (transfer: made once on zero-shot CLIP
 and shared by all adapters; adaptive: made on each adapter) and its cost per image; rows
-of an adaptive attack carry sanity checks, listed under the table, and warnings.
+of an adaptive attack carry sanity checks, listed under the table, and warnings. Files
+are written atomically.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import csv
 import io
 from pathlib import Path
 from typing import List, Optional, Sequence
+
+from .storage import atomic_write
 
 COLUMNS = ("adapter", "n", "clean_acc", "adv_acc", "seconds_per_image", "image_passes_per_image", "attack",
            "attack_kind", "attack_forward_per_image", "attack_backward_per_image", "attack_image_passes_per_image",
@@ -123,7 +126,9 @@ def bar_chart(rows: Sequence[dict], path: Path, title: str = "") -> Path:
     axes.legend(fontsize=8, loc="upper right")
     axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path)
+    image = io.BytesIO()
+    figure.savefig(image, format="png")
+    atomic_write(path, image.getvalue())
     return path
 
 
@@ -131,7 +136,7 @@ def write_reports(rows: Sequence[dict], directory: Path, caption: str = "") -> L
     directory = Path(directory)
     written = []
     for name, text in (("results.md", markdown_table(rows, caption)), ("results.csv", csv_table(rows))):
-        (directory / name).write_text(text)
+        atomic_write(directory / name, text.encode())
         written.append(directory / name)
     written.append(bar_chart(rows, directory / "results.png", caption))
     return written

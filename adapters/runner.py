@@ -37,7 +37,9 @@ import torch
 from torch import nn
 
 from .adaptive import CHECKS, AttackStats, SanityChecks, check_attacks, judge, run_adaptive, zero_gradient_warning
-from .attacks import AdversarialCache, AttackSpec, ZeroShotClassifier, chunk_seed, run_attack, tensor_digest
+from .attacks import AttackSpec, ZeroShotClassifier, chunk_seed, run_attack
+from .cache import AdversarialCache, tensor_digest
+from .storage import append, truncate
 
 
 # ---- processes ------------------------------------------------------------------------
@@ -148,10 +150,7 @@ class ResultLog:
         data = self.path.read_bytes()
         keep = data.rfind(b"\n") + 1
         if keep < len(data):
-            with open(self.path, "r+b") as handle:
-                handle.truncate(keep)
-                handle.flush()
-                os.fsync(handle.fileno())
+            truncate(self.path, keep)
         return len(data) - keep
 
     def records(self) -> List[dict]:
@@ -175,13 +174,7 @@ class ResultLog:
         if self.path is None:
             self.memory.append(record)
             return
-        line = (json.dumps(record, sort_keys=True) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append(self.path, (json.dumps(record, sort_keys=True) + "\n").encode())
 
 
 # ---- summary ------------------------------------------------------------------------------
