@@ -9,8 +9,9 @@ Submodules: `attacks` (threat models on torchattacks, the zero-shot attacked mod
 `cache` (the checksummed adversarial-image cache), `adaptive` (attacks on the whole
 wrapped adapter: EOT-PGD, Square, and their sanity checks), `datasets` (CoOp/TPT layouts,
 ImageNet variants, ImageFolder), `robustbench` (`benchmark`, leaderboard JSON,
-`import_robustbench`), `runner` (the resumable, sharded evaluation loop), `storage`
-(atomic writes, write errors), `report` (tables and chart), `cli` (`atpt`).
+`import_robustbench`), `runner` (the resumable, sharded evaluation loop), `resultlog` (the
+per-sample results files), `storage` (atomic writes, write errors), `report` (tables and
+chart), `cli` (`atpt`).
 Names are imported lazily, so `import atpt_plugin.adapters` stays cheap.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ _EXPORTS = {
     "DATASETS": "datasets", "EvalDataset": "datasets", "load_dataset": "datasets", "describe_layout": "datasets",
     "DatasetLayoutError": "datasets", "UnknownNameError": "datasets",
     "benchmark": "robustbench", "benchmark_table": "robustbench", "import_robustbench": "robustbench",
-    "Evaluation": "runner", "StorageError": "storage",
+    "Evaluation": "runner", "DamagedResultsError": "resultlog", "StorageError": "storage",
 }
 
 __all__ = sorted(_EXPORTS)

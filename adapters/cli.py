@@ -11,8 +11,8 @@ command into the same folder is refused. `--nproc N` (or torchrun) shards the sa
 N processes. See `atpt eval --help` for the units of --eps.
 
 Faults end in one `atpt: error:` line, never a traceback, and lose nothing finished: a
-failed write (a full disk) exits 1 and the same command resumes once it is fixed; bad
-arguments exit 2.
+failed write (a full disk) exits 1 and the same command resumes once it is fixed;
+damaged results lines or bad arguments exit 2.
 """
 from __future__ import annotations
 
@@ -43,8 +43,9 @@ adaptive attacks: --attack eot-pgd (PGD with EOT on each adapter's whole pipelin
   paper's transfer attack, for comparison.
 resume: the same command into the same --out continues where a killed run stopped; a run
   with other settings into that folder is refused (use a new --out). A full disk stops the
-  run with an error naming the file; free space and rerun. Damaged cache entries are
-  recomputed.
+  run with an error naming the file; free space and rerun. Damaged lines in samples.jsonl
+  stop it too (with their line numbers): --repair-results drops them and recomputes them.
+  Damaged cache entries are recomputed.
 processes: --nproc N starts N processes (torchrun); or run
   torchrun --nproc_per_node N -m atpt_plugin.adapters.cli eval ...
 """
@@ -225,8 +226,9 @@ def run_eval(args) -> int:
     from .cache import AdversarialCache, model_fingerprint
     from .datasets import dataset_info, json_digest, load_dataset, select, unknown_name
     from .report import markdown_table, write_reports
+    from .resultlog import ResultLog
     from .robustbench import applicable_overrides, write_row_model_info
-    from .runner import DatasetSource, DistContext, Evaluation, ResultLog
+    from .runner import DatasetSource, DistContext, Evaluation
     from .storage import atomic_write, make_dir
 
     # validate the cheap things before any model is built
@@ -317,7 +319,8 @@ def run_eval(args) -> int:
         evaluation = Evaluation(adapters, source, spec, attacked, cache, seed=args.seed,
                                 attack_batch_size=args.attack_batch_size, log=ResultLog(out, dist.rank),
                                 dist=dist, device=device, progress=not args.no_progress and dist.rank == 0,
-                                sanity=sanity, backbone_kind=kind, image_size=image_size)
+                                sanity=sanity, backbone_kind=kind, image_size=image_size,
+                                repair_results=args.repair_results)
         rows = [row.as_dict() for row in evaluation.run()]
         if dist.rank == 0:
             prefix = args.model_name or f"{model_name}-{Path(pretrained).stem if os.sep in pretrained else pretrained}"
@@ -423,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--nproc", type=int, default=1, help="processes to shard the samples over (uses torchrun)")
     ev.add_argument("--model-name", help="leaderboard name prefix (default: <model>-<pretrained>)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.add_argument("--repair-results", action="store_true",
+                    help="drop damaged lines of samples.jsonl (reported with their line numbers) and recompute them")
     ex = commands.add_parser("explain", help="one picture of what an adapter does to one demo test image")
     ex.add_argument("index", type=int, help="index into the shipped demo subset (0..999)")
     st = commands.add_parser("stability", help="how much each explainer's maps move under the attack (demo subset)")

@@ -42,7 +42,8 @@ from .adaptive import SanityChecks
 from .attacks import AttackSpec, ZeroShotClassifier, make_attack
 from .cache import AdversarialCache, model_fingerprint
 from .datasets import DatasetInfo, EvalDataset, dataset_info, json_digest, load_dataset, select
-from .runner import DatasetSource, Evaluation, ResultLog, TensorSource
+from .resultlog import ResultLog
+from .runner import DatasetSource, Evaluation, TensorSource
 from .storage import atomic_write, make_dir, warn
 
 INSTALL_HINT = ("robustbench 1.1.1 pins timm==1.0.9, which open_clip's timm>=1.0.17 excludes; install it "

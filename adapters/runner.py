@@ -21,16 +21,15 @@ A run that is killed resumes from the results files: finished (sample, adapter) 
 are skipped, a half-written last line is dropped, and the attack batches come from the
 cache (or are recomputed identically). Each adapter adapts every image on its own from
 a seed and the image alone, so the results do not depend on the number of processes.
+Damaged results lines stop the run unless `repair_results` (`resultlog.py`); a failed
+write stops it with a `storage.StorageError`, and the rerun resumes.
 """
 from __future__ import annotations
 
-import collections
 import datetime
-import json
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -39,7 +38,7 @@ from torch import nn
 from .adaptive import CHECKS, AttackStats, SanityChecks, check_attacks, judge, run_adaptive, zero_gradient_warning
 from .attacks import AttackSpec, ZeroShotClassifier, chunk_seed, run_attack
 from .cache import AdversarialCache, tensor_digest
-from .storage import append, truncate
+from .resultlog import ResultLog
 
 
 # ---- processes ------------------------------------------------------------------------
@@ -126,55 +125,6 @@ class TensorSource:
 
     def sample_id(self, position: int) -> str:
         return str(position)
-
-
-# ---- per-sample results ---------------------------------------------------------------------
-class ResultLog:
-    """Append-only JSON lines, one file per rank; in memory when `directory` is None."""
-
-    PATTERN = "samples*.jsonl"
-
-    def __init__(self, directory=None, rank: int = 0):
-        self.directory = Path(directory) if directory is not None else None
-        self.rank = rank
-        self.memory: List[dict] = []
-        self.path = None
-        if self.directory is not None:
-            name = "samples.jsonl" if rank == 0 else f"samples.rank{rank}.jsonl"
-            self.path = self.directory / name
-
-    def repair(self) -> int:
-        """Drop a half-written last line of this rank's file (a kill mid-write); bytes dropped."""
-        if self.path is None or not self.path.exists():
-            return 0
-        data = self.path.read_bytes()
-        keep = data.rfind(b"\n") + 1
-        if keep < len(data):
-            truncate(self.path, keep)
-        return len(data) - keep
-
-    def records(self) -> List[dict]:
-        """Every complete line of every rank's file (a partial last line is ignored)."""
-        if self.directory is None:
-            return list(self.memory)
-        out = []
-        for path in sorted(self.directory.glob(self.PATTERN)):
-            data = path.read_bytes()
-            for number, line in enumerate(data[: data.rfind(b"\n") + 1].splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise RuntimeError(f"{path}:{number} is not a JSON record; the results file is "
-                                       "damaged (it is append-only: do not edit it)") from None
-        return out
-
-    def append(self, record: dict) -> None:
-        if self.path is None:
-            self.memory.append(record)
-            return
-        append(self.path, (json.dumps(record, sort_keys=True) + "\n").encode())
 
 
 # ---- summary ------------------------------------------------------------------------------
@@ -335,7 +285,7 @@ class Evaluation:
                  attack_batch_size: int = 32, log: Optional[ResultLog] = None,
                  dist: Optional[DistContext] = None, device=None, progress: bool = False,
                  sanity: Optional[SanityChecks] = None, backbone_kind: str = "vit",
-                 image_size: Optional[int] = None):
+                 image_size: Optional[int] = None, repair_results: bool = False):
         if not adapters:
             raise ValueError("no adapters to evaluate")
         if attack.is_attack and not attack.is_adaptive and attacked is None:
@@ -362,6 +312,7 @@ class Evaluation:
             self.checks.pop("transfer", None)
         self.transfer_seconds = 0.0
         self.transfer_images = 0
+        self.repair_results = repair_results
 
     # -- helpers
     def _batches(self) -> List[range]:
@@ -511,7 +462,8 @@ class Evaluation:
 
     def run(self) -> List[Row]:
         """Attack, adapt, reduce; returns one `Row` per adapter (the same on every rank)."""
-        self.log.repair()
+        if self.dist.rank == 0:
+            self.log.prepare(repair=self.repair_results)
         self.dist.barrier()
         done = self._done()
         n = len(self.source)
@@ -546,15 +498,10 @@ class Evaluation:
         return reduced
 
     def _merge(self, reduced: List[Row]) -> List[dict]:
-        """All records, checked: each (sample, adapter) once, none missing, equal to the sums."""
+        """All records, checked: none missing (each is there once: `ResultLog.records`), equal to the sums."""
         records = [r for r in self.log.records() if r["adapter"] in self.adapters and 0 <= r["position"] < len(self.source)]
-        counts = collections.Counter((r["adapter"], r["position"]) for r in records)
-        duplicates = [key for key, count in counts.items() if count > 1]
-        if duplicates:
-            raise RuntimeError(f"{len(duplicates)} (adapter, sample) pairs were recorded more than once, "
-                               f"e.g. {duplicates[:3]}")
         expected = {(name, p) for name in self.adapters for p in range(len(self.source))}
-        missing = sorted(expected - set(counts))
+        missing = sorted(expected - {(r["adapter"], r["position"]) for r in records})
         if missing:
             raise RuntimeError(f"{len(missing)} (adapter, sample) results are missing, e.g. {missing[:3]}")
         by_adapter = {name: Row(name, attacked=self.attack.is_attack) for name in self.adapters}
