@@ -23,7 +23,7 @@ _EXPORTS = {
     "make_attack": "attacks", "parse_eps": "attacks", "run_attack": "attacks", "CacheMismatchError": "cache",
     "run_adaptive": "adaptive", "attack_view": "adaptive", "SanityChecks": "adaptive",
     "DATASETS": "datasets", "EvalDataset": "datasets", "load_dataset": "datasets", "describe_layout": "datasets",
-    "DatasetLayoutError": "datasets", "UnknownNameError": "datasets",
+    "DatasetLayoutError": "datasets", "UnknownNameError": "datasets", "BadImageError": "datasets",
     "benchmark": "robustbench", "benchmark_table": "robustbench", "import_robustbench": "robustbench",
     "Evaluation": "runner", "DamagedResultsError": "resultlog", "StorageError": "storage",
 }

@@ -11,8 +11,8 @@ command into the same folder is refused. `--nproc N` (or torchrun) shards the sa
 N processes. See `atpt eval --help` for the units of --eps.
 
 Faults end in one `atpt: error:` line, never a traceback, and lose nothing finished: a
-failed write (a full disk) exits 1 and the same command resumes once it is fixed;
-damaged results lines or bad arguments exit 2.
+failed write (a full disk) exits 1 and the same command resumes once it is fixed; an
+unreadable image, damaged results lines or bad arguments exit 2.
 """
 from __future__ import annotations
 
@@ -45,10 +45,17 @@ resume: the same command into the same --out continues where a killed run stoppe
   with other settings into that folder is refused (use a new --out). A full disk stops the
   run with an error naming the file; free space and rerun. Damaged lines in samples.jsonl
   stop it too (with their line numbers): --repair-results drops them and recomputes them.
-  Damaged cache entries are recomputed.
+bad images: an image file that cannot be read or decoded stops the run, naming the file
+  and the sample; --on-bad-image skip leaves such samples out of every count and lists
+  them in summary.json ("skipped") and results.md. Damaged cache entries are recomputed.
 processes: --nproc N starts N processes (torchrun); or run
   torchrun --nproc_per_node N -m atpt_plugin.adapters.cli eval ...
 """
+
+
+BAD_IMAGE_ADVICE = ("\nReplace or remove that file and run the same command again, or add --on-bad-image skip "
+                    "to leave unreadable images out (listed in summary.json and results.md); finished results "
+                    "are kept.")
 
 
 class RunConflict(ValueError):
@@ -225,7 +232,7 @@ def run_eval(args) -> int:
     from .attacks import ATTACKS, ZeroShotClassifier, make_attack, parse_eps, resolve_attack_name
     from .cache import AdversarialCache, model_fingerprint
     from .datasets import dataset_info, json_digest, load_dataset, select, unknown_name
-    from .report import markdown_table, write_reports
+    from .report import markdown_table, skipped_note, write_reports
     from .resultlog import ResultLog
     from .robustbench import applicable_overrides, write_row_model_info
     from .runner import DatasetSource, DistContext, Evaluation
@@ -320,7 +327,7 @@ def run_eval(args) -> int:
                                 attack_batch_size=args.attack_batch_size, log=ResultLog(out, dist.rank),
                                 dist=dist, device=device, progress=not args.no_progress and dist.rank == 0,
                                 sanity=sanity, backbone_kind=kind, image_size=image_size,
-                                repair_results=args.repair_results)
+                                on_bad_image=args.on_bad_image, repair_results=args.repair_results)
         rows = [row.as_dict() for row in evaluation.run()]
         if dist.rank == 0:
             prefix = args.model_name or f"{model_name}-{Path(pretrained).stem if os.sep in pretrained else pretrained}"
@@ -330,13 +337,14 @@ def run_eval(args) -> int:
                 row["model_info"] = write_row_model_info(
                     row, dataset=info.key, attack=spec, architecture=model_name, name=descriptions[row["adapter"]],
                     file_name=f"{prefix}_{row['adapter']}", root=out / "model_info")
-            files = write_reports(rows, out, caption)
+            notes = skipped_note(evaluation.skipped)
+            files = write_reports(rows, out, caption, notes)
             warnings = [w for row in rows for w in row.get("warnings") or []]
             summary = {"rows": rows, "caption": caption, "settings": settings, "world_size": dist.world,
-                       "attack": attack_summary(spec, sanity), "warnings": warnings,
+                       "attack": attack_summary(spec, sanity), "warnings": warnings, "skipped": evaluation.skipped,
                        "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
             atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-            print(markdown_table(rows, caption))
+            print(markdown_table(rows, caption, notes))
             for warning in warnings:
                 print(f"atpt: warning: {warning}", file=sys.stderr)
             print("wrote: " + ", ".join(str(p) for p in [*files, out / "summary.json"]
@@ -426,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--nproc", type=int, default=1, help="processes to shard the samples over (uses torchrun)")
     ev.add_argument("--model-name", help="leaderboard name prefix (default: <model>-<pretrained>)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
+                    help="an image file that cannot be read: stop with an error naming it (default), or skip the "
+                         "sample (left out of every count, listed in summary.json and results.md)")
     ev.add_argument("--repair-results", action="store_true",
                     help="drop damaged lines of samples.jsonl (reported with their line numbers) and recompute them")
     ex = commands.add_parser("explain", help="one picture of what an adapter does to one demo test image")
@@ -465,7 +476,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     from .cache import CacheMismatchError
-    from .datasets import DatasetLayoutError
+    from .datasets import BadImageError, DatasetLayoutError
     from .storage import StorageError
     try:
         if args.command == "list":
@@ -479,10 +490,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _relaunch(argv, args.nproc)
         return run_eval(args)
     except (ValueError, FileNotFoundError, PretrainedUnavailable, CacheMismatchError, DatasetLayoutError,
-            StorageError) as error:
+            BadImageError, StorageError) as error:
         if os.environ.get("ATPT_DEBUG"):
             raise
-        print(f"atpt: error: {error}", file=sys.stderr)
+        advice = BAD_IMAGE_ADVICE if isinstance(error, BadImageError) else ""
+        print(f"atpt: error: {error}{advice}", file=sys.stderr)
         return 1 if isinstance(error, StorageError) else 2
 
 
