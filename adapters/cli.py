@@ -67,26 +67,32 @@ class PretrainedUnavailable(RuntimeError):
 
 
 # ---- model ------------------------------------------------------------------------------
-DEMO_MODEL = "demo"  # the embedded small CLIP trained on Fashion-MNIST, with its shipped weights
+DEMO_MODEL = "demo"  # short for the embedded small CLIP trained on Fashion-MNIST (fmnist-vit-tiny)
+DEFAULT_PRETRAINED = "openai"
 
 
 def create_model(name: str, pretrained: Optional[str], seed: int = 0):
     """(model, tokenizer, model name, pretrained as recorded) for an open_clip name or config.
 
-    name: an open_clip model name (`open_clip.list_models()`) or a path to a model config
-    JSON (its file stem becomes the name). pretrained: a tag ("openai"), a path to a state
-    dict, or "none" for random initialisation seeded with `seed`.
+    name: an open_clip model name (`open_clip.list_models()`, which includes the embedded
+    `fmnist-vit-tiny`, also called `demo`) or a path to a model config JSON (its file stem
+    becomes the name). pretrained: a tag ("openai"), a path to a state dict, "none" for
+    random initialisation seeded with `seed`, or None for the model's default (the shipped
+    weights of the embedded model, "openai" for the others).
     """
     import open_clip
     import torch
 
+    from atpt_plugin.demo_model import MODEL_NAME, checkpoint_path  # registers the embedded model's config
+
     from .datasets import unknown_name
 
-    if name == DEMO_MODEL:
-        from atpt_plugin.demo_model import MODEL_NAME, checkpoint_path
+    if name in (DEMO_MODEL, MODEL_NAME):
         name = MODEL_NAME
-        if pretrained in (None, "", "openai"):
+        if pretrained in (None, ""):
             pretrained = str(checkpoint_path())
+    elif pretrained in (None, ""):
+        pretrained = DEFAULT_PRETRAINED
     if name.endswith(".json"):
         path = Path(name).expanduser()
         if not path.is_file():
@@ -403,10 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="run adapters on a test set, clean and under attack",
                              epilog=EPILOG_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("--model", default=DEMO_MODEL,
-                    help="open_clip model name (ViT-B-16, RN50, ...), a model config .json, or 'demo' "
-                         "(default: the embedded Fashion-MNIST CLIP with its shipped weights)")
-    ev.add_argument("--pretrained", default="openai",
-                    help="pretrained tag (openai), a local state-dict file, or 'none' for random init (default: openai)")
+                    help="open_clip model name (ViT-B-16, RN50, ...), a model config .json, or fmnist-vit-tiny "
+                         "(also 'demo'; the default): the embedded Fashion-MNIST CLIP")
+    ev.add_argument("--pretrained", default=None,
+                    help="pretrained tag (openai), a local state-dict file, or 'none' for random init (default: "
+                         "the shipped weights for fmnist-vit-tiny, openai for other models)")
     ev.add_argument("--dataset", default="demo",
                     help="dataset name (atpt list datasets; default: the shipped Fashion-MNIST demo subset)")
     ev.add_argument("--data-root", help="the folder holding the dataset folders (or the dataset folder); "

@@ -232,7 +232,7 @@ class DemoDataset(EvalDataset):
 
         if image_size not in (None, _demo_image_size()):
             raise ValueError(f"the demo subset is made for the demo model's {_demo_image_size()}px input, "
-                             f"not {image_size}px: use --model demo")
+                             f"not {image_size}px: use --model fmnist-vit-tiny (or --model demo)")
         self.images, labels = load_demo_subset()
         samples = [(f"fmnist_test_1000/{index}", int(label)) for index, label in enumerate(labels)]
         super().__init__(info, subset_path().parent, "test", samples, list(CLASSNAMES), subset_path().parent,
