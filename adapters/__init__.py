@@ -5,11 +5,13 @@ top-level name `adapters` belongs to an unrelated PyPI package and is never inst
 
     from atpt_plugin.adapters import load_dataset, make_attack, benchmark, benchmark_table
 
-Submodules: `attacks` (threat models on torchattacks, the zero-shot attacked model, the
-adversarial cache), `adaptive` (attacks on the whole wrapped adapter: EOT-PGD, Square, and
-their sanity checks), `datasets` (CoOp/TPT layouts, ImageNet variants, ImageFolder),
-`robustbench` (`benchmark`, leaderboard JSON, `import_robustbench`), `runner` (the
-resumable, sharded evaluation loop), `report` (tables and chart), `cli` (`atpt`).
+Submodules: `attacks` (threat models on torchattacks, the zero-shot attacked model),
+`cache` (the checksummed adversarial-image cache), `adaptive` (attacks on the whole
+wrapped adapter: EOT-PGD, Square, and their sanity checks), `datasets` (CoOp/TPT layouts,
+ImageNet variants, ImageFolder), `robustbench` (`benchmark`, leaderboard JSON,
+`import_robustbench`), `runner` (the resumable, sharded evaluation loop), `resultlog` (the
+per-sample results files), `storage` (atomic writes, write errors), `report` (tables and
+chart), `cli` (`atpt`).
 Names are imported lazily, so `import atpt_plugin.adapters` stays cheap.
 """
 from __future__ import annotations
@@ -17,13 +19,13 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "ATTACKS": "attacks", "AttackSpec": "attacks", "AdversarialCache": "attacks", "ZeroShotClassifier": "attacks",
-    "make_attack": "attacks", "parse_eps": "attacks", "run_attack": "attacks", "CacheMismatchError": "attacks",
+    "ATTACKS": "attacks", "AttackSpec": "attacks", "AdversarialCache": "cache", "ZeroShotClassifier": "attacks",
+    "make_attack": "attacks", "parse_eps": "attacks", "run_attack": "attacks", "CacheMismatchError": "cache",
     "run_adaptive": "adaptive", "attack_view": "adaptive", "SanityChecks": "adaptive",
     "DATASETS": "datasets", "EvalDataset": "datasets", "load_dataset": "datasets", "describe_layout": "datasets",
-    "DatasetLayoutError": "datasets", "UnknownNameError": "datasets",
+    "DatasetLayoutError": "datasets", "UnknownNameError": "datasets", "BadImageError": "datasets",
     "benchmark": "robustbench", "benchmark_table": "robustbench", "import_robustbench": "robustbench",
-    "Evaluation": "runner",
+    "Evaluation": "runner", "DamagedResultsError": "resultlog", "StorageError": "storage",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -4,8 +4,8 @@ The paper's protocol (method.md section 6) is a transfer attack: untargeted L-in
 a random start and cross-entropy on the true label, against zero-shot CLIP with the
 initial prompt, on the center crop in [0,1] (eps 4/255, step eps/4, 100 steps for ViTs;
 eps 1/255, 1 step for RN50). The attack does not depend on the adapter, so its images are
-computed once, batched on the device, and cached per (model, dataset, attack, seed): six
-adapters compared on one set cost one attack.
+computed once, batched on the device, and cached per (model, dataset, attack, seed)
+(`cache.py`): six adapters compared on one set cost one attack.
 
 Adaptive attacks (`eot-pgd`, `square`; kind "adaptive") attack each wrapped adapter
 itself, the whole test-time pipeline, per image; they are run by `adaptive.py` inside
@@ -21,13 +21,10 @@ Values that cannot be meant are rejected with the reading that was probably inte
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -38,7 +35,7 @@ from atpt_plugin.augmenters import center_view
 from atpt_plugin.config import AdapterConfig
 from atpt_plugin.inputs import check_images
 
-from .datasets import json_digest, unknown_name
+from .datasets import unknown_name
 
 ZEROSHOT_CONFIG = AdapterConfig(views=1, steps=0, aggregator="single")
 
@@ -401,104 +398,3 @@ def run_attack(spec: AttackSpec, classifier: ZeroShotClassifier, images: torch.T
         torch.manual_seed(seed)
         adversarial = attack(images.to(device), labels.to(device))
     return adversarial.detach().float().cpu()
-
-
-# ---- cache --------------------------------------------------------------------------
-def tensor_digest(*tensors: torch.Tensor) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    for tensor in tensors:
-        shape = tensor.shape
-        tensor = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(str((tuple(shape), str(tensor.dtype))).encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A digest of every parameter and buffer: two models with one fingerprint compute the same."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor_digest(tensor).encode())
-    return digest.hexdigest()
-
-
-class CacheMismatchError(RuntimeError):
-    """A cached adversarial batch was made for something else than what is asked now."""
-
-
-class AdversarialCache:
-    """Adversarial batches on disk under `root/<dataset>-<attack>-<hash of key>/`.
-
-    The key names the model (with a fingerprint of its weights), the dataset (with a
-    fingerprint of its samples), the attack with all its parameters, the attacked prompt
-    and the seed. It is stored with every batch and compared on reuse, together with the
-    sample ids and a digest of the clean images the batch was made from, so a cache is
-    never read for another model, attack, dataset or changed image files. `root=None`
-    keeps batches in memory only.
-    """
-
-    def __init__(self, root, key: Dict[str, object]):
-        self.key = json.loads(json.dumps(key, sort_keys=True))
-        self.digest = json_digest(self.key, length=20)
-        self.memory: Dict[Tuple[int, int], torch.Tensor] = {}
-        self.directory = None
-        if root is not None:
-            label = "-".join(str(self.key.get(k, "x")) for k in ("dataset", "attack_name"))
-            self.directory = Path(root).expanduser() / f"{label}-{self.digest}"
-            self.directory.mkdir(parents=True, exist_ok=True)
-            key_file = self.directory / "key.json"
-            if key_file.exists():
-                stored = json.loads(key_file.read_text())
-                if stored != self.key:
-                    raise CacheMismatchError(_difference("cache folder " + str(self.directory), stored, self.key))
-            else:
-                _atomic_write(key_file, json.dumps(self.key, indent=2, sort_keys=True).encode())
-
-    def _path(self, start: int, count: int) -> Path:
-        return self.directory / f"batch-{start:08d}-{count:05d}.pt"
-
-    def load(self, start: int, ids: List[str], clean_digest: str) -> Optional[torch.Tensor]:
-        if (start, len(ids)) in self.memory:
-            return self.memory[(start, len(ids))]
-        if self.directory is None:
-            return None
-        path = self._path(start, len(ids))
-        if not path.exists():
-            return None
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        if stored["key"] != self.key:
-            raise CacheMismatchError(_difference(str(path), stored["key"], self.key))
-        if stored["ids"] != ids:
-            raise CacheMismatchError(f"{path} holds images {stored['ids'][:3]}..., not {ids[:3]}...: "
-                                     "the dataset selection changed; delete the cache folder")
-        if stored["clean_digest"] != clean_digest:
-            raise CacheMismatchError(f"{path} was made from other clean images than those on disk now "
-                                     f"(ids {ids[:3]}...): the image files changed; delete {self.directory}")
-        return stored["adversarial"]
-
-    def save(self, start: int, ids: List[str], clean_digest: str, adversarial: torch.Tensor) -> None:
-        if self.directory is None:
-            self.memory[(start, len(ids))] = adversarial
-            return
-        import io
-        buffer = io.BytesIO()
-        torch.save({"key": self.key, "ids": ids, "clean_digest": clean_digest,
-                    "adversarial": adversarial.contiguous()}, buffer)
-        _atomic_write(self._path(start, len(ids)), buffer.getvalue())
-
-
-def _difference(where: str, stored: Dict, wanted: Dict) -> str:
-    keys = sorted(set(stored) | set(wanted))
-    changed = [f"{k}: {stored.get(k)!r} (cached) vs {wanted.get(k)!r} (now)" for k in keys
-               if stored.get(k) != wanted.get(k)]
-    return f"{where} was made for a different key; " + "; ".join(changed)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)

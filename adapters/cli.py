@@ -9,6 +9,10 @@ results.md, results.csv, results.png, model_info/<dataset>/<threat>/<name>.json
 (RobustBench's leaderboard format). Starting the same command again resumes; a different
 command into the same folder is refused. `--nproc N` (or torchrun) shards the samples over
 N processes. See `atpt eval --help` for the units of --eps.
+
+Faults end in one `atpt: error:` line, never a traceback, and lose nothing finished: a
+failed write (a full disk) exits 1 and the same command resumes once it is fixed; an
+unreadable image, damaged results lines or bad arguments exit 2.
 """
 from __future__ import annotations
 
@@ -39,10 +43,20 @@ adaptive attacks: --attack eot-pgd (PGD with EOT on each adapter's whole pipelin
   attack fails a check (Carlini et al. 2019; Croce et al. 2022). --attack pgd is the
   paper's transfer attack, for comparison.
 resume: the same command into the same --out continues where a killed run stopped; a run
-  with other settings into that folder is refused (use a new --out).
+  with other settings into that folder is refused (use a new --out). A full disk stops the
+  run with an error naming the file; free space and rerun. Damaged lines in samples.jsonl
+  stop it too (with their line numbers): --repair-results drops them and recomputes them.
+bad images: an image file that cannot be read or decoded stops the run, naming the file
+  and the sample; --on-bad-image skip leaves such samples out of every count and lists
+  them in summary.json ("skipped") and results.md. Damaged cache entries are recomputed.
 processes: --nproc N starts N processes (torchrun); or run
   torchrun --nproc_per_node N -m atpt_plugin.adapters.cli eval ...
 """
+
+
+BAD_IMAGE_ADVICE = ("\nReplace or remove that file and run the same command again, or add --on-bad-image skip "
+                    "to leave unreadable images out (listed in summary.json and results.md); finished results "
+                    "are kept.")
 
 
 class RunConflict(ValueError):
@@ -54,26 +68,32 @@ class PretrainedUnavailable(RuntimeError):
 
 
 # ---- model ------------------------------------------------------------------------------
-DEMO_MODEL = "demo"  # the embedded small CLIP trained on Fashion-MNIST, with its shipped weights
+DEMO_MODEL = "demo"  # short for the embedded small CLIP trained on Fashion-MNIST (fmnist-vit-tiny)
+DEFAULT_PRETRAINED = "openai"
 
 
 def create_model(name: str, pretrained: Optional[str], seed: int = 0):
     """(model, tokenizer, model name, pretrained as recorded) for an open_clip name or config.
 
-    name: an open_clip model name (`open_clip.list_models()`) or a path to a model config
-    JSON (its file stem becomes the name). pretrained: a tag ("openai"), a path to a state
-    dict, or "none" for random initialisation seeded with `seed`.
+    name: an open_clip model name (`open_clip.list_models()`, which includes the embedded
+    `fmnist-vit-tiny`, also called `demo`) or a path to a model config JSON (its file stem
+    becomes the name). pretrained: a tag ("openai"), a path to a state dict, "none" for
+    random initialisation seeded with `seed`, or None for the model's default (the shipped
+    weights of the embedded model, "openai" for the others).
     """
     import open_clip
     import torch
 
+    from atpt_plugin.demo_model import MODEL_NAME, checkpoint_path  # registers the embedded model's config
+
     from .datasets import unknown_name
 
-    if name == DEMO_MODEL:
-        from atpt_plugin.demo_model import MODEL_NAME, checkpoint_path
+    if name in (DEMO_MODEL, MODEL_NAME):
         name = MODEL_NAME
-        if pretrained in (None, "", "openai"):
+        if pretrained in (None, ""):
             pretrained = str(checkpoint_path())
+    elif pretrained in (None, ""):
+        pretrained = DEFAULT_PRETRAINED
     if name.endswith(".json"):
         path = Path(name).expanduser()
         if not path.is_file():
@@ -120,8 +140,12 @@ def check_manifest(out: Path, settings: dict, info: dict, write: bool) -> bool:
     path = out / "run.json"
     settings = json.loads(json.dumps(settings))  # tuples -> lists, as stored
     if path.exists():
-        stored = json.loads(path.read_text())
-        old = stored.get("settings", {})
+        try:
+            old = json.loads(path.read_text())["settings"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise RunConflict(f"{path} is damaged ({type(error).__name__}: {error}); it records the settings the "
+                              f"results in {out} were made with, so they cannot be checked: restore it, or use "
+                              "another --out") from None
         if old != settings:
             changed = [f"  {k}: {_short(a)} (in the folder) -> {_short(b)} (now)" for k, a, b in _changes(old, settings)]
             if len(changed) > 12:
@@ -135,14 +159,19 @@ def check_manifest(out: Path, settings: dict, info: dict, write: bool) -> bool:
         raise RunConflict(f"{out} has results files but no run.json; it was not made by this command "
                           "(or run.json was deleted): use another --out")
     if write:
-        from .attacks import _atomic_write
-        _atomic_write(path, json.dumps({"settings": settings, "info": info}, indent=2, sort_keys=True).encode())
+        from .storage import atomic_write
+        atomic_write(path, json.dumps({"settings": settings, "info": info}, indent=2, sort_keys=True).encode())
     return False
 
 
 def lock_folder(out: Path, rank: int):
     """An exclusive lock per rank on the folder: two runs never append to one results file."""
-    handle = open(out / f".lock.rank{rank}", "w")
+    from .storage import write_error
+    path = out / f".lock.rank{rank}"
+    try:
+        handle = open(path, "w")
+    except OSError as error:
+        raise write_error(path, error) from error
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
@@ -225,12 +254,14 @@ def run_eval(args) -> int:
     import torch
 
     from .adaptive import SanityChecks
-    from .attacks import (ATTACKS, AdversarialCache, ZeroShotClassifier, make_attack, model_fingerprint, parse_eps,
-                          resolve_attack_name)
+    from .attacks import ATTACKS, ZeroShotClassifier, make_attack, parse_eps, resolve_attack_name
+    from .cache import AdversarialCache, model_fingerprint
     from .datasets import dataset_info, json_digest, load_dataset, select
-    from .report import markdown_table, write_reports
+    from .report import markdown_table, skipped_note, write_reports
+    from .resultlog import ResultLog
     from .robustbench import applicable_overrides, write_row_model_info
-    from .runner import DatasetSource, DistContext, Evaluation, ResultLog
+    from .runner import DatasetSource, DistContext, Evaluation
+    from .storage import atomic_write, make_dir
 
     # validate the cheap things before any model is built
     loaded = parse_adapters(args.adapters)
@@ -296,8 +327,7 @@ def run_eval(args) -> int:
             settings["sanity_checks"] = sanity.to_dict()
         if len({json_digest(s) for s in dist.gather(settings)}) != 1:
             raise RuntimeError("the processes of this run disagree on its settings (model weights or data differ)")
-        out = Path(args.out).expanduser()
-        out.mkdir(parents=True, exist_ok=True)
+        out = make_dir(Path(args.out).expanduser())
         run_info = {"command": sys.argv, "versions": _versions(), "world_size": dist.world,
                     "device": str(device), "attack": spec.describe(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         lock = lock_folder(out, dist.rank)
@@ -315,7 +345,8 @@ def run_eval(args) -> int:
         evaluation = Evaluation(adapters, source, spec, attacked, cache, seed=args.seed,
                                 attack_batch_size=args.attack_batch_size, log=ResultLog(out, dist.rank),
                                 dist=dist, device=device, progress=not args.no_progress and dist.rank == 0,
-                                sanity=sanity, backbone_kind=kind, image_size=image_size)
+                                sanity=sanity, backbone_kind=kind, image_size=image_size,
+                                on_bad_image=args.on_bad_image, repair_results=args.repair_results)
         rows = [row.as_dict() for row in evaluation.run()]
         if dist.rank == 0:
             prefix = args.model_name or f"{model_name}-{Path(pretrained).stem if os.sep in pretrained else pretrained}"
@@ -325,13 +356,14 @@ def run_eval(args) -> int:
                 row["model_info"] = write_row_model_info(
                     row, dataset=info.key, attack=spec, architecture=model_name, name=descriptions[row["adapter"]],
                     file_name=re.sub(r"[^\w.-]+", "_", f"{prefix}_{row['adapter']}"), root=out / "model_info")
-            files = write_reports(rows, out, caption)
+            notes = skipped_note(evaluation.skipped)
+            files = write_reports(rows, out, caption, notes)
             warnings = [w for row in rows for w in row.get("warnings") or []]
             summary = {"rows": rows, "caption": caption, "settings": settings, "world_size": dist.world,
-                       "attack": attack_summary(spec, sanity), "warnings": warnings,
+                       "attack": attack_summary(spec, sanity), "warnings": warnings, "skipped": evaluation.skipped,
                        "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            print(markdown_table(rows, caption))
+            atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+            print(markdown_table(rows, caption, notes))
             for warning in warnings:
                 print(f"atpt: warning: {warning}", file=sys.stderr)
             print("wrote: " + ", ".join(str(p) for p in [*files, out / "summary.json"]
@@ -390,10 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="run adapters on a test set, clean and under attack",
                              epilog=EPILOG_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("--model", default=DEMO_MODEL,
-                    help="open_clip model name (ViT-B-16, RN50, ...), a model config .json, or 'demo' "
-                         "(default: the embedded Fashion-MNIST CLIP with its shipped weights)")
-    ev.add_argument("--pretrained", default="openai",
-                    help="pretrained tag (openai), a local state-dict file, or 'none' for random init (default: openai)")
+                    help="open_clip model name (ViT-B-16, RN50, ...), a model config .json, or fmnist-vit-tiny "
+                         "(also 'demo'; the default): the embedded Fashion-MNIST CLIP")
+    ev.add_argument("--pretrained", default=None,
+                    help="pretrained tag (openai), a local state-dict file, or 'none' for random init (default: "
+                         "the shipped weights for fmnist-vit-tiny, openai for other models)")
     ev.add_argument("--dataset", default="demo",
                     help="dataset name (atpt list datasets; default: the shipped Fashion-MNIST demo subset)")
     ev.add_argument("--data-root", help="the folder holding the dataset folders (or the dataset folder); "
@@ -421,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--nproc", type=int, default=1, help="processes to shard the samples over (uses torchrun)")
     ev.add_argument("--model-name", help="leaderboard name prefix (default: <model>-<pretrained>)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
+                    help="an image file that cannot be read: stop with an error naming it (default), or skip the "
+                         "sample (left out of every count, listed in summary.json and results.md)")
+    ev.add_argument("--repair-results", action="store_true",
+                    help="drop damaged lines of samples.jsonl (reported with their line numbers) and recompute them")
     ex = commands.add_parser("explain", help="one picture of what an adapter does to one demo test image")
     ex.add_argument("index", type=int, help="index into the shipped demo subset (0..999)")
     st = commands.add_parser("stability", help="how much each explainer's maps move under the attack (demo subset)")
@@ -457,8 +495,9 @@ def _relaunch(argv: List[str], nproc: int) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    from .attacks import CacheMismatchError
-    from .datasets import DatasetLayoutError
+    from .cache import CacheMismatchError
+    from .datasets import BadImageError, DatasetLayoutError
+    from .storage import StorageError
     try:
         if args.command == "list":
             return run_list(args)
@@ -470,11 +509,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
             return _relaunch(argv, args.nproc)
         return run_eval(args)
-    except (ValueError, FileNotFoundError, PretrainedUnavailable, CacheMismatchError, DatasetLayoutError) as error:
+    except (ValueError, FileNotFoundError, PretrainedUnavailable, CacheMismatchError, DatasetLayoutError,
+            BadImageError, StorageError) as error:
         if os.environ.get("ATPT_DEBUG"):
             raise
-        print(f"atpt: error: {error}", file=sys.stderr)
-        return 2
+        advice = BAD_IMAGE_ADVICE if isinstance(error, BadImageError) else ""
+        print(f"atpt: error: {error}{advice}", file=sys.stderr)
+        return 1 if isinstance(error, StorageError) else 2
 
 
 if __name__ == "__main__":

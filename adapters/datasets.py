@@ -5,7 +5,9 @@
 `(image, label)` with `image` a (3, S, S) float tensor in [0,1]: Resize(S, bicubic) +
 CenterCrop(S), the model's own preprocessing without normalisation (the adapters
 normalise inside). A dataset that is missing or malformed raises `DatasetLayoutError`
-naming the expected layout; `describe_layout(name)` prints it.
+naming the expected layout; `describe_layout(name)` prints it. An image file that is
+there but cannot be read or decoded raises `BadImageError` naming the file and the sample,
+so the evaluation can stop with a clear message or skip that sample.
 
 Class names come from the dataset's own files (split file, `variants.txt`) with
 underscores read as spaces, as CoOp's prompt learner does; the ImageNet family uses
@@ -33,6 +35,30 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 
 class DatasetLayoutError(FileNotFoundError):
     """The dataset is missing or does not have the expected layout."""
+
+
+class BadImageError(Exception):
+    """An image file that exists but cannot be read or decoded; names the file and the sample.
+
+    `index` and `sample_id` are set by the dataset, `position` (in the evaluated selection)
+    by the evaluation loop.
+    """
+
+    def __init__(self, path, reason: str, index: Optional[int] = None, sample_id: Optional[str] = None):
+        super().__init__(str(path), reason)
+        self.path, self.reason, self.index, self.sample_id = str(path), reason, index, sample_id
+        self.position: Optional[int] = None
+
+    def __str__(self) -> str:
+        where = [f"sample {self.position} of the run" if self.position is not None else "",
+                 f"dataset index {self.index}" if self.index is not None else "",
+                 f"id {self.sample_id!r}" if self.sample_id is not None else ""]
+        where = ", ".join(w for w in where if w)
+        return f"could not read image {self.path}" + (f" ({where})" if where else "") + f": {self.reason}"
+
+    def as_dict(self) -> Dict[str, object]:
+        return {"position": self.position, "index": self.index, "id": self.sample_id, "path": self.path,
+                "reason": self.reason}
 
 
 class UnknownNameError(ValueError):
@@ -187,7 +213,11 @@ class EvalDataset(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         relative, label = self.samples[index]
-        return load_image(self.image_root / relative, self.image_size, self.info), label
+        try:
+            return load_image(self.image_root / relative, self.image_size, self.info), label
+        except BadImageError as error:
+            error.index, error.sample_id = index, relative
+            raise
 
     def fingerprint(self) -> str:
         """Hash of the class names and the (path, label) list: what the samples are."""
@@ -202,7 +232,7 @@ class DemoDataset(EvalDataset):
 
         if image_size not in (None, _demo_image_size()):
             raise ValueError(f"the demo subset is made for the demo model's {_demo_image_size()}px input, "
-                             f"not {image_size}px: use --model demo")
+                             f"not {image_size}px: use --model fmnist-vit-tiny (or --model demo)")
         self.images, labels = load_demo_subset()
         samples = [(f"fmnist_test_1000/{index}", int(label)) for index, label in enumerate(labels)]
         super().__init__(info, subset_path().parent, "test", samples, list(CLASSNAMES), subset_path().parent,
@@ -218,6 +248,7 @@ def _demo_image_size() -> int:
 
 
 def load_image(path: Path, image_size: Optional[int], info: Optional[DatasetInfo] = None) -> torch.Tensor:
+    """The image as a (3, S, S) tensor; `BadImageError` when the file cannot be read or decoded."""
     from PIL import Image
     from torchvision.transforms import functional as TF
     from torchvision.transforms import InterpolationMode
@@ -228,6 +259,8 @@ def load_image(path: Path, image_size: Optional[int], info: Optional[DatasetInfo
     except FileNotFoundError:
         layout = f"; expected layout: {info.layout}" if info else ""
         raise DatasetLayoutError(f"image {path} listed by the dataset does not exist{layout}") from None
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise BadImageError(path, f"{type(error).__name__}: {error}") from None
     if image_size is not None:
         image = TF.resize(image, image_size, interpolation=InterpolationMode.BICUBIC)
         image = TF.center_crop(image, [image_size, image_size])

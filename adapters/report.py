@@ -2,7 +2,8 @@
 
 Rows of an attacked run also say the attack's kind (transfer: made once on zero-shot CLIP
 and shared by all adapters; adaptive: made on each adapter) and its cost per image; rows
-of an adaptive attack carry sanity checks, listed under the table, and warnings.
+of an adaptive attack carry sanity checks, listed under the table, and warnings. Notes
+(e.g. how many images could not be read) follow the table. Files are written atomically.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import csv
 import io
 from pathlib import Path
 from typing import List, Optional, Sequence
+
+from .storage import atomic_write
 
 COLUMNS = ("adapter", "n", "clean_acc", "adv_acc", "seconds_per_image", "image_passes_per_image", "attack",
            "attack_kind", "attack_forward_per_image", "attack_backward_per_image", "attack_image_passes_per_image",
@@ -26,7 +29,7 @@ def _number(value: Optional[float], digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}g}"
 
 
-def markdown_table(rows: Sequence[dict], caption: str = "") -> str:
+def markdown_table(rows: Sequence[dict], caption: str = "", notes: Sequence[str] = ()) -> str:
     lines = [f"{caption}\n" if caption else ""]
     lines.append("| " + " | ".join(HEADERS) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(HEADERS) - 1)) + "|")
@@ -37,6 +40,8 @@ def markdown_table(rows: Sequence[dict], caption: str = "") -> str:
                  _number(row.get("attack_seconds_per_image"))]
         lines.append("| " + " | ".join(cells) + " |")
     lines += _checks_section(rows)
+    if notes:
+        lines += [""] + list(notes)
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
@@ -123,15 +128,27 @@ def bar_chart(rows: Sequence[dict], path: Path, title: str = "") -> Path:
     axes.legend(fontsize=8, loc="upper right")
     axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path)
+    image = io.BytesIO()
+    figure.savefig(image, format="png")
+    atomic_write(path, image.getvalue())
     return path
 
 
-def write_reports(rows: Sequence[dict], directory: Path, caption: str = "") -> List[Path]:
+def skipped_note(skipped: Sequence[dict]) -> List[str]:
+    """The results table's line on samples whose image could not be read (none: no line)."""
+    if not skipped:
+        return []
+    count = len(skipped)
+    images = "image" if count == 1 else "images"
+    return [f"{count} {images} could not be read and {'is' if count == 1 else 'are'} left out of every count "
+            f"(--on-bad-image skip; listed in summary.json under \"skipped\"), e.g. {skipped[0]['path']}."]
+
+
+def write_reports(rows: Sequence[dict], directory: Path, caption: str = "", notes: Sequence[str] = ()) -> List[Path]:
     directory = Path(directory)
     written = []
-    for name, text in (("results.md", markdown_table(rows, caption)), ("results.csv", csv_table(rows))):
-        (directory / name).write_text(text)
+    for name, text in (("results.md", markdown_table(rows, caption, notes)), ("results.csv", csv_table(rows))):
+        atomic_write(directory / name, text.encode())
         written.append(directory / name)
     written.append(bar_chart(rows, directory / "results.png", caption))
     return written

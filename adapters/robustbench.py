@@ -39,9 +39,12 @@ import torch
 from torch import nn
 
 from .adaptive import SanityChecks
-from .attacks import AdversarialCache, AttackSpec, ZeroShotClassifier, make_attack, model_fingerprint
+from .attacks import AttackSpec, ZeroShotClassifier, make_attack
+from .cache import AdversarialCache, model_fingerprint
 from .datasets import DatasetInfo, EvalDataset, dataset_info, json_digest, load_dataset, select
-from .runner import DatasetSource, Evaluation, ResultLog, TensorSource
+from .resultlog import ResultLog
+from .runner import DatasetSource, Evaluation, TensorSource
+from .storage import atomic_write, make_dir, warn
 
 INSTALL_HINT = ("robustbench 1.1.1 pins timm==1.0.9, which open_clip's timm>=1.0.17 excludes; install it "
                 "without its pins: pip install 'atpt-plugin[robustbench]' && pip install --no-deps robustbench==1.1.1")
@@ -161,13 +164,28 @@ def write_row_model_info(row: dict, *, dataset: str, attack: AttackSpec, archite
 
 
 def write_model_info(info: dict, model_name: str, threat_model: str, root="model_info") -> Path:
-    """Write (or update, keeping fields not given now) model_info/<dataset>/<threat>/<name>.json."""
-    path = Path(root) / str(info["dataset"]) / threat_model / f"{model_name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    existing = json.loads(path.read_text()) if path.exists() else {}
+    """Write (or update, keeping fields not given now) model_info/<dataset>/<threat>/<name>.json.
+
+    A damaged existing file is replaced (with a warning): it holds nothing this run cannot rewrite.
+    """
+    path = make_dir(Path(root) / str(info["dataset"]) / threat_model) / f"{model_name}.json"
+    existing = _read_model_info(path)
     existing.update({k: v for k, v in info.items() if v is not None or k not in existing})
-    path.write_text(json.dumps(existing, indent=2) + "\n")
+    atomic_write(path, (json.dumps(existing, indent=2) + "\n").encode())
     return path
+
+
+def _read_model_info(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        existing = json.loads(path.read_text())
+        if not isinstance(existing, dict):
+            raise ValueError(f"it holds a {type(existing).__name__}, not an entry")
+    except (OSError, ValueError) as error:
+        warn(f"leaderboard entry {path} is damaged ({error}); writing it anew")
+        return {}
+    return existing
 
 
 # ---- benchmark ------------------------------------------------------------------------------
@@ -274,7 +292,7 @@ def benchmark_table(adapters, n_examples: Optional[int] = 1000, dataset="pets", 
         sanity_checks = SanityChecks(n=sanity_checks or 0)
     log = ResultLog(log_path, 0) if log_path else None
     if log_path:
-        Path(log_path).mkdir(parents=True, exist_ok=True)
+        make_dir(log_path)
     evaluation = Evaluation(wrapped, source, spec, attacked, cache, seed=seed, attack_batch_size=batch_size,
                             log=log, device=device, progress=progress, sanity=sanity_checks,
                             backbone_kind=_backbone_kind(first), image_size=image_size)

@@ -21,23 +21,30 @@ A run that is killed resumes from the results files: finished (sample, adapter) 
 are skipped, a half-written last line is dropped, and the attack batches come from the
 cache (or are recomputed identically). Each adapter adapts every image on its own from
 a seed and the image alone, so the results do not depend on the number of processes.
+Damaged results lines stop the run unless `repair_results` (`resultlog.py`); a failed
+write stops it with a `storage.StorageError`, and the rerun resumes.
+
+An image that cannot be read stops the run with a `BadImageError` naming the file and the
+sample (`on_bad_image="error"`, before any adapter works on its batch), or, with
+`on_bad_image="skip"`, leaves the sample out of the attack batch, of every count and of
+the results files; `Evaluation.skipped` lists such samples (gathered over the ranks).
 """
 from __future__ import annotations
 
-import collections
 import datetime
-import json
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .adaptive import CHECKS, AttackStats, SanityChecks, check_attacks, judge, run_adaptive, zero_gradient_warning
-from .attacks import AdversarialCache, AttackSpec, ZeroShotClassifier, chunk_seed, run_attack, tensor_digest
+from .attacks import AttackSpec, ZeroShotClassifier, chunk_seed, run_attack
+from .cache import AdversarialCache, tensor_digest
+from .datasets import BadImageError
+from .resultlog import ResultLog
 
 
 # ---- processes ------------------------------------------------------------------------
@@ -126,62 +133,7 @@ class TensorSource:
         return str(position)
 
 
-# ---- per-sample results ---------------------------------------------------------------------
-class ResultLog:
-    """Append-only JSON lines, one file per rank; in memory when `directory` is None."""
-
-    PATTERN = "samples*.jsonl"
-
-    def __init__(self, directory=None, rank: int = 0):
-        self.directory = Path(directory) if directory is not None else None
-        self.rank = rank
-        self.memory: List[dict] = []
-        self.path = None
-        if self.directory is not None:
-            name = "samples.jsonl" if rank == 0 else f"samples.rank{rank}.jsonl"
-            self.path = self.directory / name
-
-    def repair(self) -> int:
-        """Drop a half-written last line of this rank's file (a kill mid-write); bytes dropped."""
-        if self.path is None or not self.path.exists():
-            return 0
-        data = self.path.read_bytes()
-        keep = data.rfind(b"\n") + 1
-        if keep < len(data):
-            with open(self.path, "r+b") as handle:
-                handle.truncate(keep)
-                handle.flush()
-                os.fsync(handle.fileno())
-        return len(data) - keep
-
-    def records(self) -> List[dict]:
-        """Every complete line of every rank's file (a partial last line is ignored)."""
-        if self.directory is None:
-            return list(self.memory)
-        out = []
-        for path in sorted(self.directory.glob(self.PATTERN)):
-            data = path.read_bytes()
-            for number, line in enumerate(data[: data.rfind(b"\n") + 1].splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise RuntimeError(f"{path}:{number} is not a JSON record; the results file is "
-                                       "damaged (it is append-only: do not edit it)") from None
-        return out
-
-    def append(self, record: dict) -> None:
-        if self.path is None:
-            self.memory.append(record)
-            return
-        line = (json.dumps(record, sort_keys=True) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+BAD_IMAGE_POLICIES = ("error", "skip")
 
 
 # ---- summary ------------------------------------------------------------------------------
@@ -342,7 +294,7 @@ class Evaluation:
                  attack_batch_size: int = 32, log: Optional[ResultLog] = None,
                  dist: Optional[DistContext] = None, device=None, progress: bool = False,
                  sanity: Optional[SanityChecks] = None, backbone_kind: str = "vit",
-                 image_size: Optional[int] = None):
+                 image_size: Optional[int] = None, on_bad_image: str = "error", repair_results: bool = False):
         if not adapters:
             raise ValueError("no adapters to evaluate")
         if attack.is_attack and not attack.is_adaptive and attacked is None:
@@ -351,6 +303,8 @@ class Evaluation:
             cache = AdversarialCache(None, {})
         if attack_batch_size < 1:
             raise ValueError(f"attack_batch_size must be >= 1, got {attack_batch_size}")
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {on_bad_image!r}")
         self.adapters = dict(adapters)
         self.source = source
         self.attack = attack
@@ -369,6 +323,10 @@ class Evaluation:
             self.checks.pop("transfer", None)
         self.transfer_seconds = 0.0
         self.transfer_images = 0
+        self.on_bad_image = on_bad_image
+        self.repair_results = repair_results
+        self.unreadable: Dict[int, dict] = {}   # position -> what this rank could not read
+        self.skipped: List[dict] = []           # every rank's, by position, after run()
 
     # -- helpers
     def _batches(self) -> List[range]:
@@ -378,15 +336,28 @@ class Evaluation:
     def _mine(self, position: int) -> bool:
         return position % self.dist.world == self.dist.rank
 
-    def _load(self, positions: Iterable[int]):
-        items = [self.source.get(p) for p in positions]
+    def _load(self, positions: Iterable[int]) -> Tuple[List[int], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(positions read, their images, their labels); unreadable images raise or are skipped."""
+        kept, items = [], []
+        for p in positions:
+            try:
+                items.append(self.source.get(p))
+            except BadImageError as error:
+                error.position = p
+                if self.on_bad_image == "error":
+                    raise
+                self.unreadable[p] = error.as_dict()
+                continue
+            kept.append(p)
+        if not items:
+            return kept, None, None
         images = torch.stack([image for image, _ in items])
         labels = torch.tensor([label for _, label in items], dtype=torch.long)
-        return images, labels
+        return kept, images, labels
 
-    def _cache_key(self, batch: range, images, labels) -> Tuple[int, List[str], str]:
+    def _cache_key(self, start: int, kept: List[int], images, labels) -> Tuple[int, List[str], str]:
         """(start, sample ids, digest of the clean batch): what a cached adversarial batch is checked against."""
-        return batch.start, [self.source.sample_id(p) for p in batch], tensor_digest(images, labels)
+        return start, [self.source.sample_id(p) for p in kept], tensor_digest(images, labels)
 
     def _done(self) -> Dict[Tuple[str, int], dict]:
         done = {}
@@ -403,13 +374,13 @@ class Evaluation:
                    if i % self.dist.world == self.dist.rank and any(p in todo for p in b)]
         bar = _bar(self.progress and bool(batches), len(batches), f"attack {self.attack.name}", "batch")
         for batch in batches:
-            images, labels = self._load(batch)
-            key = self._cache_key(batch, images, labels)
-            if self.cache.load(*key) is None:
+            kept, images, labels = self._load(batch)
+            key = self._cache_key(batch.start, kept, images, labels) if kept else None
+            if key is not None and self.cache.load(*key) is None:
                 start = time.perf_counter()
                 adversarial = run_attack(self.attack, self.attacked, images, labels, chunk_seed(self.seed, batch.start))
                 self.transfer_seconds += time.perf_counter() - start
-                self.transfer_images += len(batch)
+                self.transfer_images += len(kept)
                 self.cache.save(*key, adversarial)
             bar.update(1)
         bar.close()
@@ -458,24 +429,27 @@ class Evaluation:
                 if not positions:
                     continue
                 transfer_for_checks: Dict[int, torch.Tensor] = {}  # the batch's check images, shared by adapters
-                images, labels = self._load(batch)
+                kept, images, labels = self._load(batch)
+                row_of = {p: i for i, p in enumerate(kept)}
                 adversarial = None
-                if attacked and not self.attack.is_adaptive:
-                    adversarial = self.cache.load(*self._cache_key(batch, images, labels))
+                if attacked and not self.attack.is_adaptive and kept:
+                    adversarial = self.cache.load(*self._cache_key(batch.start, kept, images, labels))
                     if adversarial is None:
                         raise RuntimeError(f"adversarial batch at position {batch.start} is missing from the "
                                            "cache after the attack phase")
                 for name, adapter in self.adapters.items():
-                    offsets = [p - batch.start for p in positions if (name, p) not in done]
-                    if not offsets:
+                    todo_here = [p for p in positions if (name, p) not in done and p in row_of]
+                    if not todo_here:
                         continue
+                    rows_here = [row_of[p] for p in todo_here]
                     if self.attack.is_adaptive:
-                        records = [self.adapt_adaptive(name, adapter, images[o], int(labels[o]), batch.start + o,
-                                                       counter, transfer_for_checks) for o in offsets]
+                        records = [self.adapt_adaptive(name, adapter, images[i], int(labels[i]), p,
+                                                       counter, transfer_for_checks)
+                                   for p, i in zip(todo_here, rows_here)]
                     else:
-                        records = self.adapt_together(name, adapter, images[offsets], labels[offsets],
-                                                      None if adversarial is None else adversarial[offsets],
-                                                      [batch.start + o for o in offsets], counter)
+                        records = self.adapt_together(name, adapter, images[rows_here], labels[rows_here],
+                                                      None if adversarial is None else adversarial[rows_here],
+                                                      todo_here, counter)
                     for record in records:
                         self.log.append(record)
                         rows[name].add(record)
@@ -518,7 +492,8 @@ class Evaluation:
 
     def run(self) -> List[Row]:
         """Attack, adapt, reduce; returns one `Row` per adapter (the same on every rank)."""
-        self.log.repair()
+        if self.dist.rank == 0:
+            self.log.prepare(repair=self.repair_results)
         self.dist.barrier()
         done = self._done()
         n = len(self.source)
@@ -531,6 +506,7 @@ class Evaluation:
                 rows[name].add(record)
         self.adapt_phase(todo, rows, done)
         self.dist.barrier()
+        self.skipped = self._gather_skipped()
         totals = torch.tensor([[getattr(rows[name], f) for f in FIELDS] for name in self.adapters], dtype=torch.float64)
         totals = self.dist.sum(totals)
         transfer = self.dist.sum(torch.tensor([self.transfer_seconds, self.transfer_images], dtype=torch.float64))
@@ -552,16 +528,19 @@ class Evaluation:
             self.merged = self._merge(reduced)
         return reduced
 
+    def _gather_skipped(self) -> List[dict]:
+        """Every rank's unreadable samples, once each, by position."""
+        everything: Dict[int, dict] = {}
+        for part in self.dist.gather(self.unreadable):
+            everything.update(part)
+        return [everything[p] for p in sorted(everything)]
+
     def _merge(self, reduced: List[Row]) -> List[dict]:
-        """All records, checked: each (sample, adapter) once, none missing, equal to the sums."""
+        """All records, checked: none missing (each is there once: `ResultLog.records`), equal to the sums."""
         records = [r for r in self.log.records() if r["adapter"] in self.adapters and 0 <= r["position"] < len(self.source)]
-        counts = collections.Counter((r["adapter"], r["position"]) for r in records)
-        duplicates = [key for key, count in counts.items() if count > 1]
-        if duplicates:
-            raise RuntimeError(f"{len(duplicates)} (adapter, sample) pairs were recorded more than once, "
-                               f"e.g. {duplicates[:3]}")
-        expected = {(name, p) for name in self.adapters for p in range(len(self.source))}
-        missing = sorted(expected - set(counts))
+        skipped = {item["position"] for item in self.skipped}
+        expected = {(name, p) for name in self.adapters for p in range(len(self.source)) if p not in skipped}
+        missing = sorted(expected - {(r["adapter"], r["position"]) for r in records})
         if missing:
             raise RuntimeError(f"{len(missing)} (adapter, sample) results are missing, e.g. {missing[:3]}")
         by_adapter = {name: Row(name, attacked=self.attack.is_attack) for name in self.adapters}

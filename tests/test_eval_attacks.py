@@ -4,9 +4,8 @@ import torch
 
 from atpt_plugin import AdapterConfig
 from atpt_plugin.adapter import TestTimeAdapter as Wrapped  # not collected as a test class
-from atpt_plugin.adapters.attacks import (ATTACKS, AdversarialCache, CacheMismatchError, ZeroShotClassifier,
-                                          chunk_seed, make_attack, model_fingerprint, parse_eps, run_attack,
-                                          tensor_digest)
+from atpt_plugin.adapters.attacks import ATTACKS, ZeroShotClassifier, chunk_seed, make_attack, parse_eps, run_attack
+from atpt_plugin.adapters.cache import AdversarialCache, CacheMismatchError, model_fingerprint, tensor_digest
 from atpt_plugin.adapters.datasets import UnknownNameError
 from conftest import CLASSNAMES, make_tiny_resnet, make_tiny_vit
 
