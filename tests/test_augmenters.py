@@ -52,6 +52,16 @@ def test_top_k_mask_area_is_exactly_ceil(fraction, size):
     assert (threshold >= rest).all(), "every selected position outranks every other"
 
 
+def test_top_k_mask_breaks_ties_by_lowest_index():
+    """torch.topk(sorted=False) picked [12, 14, 13, 15, 11] of zeros(20); the rule here is fixed."""
+    assert top_k_mask(torch.zeros(1, 4, 5), 0.25).flatten().nonzero().flatten().tolist() == [0, 1, 2, 3, 4]
+    maps = torch.tensor([[[0.5, 0.9, 0.5], [0.5, 0.1, 0.5]],     # 2 of 6: 0.9, then the first 0.5
+                         [[0.2, 0.2, 0.2], [0.7, 0.7, 0.7]]])    # 2 of 6: the first two 0.7s
+    expected = torch.tensor([[[True, True, False], [False, False, False]],
+                             [[False, False, False], [True, True, False]]])
+    assert torch.equal(top_k_mask(maps, 0.3), expected)
+
+
 def test_quantile_regions_default_has_no_middle():
     maps = torch.rand(3, 16, 16)
     high, low = quantile_regions(maps, 0.2, 0.8)

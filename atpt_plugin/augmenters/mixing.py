@@ -22,11 +22,18 @@ def upsample_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def top_k_mask(maps: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Boolean (N,H,W): the ceil(fraction * H * W) highest positions of each map (ties by index)."""
+    """Boolean (N,H,W): the ceil(fraction * H * W) highest positions of each map.
+
+    Ties at the cut go to the lowest flat (row-major) indices, on every device: upsampled
+    maps have many equal values, and `topk` leaves the choice among them to the kernel.
+    """
     flat = maps.flatten(1)
     count = math.ceil(fraction * flat.shape[1])
-    top = torch.topk(flat, count, dim=1, sorted=False).indices
-    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True)
+    cut = torch.kthvalue(flat, flat.shape[1] - count + 1, dim=1, keepdim=True).values  # count-th largest
+    above = flat > cut
+    at_cut = flat == cut
+    still_needed = count - above.sum(dim=1, keepdim=True)
+    mask = above | (at_cut & (at_cut.cumsum(dim=1) <= still_needed))
     return mask.reshape(maps.shape)
 
 
