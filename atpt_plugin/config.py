@@ -39,6 +39,8 @@ class AdapterConfig:
     row_normalize: bool = True           # authors' code row-normalises each refined block matrix
     clip_quantile: float = 0.99          # maps are clipped at this quantile, then min-max scaled
     gradcam_sharpen: bool = False        # authors' RN50 code: (ReLU(cam - 0.2) / max) ** 2
+    explainer_eps: float = 0.0           # added to every divisor of the maps' normalisations
+                                         # (authors' code: 1e-8); 0 divides exactly
     # augmenter
     augmenter: str = "attention_mix"
     base_crop: str = "center"            # "center" (paper: flip + center crop) or "random_resized" (code)
@@ -99,6 +101,10 @@ class AdapterConfig:
         for name in ("lr", "tv_temperature", "reliability_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if isinstance(self.explainer_eps, bool) or not isinstance(self.explainer_eps, (int, float)) \
+                or not 0 <= self.explainer_eps < float("inf"):
+            raise ValueError(f"explainer_eps must be a finite number >= 0 (the authors' code: 1e-8), "
+                             f"got {self.explainer_eps!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.m_high > self.m_low:
@@ -143,7 +149,7 @@ class AdapterConfig:
 
 def _check_choice(name, value, choices):
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of: {', '.join(choices)}")
+        raise ValueError(f"{name}={value!r} is not one of: {', '.join(map(str, choices))}")
 
 
 def _check_int(name, value, minimum):
