@@ -44,6 +44,8 @@ class AdapterConfig:
     # augmenter
     augmenter: str = "attention_mix"
     base_crop: str = "center"            # "center" (paper: flip + center crop) or "random_resized" (code)
+    crop_source: str = "resized"         # bases cropped from the image resized to the model size, or from
+                                         # the "original" image, antialiased (authors' code, PIL)
     augmix_ops: bool = True              # False: crop + flip only (TPT's ImageNet convention)
     mask_rule: str = "top_k"             # "top_k" (paper, ceil(r*H*W)) or "quantile" (authors' code)
     r: float = 0.2                       # high-attention area fraction (top_k rule)
@@ -80,6 +82,7 @@ class AdapterConfig:
         _check_choice("token_site", self.token_site, ("normed", "input"))
         _check_choice("rollout_layers", self.rollout_layers, ("last_two", "all"))
         _check_choice("base_crop", self.base_crop, ("center", "random_resized"))
+        _check_choice("crop_source", self.crop_source, ("resized", "original"))
         _check_choice("mask_rule", self.mask_rule, ("top_k", "quantile"))
         _check_choice("mean_over", self.mean_over, ("confident", "all"))
         _check_choice("precision", self.precision, ("fp32", "bf16", "fp16"))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .augmix_ops import augmix_pure_mix
-from .crops import center_boxes, crop_views, random_resized_boxes, resize_shorter_side
+from .crops import center_boxes, crop_views, random_resized_boxes, resize_shorter_side, resized_crops
 
 
 def upsample_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
@@ -57,25 +57,33 @@ def mix(bases: torch.Tensor, augmented: torch.Tensor, lam: torch.Tensor) -> torc
 class AugMixAugmenter:
     """TPT's views: random crops + flips, AugMix-ed with one Beta(1,1) weight per view."""
 
-    def __init__(self, size: int, base_crop: str = "random_resized", augmix_ops: bool = True):
+    def __init__(self, size: int, base_crop: str = "random_resized", augmix_ops: bool = True,
+                 crop_source: str = "resized"):
         self.size = size
         self.base_crop = base_crop
         self.augmix_ops = augmix_ops
+        self.crop_source = crop_source
 
     @property
     def needs_maps(self) -> bool:
         return False
 
     def bases(self, image: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-        """`count` base views of a (3,H,W) image, as one batch on its device."""
+        """`count` base views of a (3,H,W) image, as one batch on its device: crops of the image
+        resized to the model size, or (`crop_source="original"`, the authors' code) of the image itself."""
+        if self.crop_source == "original":
+            return resized_crops(image, *self.crop_boxes(image.shape[-2:], count, generator), self.size)
         source = resize_shorter_side(image, self.size)
-        height, width = source.shape[-2:]
+        return crop_views(source, *self.crop_boxes(source.shape[-2:], count, generator), self.size)
+
+    def crop_boxes(self, shape, count: int, generator: torch.Generator):
+        """(boxes (count, 4) as (top, left, h, w) on an image of `shape` (H, W), flips (count,))."""
+        height, width = shape
         if self.base_crop == "random_resized":
             boxes = random_resized_boxes(count, height, width, generator)
         else:
             boxes = center_boxes(count, height, width)
-        flips = torch.rand(count, generator=generator) < 0.5
-        return crop_views(source, boxes, flips, self.size)
+        return boxes, torch.rand(count, generator=generator) < 0.5
 
     def views(self, bases: torch.Tensor, maps, generator: torch.Generator) -> torch.Tensor:
         if not self.augmix_ops:
@@ -93,8 +101,8 @@ class AttentionMixAugmenter(AugMixAugmenter):
 
     def __init__(self, size: int, base_crop: str = "center", augmix_ops: bool = True,
                  mask_rule: str = "top_k", r: float = 0.2, m_high: float = 0.2, m_low: float = 0.8,
-                 p_high: float = 0.2, p_low: float = 0.8):
-        super().__init__(size, base_crop, augmix_ops)
+                 p_high: float = 0.2, p_low: float = 0.8, crop_source: str = "resized"):
+        super().__init__(size, base_crop, augmix_ops, crop_source)
         self.mask_rule = mask_rule
         self.r, self.m_high, self.m_low = r, m_high, m_low
         self.p_high, self.p_low = p_high, p_low
