@@ -46,6 +46,8 @@ class AdapterConfig:
     base_crop: str = "center"            # "center" (paper: flip + center crop) or "random_resized" (code)
     crop_source: str = "resized"         # bases cropped from the image resized to the model size, or from
                                          # the "original" image, antialiased (authors' code, PIL)
+    input_quantization: Optional[str] = None  # "uint8_floor": x -> floor(255 x) / 255 before the views,
+                                         # the authors' PIL round trip of adversarial images
     augmix_ops: bool = True              # False: crop + flip only (TPT's ImageNet convention)
     mask_rule: str = "top_k"             # "top_k" (paper, ceil(r*H*W)) or "quantile" (authors' code)
     r: float = 0.2                       # high-attention area fraction (top_k rule)
@@ -83,6 +85,7 @@ class AdapterConfig:
         _check_choice("rollout_layers", self.rollout_layers, ("last_two", "all"))
         _check_choice("base_crop", self.base_crop, ("center", "random_resized"))
         _check_choice("crop_source", self.crop_source, ("resized", "original"))
+        _check_choice("input_quantization", self.input_quantization, (None, "uint8_floor"))
         _check_choice("mask_rule", self.mask_rule, ("top_k", "quantile"))
         _check_choice("mean_over", self.mean_over, ("confident", "all"))
         _check_choice("precision", self.precision, ("fp32", "bf16", "fp16"))
