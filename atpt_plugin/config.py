@@ -48,9 +48,15 @@ class AdapterConfig:
     row_normalize: bool = True           # authors' code row-normalises each refined block matrix
     clip_quantile: float = 0.99          # maps are clipped at this quantile, then min-max scaled
     gradcam_sharpen: bool = False        # authors' RN50 code: (ReLU(cam - 0.2) / max) ** 2
+    explainer_eps: float = 0.0           # added to every divisor of the maps' normalisations
+                                         # (authors' code: 1e-8); 0 divides exactly
     # augmenter
     augmenter: Union[str, Augmenter] = "attention_mix"
     base_crop: str = "center"            # "center" (paper: flip + center crop) or "random_resized" (code)
+    crop_source: str = "resized"         # bases cropped from the image resized to the model size, or from
+                                         # the "original" image, antialiased (authors' code, PIL)
+    input_quantization: Optional[str] = None  # "uint8_floor": x -> floor(255 x) / 255 before the views,
+                                         # the authors' PIL round trip of adversarial images
     augmix_ops: bool = True              # False: crop + flip only (TPT's ImageNet convention)
     mask_rule: str = "top_k"             # "top_k" (paper, ceil(r*H*W)) or "quantile" (authors' code)
     r: float = 0.2                       # high-attention area fraction (top_k rule)
@@ -85,6 +91,8 @@ class AdapterConfig:
         _check_choice("token_site", self.token_site, ("normed", "input"))
         _check_choice("rollout_layers", self.rollout_layers, ("last_two", "all"))
         _check_choice("base_crop", self.base_crop, ("center", "random_resized"))
+        _check_choice("crop_source", self.crop_source, ("resized", "original"))
+        _check_choice("input_quantization", self.input_quantization, (None, "uint8_floor"))
         _check_choice("mask_rule", self.mask_rule, ("top_k", "quantile"))
         _check_choice("mean_over", self.mean_over, ("confident", "all"))
         _check_choice("precision", self.precision, ("fp32", "bf16", "fp16"))
@@ -106,6 +114,10 @@ class AdapterConfig:
         for name in ("lr", "tv_temperature", "reliability_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if isinstance(self.explainer_eps, bool) or not isinstance(self.explainer_eps, (int, float)) \
+                or not 0 <= self.explainer_eps < float("inf"):
+            raise ValueError(f"explainer_eps must be a finite number >= 0 (the authors' code: 1e-8), "
+                             f"got {self.explainer_eps!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.m_high > self.m_low:
@@ -181,7 +193,7 @@ def component_record(registry: Registry, value) -> Dict[str, Any]:
 
 def _check_choice(name, value, choices):
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of: {', '.join(choices)}")
+        raise ValueError(f"{name}={value!r} is not one of: {', '.join(map(str, choices))}")
 
 
 def _check_int(name, value, minimum):

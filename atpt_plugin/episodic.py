@@ -13,7 +13,7 @@ from .aggregators import AGGREGATORS
 from .augmenters import AUGMENTERS, center_view
 from .config import AdapterConfig
 from .explainers import build_explainer
-from .inputs import check_images
+from .inputs import check_images, quantize_images
 from .objectives import OBJECTIVES
 from .registry import resolve
 
@@ -97,7 +97,9 @@ class EpisodicAdapter(nn.Module):
 
     def make_view_sets(self, images: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
         """(B,K,3,S,S): `make_views` of each image with its own generator, the bases of all
-        images through the explainer in one pass."""
+        images through the explainer in one pass; images are first quantised as
+        `input_quantization` says (all views, view 0 included, come from the quantised image)."""
+        images = quantize_images(images, self.config.input_quantization)
         size = self.backbone.image_size
         firsts = torch.stack([center_view(image, size) for image in images]).unsqueeze(1)
         if self.config.views == 1:

@@ -34,3 +34,17 @@ def check_images(images) -> torch.Tensor:
             "pass unnormalised images: the adapter applies the model's mean/std itself "
             "(drop transforms.Normalize from your preprocessing)")
     return images
+
+
+def quantize_images(images: torch.Tensor, rule) -> torch.Tensor:
+    """`rule="uint8_floor"`: x -> floor(255 x) / 255, the authors' `ToPILImage` round trip of
+    adversarial images (`mul(255).byte()` truncates; method.md discrepancy 6). None: unchanged.
+
+    An fp32 image already on the 1/255 grid (uint8 / 255, as decoders and torchvision make
+    it) stays exactly as it is: 255 * (k / 255) rounds back to k. The gradient passes
+    straight through (BPDA), so the rounding cannot mask the input gradient from an attack.
+    """
+    if rule is None:
+        return images
+    quantized = torch.floor(images.detach() * 255) / 255
+    return quantized + (images - images.detach())  # exactly `quantized`, with the identity's gradient

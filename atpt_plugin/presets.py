@@ -2,6 +2,10 @@
 
 Every preset attacks and explains with the initial prompt and resets per image, so none
 reproduces the stale-prompt bug of the public A-TPT / R-TPT code (method.md discrepancy 5).
+`atpt_official` otherwise follows the authors' code, numerics included, except two more
+behaviours that make results arbitrary: self-similarity is dropped by index, not by the fp32
+test `sim >= 1.0` (discrepancy 8), and at least one confident view is kept (discrepancy 9).
+Its literal token site makes its maps depend on the batch size and thread count (README).
 """
 from __future__ import annotations
 
@@ -50,9 +54,14 @@ atpt = Adapter(
     ATPT_PAPER)
 atpt_official = Adapter(
     "atpt_official",
-    AdapterConfig(layer_weights=(0.5, 1.0), mask_rule="quantile", base_crop="random_resized",
-                  aggregator="reliability", gradcam_sharpen=True),
-    "A-TPT as the authors' code behaves: 0.5/1.0 layers, quantile masks, crops, reliability ensemble",
+    AdapterConfig(token_site="input", layer_weights=(0.5, 1.0), explainer_eps=1e-8, gradcam_sharpen=True,
+                  base_crop="random_resized", crop_source="original", input_quantization="uint8_floor",
+                  mask_rule="quantile", aggregator="reliability"),
+    "A-TPT as the authors' code behaves, numerics included: token weights at block inputs (maps "
+    "fp32-fragile: batch and thread dependent), 0.5/1.0 layers, 1e-8 terms, antialiased crops of the "
+    "original image, uint8 round trip, quantile masks, reliability ensemble; not its stale prompt "
+    "(results would depend on sample order), its fp32 `sim >= 1.0` test (keeps self-similarities by "
+    "accident) or zero confident views below 10 (NaN loss)",
     ATPT_PAPER + ", public code")
 
 # The paper's ablations: each changes exactly one component of `atpt`.

@@ -1,11 +1,13 @@
 """Base crops, attention masks and the pixel-wise mix."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from atpt_plugin.augmenters import AttentionMixAugmenter, AugMixAugmenter, center_view
-from atpt_plugin.augmenters.crops import center_boxes, crop_views, random_resized_boxes
+from atpt_plugin.augmenters.crops import (center_boxes, crop_views, random_resized_boxes, resize_shorter_side,
+                                          resized_crops)
 from atpt_plugin.augmenters.mixing import mix, quantile_regions, top_k_mask, upsample_maps
 
 
@@ -34,6 +36,46 @@ def test_random_resized_boxes_are_inside_and_seeded():
     assert torch.equal(boxes, random_resized_boxes(500, 30, 40, torch.Generator().manual_seed(0)))
 
 
+def pil_crops(pixels, boxes, flips, size):
+    """The authors' base views: PIL crop, resize (bilinear, antialiased by PIL), mirror; in [0,1]."""
+    from PIL import Image
+    image, views = Image.fromarray(pixels.numpy()), []
+    for (top, left, height, width), flip in zip(boxes.long().tolist(), flips.tolist()):
+        view = image.crop((left, top, left + width, top + height)).resize((size, size), Image.BILINEAR)
+        view = view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view
+        views.append(torch.tensor(np.array(view)).permute(2, 0, 1).float() / 255)
+    return torch.stack(views)
+
+
+def test_crops_of_the_original_image_match_pil():
+    """A 400x300 photo of uniform noise (the worst case for resampling): every crop within one
+    8-bit level of PIL's. PIL resamples in two separable passes and rounds to 8 bits after
+    each (<= 0.5 level each); ours stays in floats. Without antialiasing it is far off."""
+    pixels = torch.randint(0, 256, (300, 400, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    image = pixels.permute(2, 0, 1).float() / 255
+    augmenter = AugMixAugmenter("random_resized", crop_source="original")
+    boxes, flips = augmenter.crop_boxes(image.shape[-2:], 12, torch.Generator().manual_seed(1))
+    assert (boxes[:, 2] > 224).any() and (boxes[:, 3] > 224).any() and flips.any() and not flips.all()
+    reference = pil_crops(pixels, boxes, flips, 224)
+    ours = resized_crops(image, boxes, flips, 224)
+    assert (ours - reference).abs().max() <= 1 / 255 + 1e-6
+    aliased = crop_views(image, boxes, flips, 224)
+    assert (aliased - reference).abs().max() > 50 / 255
+
+
+def test_bases_crop_the_original_or_the_resized_image():
+    image = torch.rand(3, 300, 400, generator=torch.Generator().manual_seed(2))
+    for source in ("original", "resized"):
+        augmenter = AugMixAugmenter("random_resized", crop_source=source)
+        bases = augmenter.bases(image, 6, torch.Generator().manual_seed(3), 32)
+        if source == "original":     # boxes drawn on the 300x400 image itself
+            expected = resized_crops(image, *augmenter.crop_boxes((300, 400), 6, torch.Generator().manual_seed(3)), 32)
+        else:                        # boxes drawn on the image resized to 32x42
+            resized = resize_shorter_side(image, 32)
+            expected = crop_views(resized, *augmenter.crop_boxes((32, 42), 6, torch.Generator().manual_seed(3)), 32)
+        assert torch.equal(bases, expected)
+
+
 def test_center_view_is_resize_then_center_crop():
     image = torch.rand(3, 40, 60)
     view = center_view(image, 20)
@@ -50,6 +92,16 @@ def test_top_k_mask_area_is_exactly_ceil(fraction, size):
     threshold = maps.flatten(1).masked_fill(~mask.flatten(1), float("inf")).min(1).values
     rest = maps.flatten(1).masked_fill(mask.flatten(1), float("-inf")).max(1).values
     assert (threshold >= rest).all(), "every selected position outranks every other"
+
+
+def test_top_k_mask_breaks_ties_by_lowest_index():
+    """torch.topk(sorted=False) picked [12, 14, 13, 15, 11] of zeros(20); the rule here is fixed."""
+    assert top_k_mask(torch.zeros(1, 4, 5), 0.25).flatten().nonzero().flatten().tolist() == [0, 1, 2, 3, 4]
+    maps = torch.tensor([[[0.5, 0.9, 0.5], [0.5, 0.1, 0.5]],     # 2 of 6: 0.9, then the first 0.5
+                         [[0.2, 0.2, 0.2], [0.7, 0.7, 0.7]]])    # 2 of 6: the first two 0.7s
+    expected = torch.tensor([[[True, True, False], [False, False, False]],
+                             [[False, False, False], [True, True, False]]])
+    assert torch.equal(top_k_mask(maps, 0.3), expected)
 
 
 def test_quantile_regions_default_has_no_middle():

@@ -40,6 +40,10 @@ def test_overrides_reach_every_setting():
     (dict(augmenter=object()), "augmenter=.* is neither a registered name"),
     (dict(steps=1.5), "steps must be an integer"),
     (dict(domain_word="pet", ctx_init="a picture of a"), "domain_word"),
+    (dict(explainer_eps=-1e-8), "explainer_eps must be a finite number >= 0"),
+    (dict(explainer_eps=float("nan")), "explainer_eps must be"),
+    (dict(crop_source="pil"), "crop_source='pil' is not one of: resized, original"),
+    (dict(input_quantization="uint8"), "input_quantization='uint8' is not one of: None, uint8_floor"),
 ])
 def test_bad_settings_are_clear_errors(overrides, message):
     with pytest.raises((ValueError, TypeError), match=message):

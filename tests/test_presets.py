@@ -92,4 +92,5 @@ def test_overrides_reproduce_each_named_ablation(ablation, tiny_vit, tokenizer, 
 def test_official_differs_from_paper_only_in_the_listed_discrepancies():
     paper, official = load_adapter("atpt").config, load_adapter("atpt_official").config
     differing = {f for f in paper.__dataclass_fields__ if getattr(paper, f) != getattr(official, f)}
-    assert differing == {"layer_weights", "mask_rule", "base_crop", "aggregator", "gradcam_sharpen"}
+    assert differing == {"token_site", "layer_weights", "explainer_eps", "gradcam_sharpen", "base_crop",
+                         "crop_source", "input_quantization", "mask_rule", "aggregator"}

@@ -1,7 +1,10 @@
 """Geometry of the views: the model's preprocessing and batched random crops on the device.
 
-Every crop of a batch is one `grid_sample` call with a per-view affine matrix, so making
-63 base views costs one kernel, not 63 PIL round trips.
+Crops of the image resized to the model size (`crop_views`) are one `grid_sample` call
+with a per-view affine matrix, so making 63 base views costs one kernel, not 63 PIL round
+trips. Crops of the original image (`resized_crops`, the authors' code) are resized one
+by one with antialiasing, as PIL does: a crop larger than the model size is downsampled,
+and plain bilinear sampling would alias it.
 """
 from __future__ import annotations
 
@@ -83,3 +86,18 @@ def crop_views(image: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, si
     grid = F.affine_grid(theta, [len(boxes), 3, size, size], align_corners=False)
     source = image.unsqueeze(0).expand(len(boxes), -1, -1, -1)
     return F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def resized_crops(image: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop each box of (3,H,W) `image`, resize it to size x size, mirror where `flips`.
+
+    Bilinear with antialiasing: torchvision's port of PIL's resampling, so it matches the
+    authors' `RandomResizedCrop` on PIL images up to PIL's rounding to 8 bits. One call per
+    box, because boxes differ in size and so do the filters' supports.
+    """
+    views = []
+    for (top, left, height, width), flip in zip(boxes.long().tolist(), flips.tolist()):
+        crop = image[:, top:top + height, left:left + width]
+        view = TF.resize(crop, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        views.append(view.flip(-1) if flip else view)
+    return torch.stack(views).clamp(0, 1)  # a convex combination, up to rounding

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .augmix_ops import augmix_pure_mix
 from .base import AUGMENTERS, Augmenter
-from .crops import center_boxes, crop_views, random_resized_boxes, resize_shorter_side
+from .crops import center_boxes, crop_views, random_resized_boxes, resize_shorter_side, resized_crops
 
 
 def upsample_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
@@ -23,11 +23,18 @@ def upsample_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def top_k_mask(maps: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Boolean (N,H,W): the ceil(fraction * H * W) highest positions of each map (ties by index)."""
+    """Boolean (N,H,W): the ceil(fraction * H * W) highest positions of each map.
+
+    Ties at the cut go to the lowest flat (row-major) indices, on every device: upsampled
+    maps have many equal values, and `topk` leaves the choice among them to the kernel.
+    """
     flat = maps.flatten(1)
     count = math.ceil(fraction * flat.shape[1])
-    top = torch.topk(flat, count, dim=1, sorted=False).indices
-    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True)
+    cut = torch.kthvalue(flat, flat.shape[1] - count + 1, dim=1, keepdim=True).values  # count-th largest
+    above = flat > cut
+    at_cut = flat == cut
+    still_needed = count - above.sum(dim=1, keepdim=True)
+    mask = above | (at_cut & (at_cut.cumsum(dim=1) <= still_needed))
     return mask.reshape(maps.shape)
 
 
@@ -52,24 +59,31 @@ def mix(bases: torch.Tensor, augmented: torch.Tensor, lam: torch.Tensor) -> torc
 class AugMixAugmenter(Augmenter):
     """TPT's views: random crops + flips, AugMix-ed with one Beta(1,1) weight per view."""
 
-    def __init__(self, base_crop: str = "random_resized", augmix_ops: bool = True):
+    def __init__(self, base_crop: str = "random_resized", augmix_ops: bool = True, crop_source: str = "resized"):
         self.base_crop = base_crop
         self.augmix_ops = augmix_ops
+        self.crop_source = crop_source
 
     @classmethod
     def from_config(cls, config) -> "AugMixAugmenter":
-        return cls(config.base_crop, config.augmix_ops)
+        return cls(config.base_crop, config.augmix_ops, config.crop_source)
 
     def bases(self, image: torch.Tensor, count: int, generator: torch.Generator, size: int) -> torch.Tensor:
-        """`count` base views of a (3,H,W) image, as one batch on its device."""
+        """`count` base views of a (3,H,W) image, as one batch on its device: crops of the image
+        resized to the model size, or (`crop_source="original"`, the authors' code) of the image itself."""
+        if self.crop_source == "original":
+            return resized_crops(image, *self.crop_boxes(image.shape[-2:], count, generator), size)
         source = resize_shorter_side(image, size)
-        height, width = source.shape[-2:]
+        return crop_views(source, *self.crop_boxes(source.shape[-2:], count, generator), size)
+
+    def crop_boxes(self, shape, count: int, generator: torch.Generator):
+        """(boxes (count, 4) as (top, left, h, w) on an image of `shape` (H, W), flips (count,))."""
+        height, width = shape
         if self.base_crop == "random_resized":
             boxes = random_resized_boxes(count, height, width, generator)
         else:
             boxes = center_boxes(count, height, width)
-        flips = torch.rand(count, generator=generator) < 0.5
-        return crop_views(source, boxes, flips, size)
+        return boxes, torch.rand(count, generator=generator) < 0.5
 
     def views(self, bases: torch.Tensor, maps, generator: torch.Generator) -> torch.Tensor:
         if not self.augmix_ops:
@@ -88,8 +102,8 @@ class AttentionMixAugmenter(AugMixAugmenter):
 
     def __init__(self, base_crop: str = "center", augmix_ops: bool = True,
                  mask_rule: str = "top_k", r: float = 0.2, m_high: float = 0.2, m_low: float = 0.8,
-                 p_high: float = 0.2, p_low: float = 0.8):
-        super().__init__(base_crop, augmix_ops)
+                 p_high: float = 0.2, p_low: float = 0.8, crop_source: str = "resized"):
+        super().__init__(base_crop, augmix_ops, crop_source)
         self.mask_rule = mask_rule
         self.r, self.m_high, self.m_low = r, m_high, m_low
         self.p_high, self.p_low = p_high, p_low
@@ -97,7 +111,7 @@ class AttentionMixAugmenter(AugMixAugmenter):
     @classmethod
     def from_config(cls, config) -> "AttentionMixAugmenter":
         return cls(config.base_crop, config.augmix_ops, config.mask_rule, config.r, config.m_high,
-                   config.m_low, config.p_high, config.p_low)
+                   config.m_low, config.p_high, config.p_low, config.crop_source)
 
     @property
     def needs_maps(self) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..registry import resolve
 from .base import EXPLAINERS, Explainer, clip_and_rescale, top1_logit_score
 from .gradcam import GradCamExplainer
-from .rollout import RolloutExplainer
+from .rollout import RolloutExplainer, RolloutInternals
 
 AUTO = "auto"  # the backbone's own default: A-TPT's rollout on ViTs, Grad-CAM on ResNets
 
@@ -21,5 +21,5 @@ def build_explainer(config, backbone, spec=None) -> Explainer:
     return explainer
 
 
-__all__ = ["AUTO", "EXPLAINERS", "Explainer", "RolloutExplainer", "GradCamExplainer", "build_explainer",
+__all__ = ["AUTO", "EXPLAINERS", "Explainer", "RolloutExplainer", "RolloutInternals", "GradCamExplainer", "build_explainer",
            "clip_and_rescale", "top1_logit_score"]

@@ -48,12 +48,24 @@ def top1_logit_score(text_features: torch.Tensor, logit_scale: torch.Tensor) -> 
     return score
 
 
-def clip_and_rescale(maps: torch.Tensor, quantile: float = 0.99) -> torch.Tensor:
-    """Clip each map at its `quantile`, then min-max scale it to [0, 1] (constant map -> 0)."""
-    flat = maps.flatten(1).float()
-    ceiling = torch.quantile(flat, quantile, dim=1, keepdim=True)
-    flat = torch.minimum(flat, ceiling)
+def clip_threshold(maps: torch.Tensor, quantile: float = 0.99) -> torch.Tensor:
+    """(N,) the value each map is clipped at: its `quantile`."""
+    return torch.quantile(maps.flatten(1).float(), quantile, dim=1)
+
+
+def rescale(maps: torch.Tensor, threshold: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """Clip each map at its threshold, then min-max scale it to [0, 1] (constant map -> 0).
+
+    `eps` is added to the span, as the authors' code does (1e-8): on a near-flat map that
+    moves the result far more than rounding does, so it is a setting, not a detail.
+    """
+    flat = torch.minimum(maps.flatten(1).float(), threshold[:, None])
     low = flat.min(dim=1, keepdim=True).values
     span = flat.max(dim=1, keepdim=True).values - low
-    scaled = torch.where(span > 0, (flat - low) / span.clamp_min(torch.finfo(flat.dtype).tiny), 0.0)
+    scaled = torch.where(span > 0, (flat - low) / (span + eps).clamp_min(torch.finfo(flat.dtype).tiny), 0.0)
     return scaled.reshape(maps.shape)
+
+
+def clip_and_rescale(maps: torch.Tensor, quantile: float = 0.99, eps: float = 0.0) -> torch.Tensor:
+    """Clip each map at its `quantile`, then min-max scale it to [0, 1] (constant map -> 0)."""
+    return rescale(maps, clip_threshold(maps, quantile), eps)

@@ -12,10 +12,10 @@ def gradcam(feature_map: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     return torch.relu((weights * feature_map.float()).sum(dim=1))
 
 
-def sharpen(maps: torch.Tensor, offset: float = 0.2) -> torch.Tensor:
-    """The authors' RN50 post-step on [0,1] maps: (relu(map - offset) / max) ** 2."""
+def sharpen(maps: torch.Tensor, offset: float = 0.2, eps: float = 0.0) -> torch.Tensor:
+    """The authors' RN50 post-step on [0,1] maps: (relu(map - offset) / (max + eps)) ** 2."""
     shifted = torch.relu(maps - offset)
-    peak = shifted.flatten(1).max(dim=1).values.clamp_min(torch.finfo(maps.dtype).tiny)
+    peak = (shifted.flatten(1).max(dim=1).values + eps).clamp_min(torch.finfo(maps.dtype).tiny)
     return (shifted / peak[:, None, None]) ** 2
 
 
@@ -27,15 +27,16 @@ class GradCamExplainer(Explainer):
 
     @classmethod
     def from_config(cls, config) -> "GradCamExplainer":
-        return cls(config.clip_quantile, config.gradcam_sharpen)
+        return cls(config.clip_quantile, config.gradcam_sharpen, config.explainer_eps)
 
-    def __init__(self, clip_quantile: float = 0.99, sharpen: bool = False):
+    def __init__(self, clip_quantile: float = 0.99, sharpen: bool = False, eps: float = 0.0):
         self.clip_quantile = clip_quantile
         self.sharpen = sharpen
+        self.eps = eps
 
     def __call__(self, backbone, images: torch.Tensor, score: Score) -> torch.Tensor:
         with torch.enable_grad():
             pooled, feature_map = backbone.trace_resnet(images)
             (grads,) = torch.autograd.grad(score(pooled), [feature_map])
-        maps = clip_and_rescale(gradcam(feature_map.detach(), grads), self.clip_quantile)
-        return sharpen(maps) if self.sharpen else maps
+        maps = clip_and_rescale(gradcam(feature_map.detach(), grads), self.clip_quantile, self.eps)
+        return sharpen(maps, eps=self.eps) if self.sharpen else maps
