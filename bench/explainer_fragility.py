@@ -29,7 +29,7 @@ def explain_with(tta, bases: torch.Tensor, threads: int) -> torch.Tensor:
 def fragility(tta, images: torch.Tensor, views: int):
     batch_vs_single, threads_1_vs_2, moved, total = 0.0, 0.0, 0, 0
     for image in images:
-        bases = tta.augmenter.bases(image, views - 1, tta.generator_for(image))
+        bases = tta.augmenter.bases(image, views - 1, tta.generator_for(image), tta.backbone.image_size)
         batch = explain_with(tta, bases, 1)
         single = torch.cat([explain_with(tta, base[None], 1) for base in bases])
         two_threads = explain_with(tta, bases, 2)
