@@ -5,9 +5,10 @@ top-level name `adapters` belongs to an unrelated PyPI package and is never inst
 
     from atpt_plugin.adapters import load_dataset, make_attack, benchmark, benchmark_table
 
-Submodules: `attacks` (threat models on torchattacks, the zero-shot attacked model),
-`cache` (the checksummed adversarial-image cache), `adaptive` (attacks on the whole
-wrapped adapter: EOT-PGD, Square, and their sanity checks), `datasets` (CoOp/TPT layouts,
+Submodules: `attacks` (one registered class per attack: transfer attacks on torchattacks,
+adaptive ones on the whole wrapped adapter; eps units; the zero-shot attacked model),
+`cache` (the checksummed adversarial-image cache), `adaptive` (running adaptive attacks
+and their sanity checks), `datasets` (CoOp/TPT layouts,
 ImageNet variants, ImageFolder), `robustbench` (`benchmark`, leaderboard JSON,
 `import_robustbench`), `runner` (the resumable, sharded evaluation loop), `resultlog` (the
 per-sample results files), `storage` (atomic writes, write errors), `report` (tables and
@@ -21,9 +22,9 @@ import importlib
 _EXPORTS = {
     "ATTACKS": "attacks", "AttackSpec": "attacks", "AdversarialCache": "cache", "ZeroShotClassifier": "attacks",
     "make_attack": "attacks", "parse_eps": "attacks", "run_attack": "attacks", "CacheMismatchError": "cache",
-    "run_adaptive": "adaptive", "attack_view": "adaptive", "SanityChecks": "adaptive",
+    "run_adaptive": "adaptive", "attack_view": "attacks", "SanityChecks": "adaptive",
     "DATASETS": "datasets", "EvalDataset": "datasets", "load_dataset": "datasets", "describe_layout": "datasets",
-    "DatasetLayoutError": "datasets", "UnknownNameError": "datasets", "BadImageError": "datasets",
+    "DatasetLayoutError": "datasets", "DatasetInfo": "datasets", "BadImageError": "datasets",
     "benchmark": "robustbench", "benchmark_table": "robustbench", "import_robustbench": "robustbench",
     "Evaluation": "runner", "DamagedResultsError": "resultlog", "StorageError": "storage",
 }

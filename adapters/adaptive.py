@@ -1,34 +1,9 @@
-"""Adaptive attacks: each wrapped adapter attacked as a whole, and the sanity checks that go with them.
-
-The paper's protocol is a transfer attack (PGD on zero-shot CLIP, then adapt). A test-time
-defence is only as robust as it is against an attacker who targets the defence itself
-(Athalye et al., ICML 2018; Croce et al., ICML 2022), so these attacks run on the wrapped
-adapter `tta`, per image:
-
-- `eot-pgd`: L-inf PGD on the cross-entropy (or margin) of `tta`'s output. Each step
-  averages the input gradient over `eot_iter` adaptations with freshly drawn random views
-  (Expectation over Transformation): the attacked copy of the adapter has `seed=None`, so
-  it cannot exploit the deployed adapter's image-hash seeding, which only makes the view
-  draw a discontinuous function of the pixels. Gradients flow through view construction
-  (crops are differentiable resampling; AugMix's 8-bit ops are piecewise constant), the
-  image features of all views and the aggregation; through the tuning step by `gradient`:
-  "bpda" (straight-through through AdamW's sign-like first step), "exact" (create_graph;
-  nearly zero, since Adam's first step is ~ -lr * sign(g)) or "fixed_prompt" (the tuned
-  prompt held constant). Masks and confident selection are index operations: no gradient
-  through the choice, gradient through the chosen views. Cost: steps * eot_iter
-  adaptations, each with one backward pass, per image.
-- `square`: torchattacks' Square attack (random search, no gradients) on the adapter as
-  deployed: a gradient-free check that exposes gradient masking. Cost: up to n_queries
-  adaptations per image (it stops on an image once it is misclassified).
-
-The deployed adapter (its own configuration and seed) then predicts on the adversarial
-image, as in the transfer setting.
+"""Running adaptive attacks (`attacks/pipeline.py`) on adapters, and their sanity checks.
 
 Sanity checks (Carlini et al. 2019, "On Evaluating Adversarial Robustness"; Croce et al.
 2022), on the first `SanityChecks.n` images of the evaluation:
-- more steps (and more EOT samples, more queries) must not leave more images correct than
-  a cheaper run of the same attack with the same seed (`fewer_steps`, `fewer_eot`,
-  `fewer_queries`: a quarter of them);
+- more of an attack's budget (steps, EOT samples, queries: its `budget_checks`) must not
+  leave more images correct than a cheaper run with a fraction of it and the same seed;
 - at a large budget (default 16 eps, at most 128/255) accuracy must be near zero
   (`large_eps`, at most `near_zero`);
 - the adaptive attack must be at least as strong as the transfer attack of the paper
@@ -40,18 +15,14 @@ or masked gradients): EOT-PGD cannot move there, and Square is the check to run.
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from atpt_plugin.episodic import evaluation_mode
-
-from .attacks import AttackSpec, make_attack
+from .attacks import AttackSpec, AttackStats, format_eps, make_attack
 
 CHECKS = ("fewer_steps", "fewer_eot", "fewer_queries", "large_eps", "transfer")
 CHECK_TEXT = {
@@ -61,103 +32,6 @@ CHECK_TEXT = {
     "large_eps": "accuracy is near zero (at most {near_zero:.0%}) at eps={variant}",
     "transfer": "the adaptive attack is at least as strong as the transfer attack ({variant})",
 }
-
-
-# ---- the attacked pipeline --------------------------------------------------------------
-def attack_view(adapter: nn.Module, gradient: Optional[str] = None) -> nn.Module:
-    """The adapter as the attacker runs it: the same model, prompt and components (shared,
-    nothing copied but the configuration), with `input_gradient=gradient` and `seed=None`
-    (new random views at every call: EOT). A module without an adapter configuration (e.g.
-    a plain classifier) is returned as it is.
-    """
-    config = getattr(adapter, "config", None)
-    if config is None or not hasattr(config, "replace"):
-        return adapter
-    overrides = {"seed": None}
-    if gradient is not None:
-        overrides["input_gradient"] = gradient
-    view = copy.copy(adapter)   # shares _modules, _parameters, _buffers: the same weights and prompt
-    object.__setattr__(view, "config", config.replace(**overrides))
-    return view
-
-
-@dataclass
-class AttackStats:
-    """Measured cost of one adaptive attack: adaptations (forward), input gradients
-    (backward), images through the image tower (when counted by the caller), seconds."""
-
-    forward: int = 0
-    backward: int = 0
-    image_passes: Optional[int] = None
-    seconds: float = 0.0
-    zero_gradients: int = 0      # backward passes whose input gradient was exactly zero (or absent)
-
-    def as_dict(self) -> dict:
-        return {"forward": self.forward, "backward": self.backward, "image_passes": self.image_passes,
-                "seconds": round(self.seconds, 6), "zero_gradients": self.zero_gradients}
-
-
-class _Counted(nn.Module):
-    """Counts the images it forwards (each is one adaptation of the pipeline)."""
-
-    def __init__(self, model: nn.Module, stats: AttackStats):
-        super().__init__()
-        self.model = model
-        self.stats = stats
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        self.stats.forward += int(images.shape[0])
-        return self.model(images)
-
-
-def attack_loss(logits: torch.Tensor, labels: torch.Tensor, loss: str = "ce") -> torch.Tensor:
-    """Summed over the batch (each image is adapted on its own, so its gradient is its own)."""
-    logits = logits.float()
-    if loss == "ce":
-        return F.cross_entropy(logits, labels, reduction="sum")
-    true = logits.gather(1, labels[:, None]).squeeze(1)
-    others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).amax(1)
-    return (others - true).sum()     # margin: > 0 once misclassified
-
-
-def eot_pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, alpha: float, steps: int,
-            eot_iter: int = 1, random_start: bool = True, loss: str = "ce", norm: str = "Linf",
-            stats: Optional[AttackStats] = None) -> torch.Tensor:
-    """L-inf PGD whose every step uses the gradient summed over `eot_iter` forward passes.
-
-    `model` is called `steps * eot_iter` times on the whole batch, each time with gradients
-    w.r.t. its input; the last iterate is returned (as torchattacks' EOTPGD does). Random
-    draws (the start, and the views of a `seed=None` adapter) come from the global RNG.
-    An output that does not depend differentiably on the input gives a zero gradient
-    (the image does not move); such passes are counted in `stats.zero_gradients`.
-    """
-    if norm != "Linf":
-        raise ValueError("eot-pgd is an L-inf attack")
-    stats = stats if stats is not None else AttackStats()
-    images = images.detach()
-    adversarial = images.clone()
-    if random_start:
-        adversarial = (adversarial + torch.empty_like(adversarial).uniform_(-eps, eps)).clamp(0, 1)
-    for _ in range(steps):
-        adversarial.requires_grad_(True)
-        grad = torch.zeros_like(adversarial)
-        for _ in range(eot_iter):
-            logits = model(adversarial)
-            stats.forward += int(images.shape[0])
-            objective = attack_loss(logits, labels, loss)
-            g = None
-            if objective.requires_grad:
-                (g,) = torch.autograd.grad(objective, [adversarial], allow_unused=True)
-            stats.backward += int(images.shape[0])
-            if g is None:
-                stats.zero_gradients += int(images.shape[0])
-                continue
-            stats.zero_gradients += int((g.flatten(1).abs().sum(1) == 0).sum())
-            grad += g
-        with torch.no_grad():
-            adversarial = adversarial.detach() + alpha * grad.sign()
-            adversarial = (images + (adversarial - images).clamp(-eps, eps)).clamp(0, 1)
-    return adversarial.detach()
 
 
 def run_adaptive(spec: AttackSpec, adapter: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int,
@@ -171,29 +45,13 @@ def run_adaptive(spec: AttackSpec, adapter: nn.Module, images: torch.Tensor, lab
     if not spec.is_adaptive:
         raise ValueError(f"attack {spec.name!r} is not adaptive")
     stats = stats if stats is not None else AttackStats()
-    p = spec.param_dict
     device = _device_of(adapter, images)
     images, labels = images.detach().to(device), labels.to(device)
     devices = [device.index or 0] if device.type == "cuda" else []
     start = time.perf_counter()
     with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(seed)
-        if spec.name == "eot-pgd":
-            model = attack_view(adapter, gradient=p["gradient"])
-            adversarial = eot_pgd(model, images, labels, spec.eps, p["alpha"], p["steps"], p["eot_iter"],
-                                  p["random_start"], p["loss"], spec.norm, stats)
-        elif spec.name == "square":
-            import torchattacks
-            counted = _Counted(adapter, stats)
-            attack = torchattacks.Square(counted, norm=spec.norm, eps=spec.eps, n_queries=p["n_queries"],
-                                         n_restarts=1, p_init=p["p_init"], loss=p["loss"], seed=seed % (2 ** 31))
-            attack.set_device(device)
-            # torchattacks puts a model it finds in training mode back into training mode
-            # afterwards, recursively: keep every submodule's own flag instead.
-            with torch.no_grad(), evaluation_mode(counted):
-                adversarial = attack(images, labels)
-        else:
-            raise ValueError(f"no adaptive attack named {spec.name!r}")
+        adversarial = spec.attack.run(spec, adapter, images, labels, seed, stats)
     stats.seconds += time.perf_counter() - start
     return adversarial.detach()
 
@@ -248,13 +106,9 @@ def check_attacks(spec: AttackSpec, sanity: SanityChecks, backbone_kind: str = "
     def fewer(value: int) -> int:
         return max(1, int(value * sanity.fraction))
 
-    if spec.name == "eot-pgd":
-        if p["steps"] > 1:
-            out["fewer_steps"] = spec.replace(steps=fewer(p["steps"]))
-        if p["eot_iter"] > 1:
-            out["fewer_eot"] = spec.replace(eot_iter=fewer(p["eot_iter"]))
-    elif spec.name == "square" and p["n_queries"] > 1:
-        out["fewer_queries"] = spec.replace(n_queries=fewer(p["n_queries"]))
+    for check, parameter in spec.attack.budget_checks.items():
+        if p[parameter] > 1:
+            out[check] = spec.replace(**{parameter: fewer(p[parameter])})
     large = sanity.large_eps
     if large is None:
         large = min(16 * spec.eps, 128 / 255) if spec.norm == "Linf" else 16 * spec.eps
@@ -268,11 +122,10 @@ def check_attacks(spec: AttackSpec, sanity: SanityChecks, backbone_kind: str = "
 
 def _variant_text(name: str, variant: AttackSpec, spec: AttackSpec) -> Tuple[str, str]:
     """(the variant, the full attack) in words, for the check's expectation."""
-    from .attacks import format_eps
     p, q = variant.param_dict, spec.param_dict
-    for check, key in (("fewer_steps", "steps"), ("fewer_eot", "eot_iter"), ("fewer_queries", "n_queries")):
-        if name == check:
-            return f"{key}={p[key]}", f"{key}={q[key]}"
+    key = spec.attack.budget_checks.get(name)
+    if key is not None:
+        return f"{key}={p[key]}", f"{key}={q[key]}"
     if name == "large_eps":
         return format_eps(variant.eps, variant.norm), ""
     return f"{variant.name} on zero-shot CLIP, eps={format_eps(variant.eps, variant.norm)}, {p.get('steps')} steps", ""

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 EPILOG_EVAL = """\
 units: --eps and --alpha for L-inf attacks (pgd, fgsm, autoattack) are in 1/255 units:
@@ -86,7 +86,7 @@ def create_model(name: str, pretrained: Optional[str], seed: int = 0):
 
     from atpt_plugin.demo_model import MODEL_NAME, checkpoint_path  # registers the embedded model's config
 
-    from .datasets import unknown_name
+    from atpt_plugin.registry import unknown_name
 
     if name in (DEMO_MODEL, MODEL_NAME):
         name = MODEL_NAME
@@ -101,7 +101,7 @@ def create_model(name: str, pretrained: Optional[str], seed: int = 0):
         open_clip.add_model_config(path)
         name = path.stem
     if name not in open_clip.list_models():
-        raise unknown_name("model", name, open_clip.list_models())
+        raise unknown_name("model", name, open_clip.list_models(), "open_clip models")
     tag = None if pretrained in (None, "", "none", "None", "random") else pretrained
     recorded = "none"
     if tag is not None:
@@ -254,7 +254,8 @@ def run_eval(args) -> int:
     import torch
 
     from .adaptive import SanityChecks
-    from .attacks import ATTACKS, ZeroShotClassifier, make_attack, parse_eps, resolve_attack_name
+    from .attacks import ZeroShotClassifier, make_attack, parse_eps, resolve_attack_name
+    from .attacks.base import attack_named
     from .cache import AdversarialCache, model_fingerprint
     from .datasets import dataset_info, json_digest, load_dataset, select
     from .report import markdown_table, skipped_note, write_reports
@@ -269,9 +270,8 @@ def run_eval(args) -> int:
     info = dataset_info(args.dataset)
     attack_key = resolve_attack_name(args.attack)
     attack_opts = _parse_pairs(args.attack_opt, "--attack-opt")
-    norm = ATTACKS[attack_key].norm
-    if attack_key in ("autoattack", "square"):
-        norm = attack_opts.get("norm", "Linf")
+    attack = attack_named(attack_key)
+    norm = attack.norm_of({**attack.defaults, **attack_opts})
     eps = parse_eps(args.eps, norm) if args.eps is not None else None
     alpha = parse_eps(args.alpha, norm) if args.alpha is not None else None
     overrides = _parse_pairs(args.set, "--set")
@@ -315,7 +315,7 @@ def run_eval(args) -> int:
 
         settings = {
             "model": model_name, "pretrained": pretrained, "model_fingerprint": fingerprint,
-            "dataset": info.key, "data_root": str(Path(dataset.root).resolve()), "split": args.split,
+            "dataset": info.key, "data_root": None if dataset.root is None else str(Path(dataset.root).resolve()), "split": args.split,
             "dataset_fingerprint": dataset.fingerprint(), "n_examples": args.n_examples,
             "selection": json_digest([dataset.sample_id(i) for i in indices]),
             "adapters": configs, "attack": spec.to_dict(),
@@ -388,29 +388,54 @@ def default_cache_dir() -> Path:
 
 
 # ---- list ----------------------------------------------------------------------------------
-def run_list(args) -> int:
-    from atpt_plugin import list_adapters
+def registries() -> Dict[str, object]:
+    """Every registry `atpt list` shows, by the plural its section is called."""
+    from atpt_plugin.aggregators import AGGREGATORS
+    from atpt_plugin.api import ADAPTERS
+    from atpt_plugin.augmenters import AUGMENTERS
+    from atpt_plugin.backbones import BACKBONES
+    from atpt_plugin.explainers import EXPLAINERS
+    from atpt_plugin.objectives import OBJECTIVES
 
     from .attacks import ATTACKS
     from .datasets import DATASETS
 
-    what = args.what
-    if what in (None, "adapters"):
-        print("adapters (--adapters a,b,c):")
-        for name, description in list_adapters().items():
-            print(f"  {name:<20} {description}")
-    if what in (None, "datasets"):
-        print("datasets (--dataset NAME --data-root DIR):")
-        for info in DATASETS.values():
-            word = f", domain word {info.domain_word!r}" if info.domain_word else ""
-            print(f"  {info.key:<16} {info.title}{word}\n  {'':<16} layout: {info.layout}")
-    if what in (None, "attacks"):
-        print("attacks (--attack NAME; --eps in 1/255 for L-inf, L2 norm for L2); transfer attacks are made "
-              "once on zero-shot CLIP, adaptive ones on each adapter:")
-        for kind in ATTACKS.values():
-            shown = {"alpha": "eps/4", "steps": "100 (1 on ResNets)" if kind.name == "pgd" else None}
-            params = ", ".join(f"{k}={shown.get(k) or v}" for k, v in kind.defaults)
-            print(f"  {kind.name:<12} {kind.norm or '-':<5} {kind.kind:<9} {kind.description}" + (f" [{params}]" if params else ""))
+    return {"adapters": ADAPTERS, "explainers": EXPLAINERS, "augmenters": AUGMENTERS, "aggregators": AGGREGATORS,
+            "objectives": OBJECTIVES, "backbones": BACKBONES, "attacks": ATTACKS, "datasets": DATASETS}
+
+
+def _details(kind: str, name: str) -> Tuple[str, List[str]]:
+    """(one line, further lines) for a registered name; adapters, attacks and datasets say more."""
+    if kind == "adapters":
+        from atpt_plugin.api import load_adapter
+        return load_adapter(name).description, []
+    if kind == "attacks":
+        from atpt_plugin.registry import first_line
+
+        from .attacks.base import attack_named
+        attack = attack_named(name)
+        shown = {"alpha": "eps/4", "steps": "the paper's (100 ViT, 1 ResNet)"}
+        params = ", ".join(f"{k}={shown[k] if v is None else v}" for k, v in attack.defaults.items())
+        return (f"{attack.kind}, {attack.norm or 'no budget'}: {first_line(type(attack))}",
+                [f"parameters: {params}"] if params else [])
+    if kind == "datasets":
+        from .datasets import dataset_info
+        info = dataset_info(name)
+        word = f", domain word {info.domain_word!r}" if info.domain_word else ""
+        return f"{info.title}{word}", [f"layout: {info.layout}"]
+    return "", []
+
+
+def run_list(args) -> int:
+    for kind, registry in registries().items():
+        if args.what not in (None, kind):
+            continue
+        print(f"{kind} (entry-point group {registry.group}):")
+        for name, entry in registry.describe().items():
+            line, more = _details(kind, name)
+            print(f"  {name:<20} {line or entry.description}  [{entry.source}]")
+            for extra in more:
+                print(f"  {'':<20} {extra}")
     return 0
 
 
@@ -469,8 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--steps", type=int, default=20, help="PGD steps (default 20)")
         sub.add_argument("--seed", type=int, default=0)
         sub.add_argument("--out", default=out, help=f"output file (default {out})")
-    ls = commands.add_parser("list", help="list adapters, datasets and attacks")
-    ls.add_argument("what", nargs="?", choices=["adapters", "datasets", "attacks"])
+    ls = commands.add_parser("list", help="list every registry: adapters, components, backbones, attacks, datasets")
+    ls.add_argument("what", nargs="?", choices=["adapters", "explainers", "augmenters", "aggregators", "objectives",
+                                                "backbones", "attacks", "datasets"])
     return parser
 
 

@@ -19,16 +19,17 @@ fine-grained sets ("a pet photo of a" for Pets); `None` keeps the plain phrase.
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.utils.data import Dataset
+
+from atpt_plugin.registry import Registry
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -61,55 +62,37 @@ class BadImageError(Exception):
                 "reason": self.reason}
 
 
-class UnknownNameError(ValueError):
-    """A dataset, attack or adapter name that does not exist; the message lists the valid ones."""
-
-
 def json_digest(value, length: int = 16) -> str:
     """A short stable hash of a JSON-serialisable value (settings, class names, sample lists)."""
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:length]
 
 
-def unknown_name(kind: str, name: str, valid: Sequence[str]) -> UnknownNameError:
-    close = difflib.get_close_matches(name, list(valid), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return UnknownNameError(f"unknown {kind} {name!r}{hint}; valid {kind}s: {', '.join(valid)}")
+DATASETS = Registry("dataset", "atpt_plugin.datasets")
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """How one dataset is laid out on disk and what its prompts need."""
+    """How one dataset is laid out on disk, how it is loaded and what its prompts need.
+
+    A package adds a dataset by publishing a `DatasetInfo` (or a callable returning one)
+    under the entry-point group `atpt_plugin.datasets`; `loader(info, root, split,
+    image_size)` returns an `EvalDataset` (`root` is None when `needs_root` is False).
+    """
 
     key: str
     title: str
-    kind: str                      # "split_json", "aircraft", "imagenet", "imagefolder"
-    dirs: Tuple[str, ...]          # candidate dataset folders under the data root (CoOp, TPT)
+    kind: str                      # the layout family: "split_json", "aircraft", "imagenet", "imagefolder", ...
+    loader: Callable[..., "EvalDataset"]
+    layout: str                    # the expected tree, for error messages and `atpt list`
+    dirs: Tuple[str, ...] = ()     # candidate dataset folders under the data root (CoOp, TPT)
     image_dir: str = ""            # image root inside the dataset folder
     split_file: str = ""
     domain_word: Optional[str] = None
     aliases: Tuple[str, ...] = ()
     imagenet_variant: str = ""     # "", "a", "r", "v2", "sketch"
     augmix_ops: bool = True        # TPT convention: no AugMix ops on the ImageNet family
-
-    @property
-    def layout(self) -> str:
-        """The expected tree, for error messages and `atpt list`."""
-        if self.kind == "split_json":
-            image = f"{self.image_dir}/..." if self.image_dir else "<image paths of the split file>"
-            return (f"<root>/{self.dirs[0]}/{{{self.split_file}, {image}}} (CoOp; TPT's "
-                    f"<root>/{self.dirs[1]}/ also works); the split file is JSON "
-                    '{"train"|"val"|"test": [[relative_image_path, label, class_name], ...]}')
-        if self.kind == "aircraft":
-            return (f"<root>/{self.dirs[0]}/{{images/<id>.jpg, variants.txt, images_variant_test.txt}} "
-                    "(CoOp / TPT; FGVC-Aircraft's own 'data' folder); images_variant_<split>.txt "
-                    "lines are '<image id> <variant name>'")
-        if self.kind == "imagenet":
-            folders = "0/ ... 999/ (class indices)" if self.imagenet_variant == "v2" else "<wnid>/ (e.g. n01440764/)"
-            where = " or ".join(f"<root>/{d}/" for d in self.dirs)
-            return f"{where} with one folder per class: {folders}, images inside"
-        if self.kind == "demo":
-            return "shipped with the package (1,000 held-out Fashion-MNIST test images); no --data-root needed"
-        return "<root>/<class name>/<image> (one folder per class, sorted folder names = labels)"
+    needs_root: bool = True
+    splits: Optional[Tuple[str, ...]] = None   # None: any split the files name; else the only ones
 
     def adapter_overrides(self) -> Dict[str, object]:
         """Settings the TPT / A-TPT code applies for this dataset."""
@@ -122,58 +105,83 @@ class DatasetInfo:
 
 
 def _split(key, title, dirs, image_dir, split_file, domain_word, aliases=()):
-    return DatasetInfo(key, title, "split_json", tuple(dirs), image_dir, split_file, domain_word, tuple(aliases))
+    image = f"{image_dir}/..." if image_dir else "<image paths of the split file>"
+    layout = (f"<root>/{dirs[0]}/{{{split_file}, {image}}} (CoOp; TPT's <root>/{dirs[1]}/ also works); the "
+              'split file is JSON {"train"|"val"|"test": [[relative_image_path, label, class_name], ...]}')
+    return DatasetInfo(key, title, "split_json", _load_split_json, layout, tuple(dirs), image_dir, split_file,
+                       domain_word, tuple(aliases))
 
 
 def _imagenet(key, title, dirs, variant, aliases=()):
-    return DatasetInfo(key, title, "imagenet", tuple(dirs), domain_word=None, aliases=tuple(aliases),
-                       imagenet_variant=variant, augmix_ops=False)
+    folders = "0/ ... 999/ (class indices)" if variant == "v2" else "<wnid>/ (e.g. n01440764/)"
+    layout = f"{' or '.join(f'<root>/{d}/' for d in dirs)} with one folder per class: {folders}, images inside"
+    return DatasetInfo(key, title, "imagenet", _load_imagenet, layout, tuple(dirs), aliases=tuple(aliases),
+                       imagenet_variant=variant, augmix_ops=False, splits=("test",))
 
 
-DATASETS: Dict[str, DatasetInfo] = {info.key: info for info in [
-    _split("pets", "OxfordPets", ["oxford_pets", "OxfordPets"], "images", "split_zhou_OxfordPets.json",
-           "pet", ["oxford_pets", "oxfordpets"]),
-    _split("caltech101", "Caltech101", ["caltech-101", "Caltech101"], "101_ObjectCategories",
-           "split_zhou_Caltech101.json", "object", ["caltech-101"]),
-    _split("cars", "StanfordCars", ["stanford_cars", "StanfordCars"], "", "split_zhou_StanfordCars.json",
-           "car", ["stanford_cars", "stanfordcars"]),
-    _split("dtd", "DTD", ["dtd", "DTD"], "images", "split_zhou_DescribableTextures.json", "texture",
-           ["describabletextures"]),
-    _split("ucf101", "UCF101", ["ucf101", "UCF101"], "UCF-101-midframes", "split_zhou_UCF101.json",
-           "action"),
-    _split("eurosat", "EuroSAT", ["eurosat", "EuroSAT"], "2750", "split_zhou_EuroSAT.json",
-           "satellite-map"),
-    _split("flower102", "Flower102", ["oxford_flowers", "Flower102"], "jpg", "split_zhou_OxfordFlowers.json",
-           "flower", ["flowers", "flowers102", "oxford_flowers"]),
-    _split("food101", "Food101", ["food-101", "Food101"], "images", "split_zhou_Food101.json", None,
-           ["food-101", "food"]),
-    _split("sun397", "SUN397", ["sun397", "SUN397"], "SUN397", "split_zhou_SUN397.json", None, ["sun"]),
-    DatasetInfo("aircraft", "FGVC-Aircraft", "aircraft", ("fgvc_aircraft", "fgvc-aircraft-2013b/data"),
-                "images", domain_word="aircraft", aliases=("fgvc_aircraft", "fgvc-aircraft", "fgvcaircraft")),
-    _imagenet("imagenet", "ImageNet", ["imagenet/images/val", "ImageNet/val", "imagenet/val"], "",
-              ["i", "imagenet-1k", "imagenet1k"]),
-    _imagenet("imagenet_a", "ImageNet-A", ["imagenet-adversarial/imagenet-a", "imagenet-a"], "a",
-              ["a", "imagenet-a"]),
-    _imagenet("imagenet_r", "ImageNet-R", ["imagenet-rendition/imagenet-r", "imagenet-r"], "r",
-              ["r", "imagenet-r"]),
-    _imagenet("imagenet_v2", "ImageNet-V2", ["imagenetv2/imagenetv2-matched-frequency-format-val",
-                                              "imagenetv2-matched-frequency-format-val"], "v2",
-              ["v", "v2", "imagenetv2", "imagenet-v2"]),
-    _imagenet("imagenet_sketch", "ImageNet-Sketch", ["imagenet-sketch/images", "ImageNet-Sketch/images",
-                                                      "ImageNet-Sketch/sketch", "ImageNet-Sketch"], "sketch",
-              ["k", "sketch", "imagenet-sketch"]),
-    DatasetInfo("imagefolder", "ImageFolder", "imagefolder", (".",), aliases=("folder",)),
-    DatasetInfo("fmnist_demo", "Fashion-MNIST demo subset", "demo", (), aliases=("demo", "fmnist")),
-]}
+def _builtin_datasets() -> List[DatasetInfo]:
+    return [
+        _split("pets", "OxfordPets", ["oxford_pets", "OxfordPets"], "images", "split_zhou_OxfordPets.json",
+               "pet", ["oxford_pets", "oxfordpets"]),
+        _split("caltech101", "Caltech101", ["caltech-101", "Caltech101"], "101_ObjectCategories",
+               "split_zhou_Caltech101.json", "object", ["caltech-101"]),
+        _split("cars", "StanfordCars", ["stanford_cars", "StanfordCars"], "", "split_zhou_StanfordCars.json",
+               "car", ["stanford_cars", "stanfordcars"]),
+        _split("dtd", "DTD", ["dtd", "DTD"], "images", "split_zhou_DescribableTextures.json", "texture",
+               ["describabletextures"]),
+        _split("ucf101", "UCF101", ["ucf101", "UCF101"], "UCF-101-midframes", "split_zhou_UCF101.json",
+               "action"),
+        _split("eurosat", "EuroSAT", ["eurosat", "EuroSAT"], "2750", "split_zhou_EuroSAT.json",
+               "satellite-map"),
+        _split("flower102", "Flower102", ["oxford_flowers", "Flower102"], "jpg", "split_zhou_OxfordFlowers.json",
+               "flower", ["flowers", "flowers102", "oxford_flowers"]),
+        _split("food101", "Food101", ["food-101", "Food101"], "images", "split_zhou_Food101.json", None,
+               ["food-101", "food"]),
+        _split("sun397", "SUN397", ["sun397", "SUN397"], "SUN397", "split_zhou_SUN397.json", None, ["sun"]),
+        DatasetInfo("aircraft", "FGVC-Aircraft", "aircraft", _load_aircraft,
+                    "<root>/fgvc_aircraft/{images/<id>.jpg, variants.txt, images_variant_test.txt} (CoOp / TPT; "
+                    "FGVC-Aircraft's own 'data' folder); images_variant_<split>.txt lines are "
+                    "'<image id> <variant name>'", ("fgvc_aircraft", "fgvc-aircraft-2013b/data"), "images",
+                    domain_word="aircraft", aliases=("fgvc_aircraft", "fgvc-aircraft", "fgvcaircraft")),
+        _imagenet("imagenet", "ImageNet", ["imagenet/images/val", "ImageNet/val", "imagenet/val"], "",
+                  ["i", "imagenet-1k", "imagenet1k"]),
+        _imagenet("imagenet_a", "ImageNet-A", ["imagenet-adversarial/imagenet-a", "imagenet-a"], "a",
+                  ["a", "imagenet-a"]),
+        _imagenet("imagenet_r", "ImageNet-R", ["imagenet-rendition/imagenet-r", "imagenet-r"], "r",
+                  ["r", "imagenet-r"]),
+        _imagenet("imagenet_v2", "ImageNet-V2", ["imagenetv2/imagenetv2-matched-frequency-format-val",
+                                                  "imagenetv2-matched-frequency-format-val"], "v2",
+                  ["v", "v2", "imagenetv2", "imagenet-v2"]),
+        _imagenet("imagenet_sketch", "ImageNet-Sketch", ["imagenet-sketch/images", "ImageNet-Sketch/images",
+                                                          "ImageNet-Sketch/sketch", "ImageNet-Sketch"], "sketch",
+                  ["k", "sketch", "imagenet-sketch"]),
+        DatasetInfo("imagefolder", "ImageFolder", "imagefolder", _load_image_folder,
+                    "<root>/<class name>/<image> (one folder per class, sorted folder names = labels)", (".",),
+                    aliases=("folder",), splits=("test",)),
+        DatasetInfo("fmnist_demo", "Fashion-MNIST demo subset", "demo", _load_demo,
+                    "shipped with the package (1,000 held-out Fashion-MNIST test images); no --data-root needed",
+                    aliases=("demo", "fmnist"), needs_root=False),
+    ]
+
+
+def _as_info(target) -> DatasetInfo:
+    info = target if isinstance(target, DatasetInfo) else target()
+    if not isinstance(info, DatasetInfo):
+        raise TypeError(f"a dataset entry must be an atpt_plugin.adapters.datasets.DatasetInfo (or a callable "
+                        f"returning one), got {type(info).__name__}")
+    return info
 
 
 def dataset_info(name: str) -> DatasetInfo:
-    """The registry entry of `name` (a key, a title or an alias, case-insensitive)."""
+    """The registered dataset `name` (a key, a title or an alias, case-insensitive)."""
     wanted = name.strip().lower().replace(" ", "")
-    for info in DATASETS.values():
+    if wanted in DATASETS:
+        return _as_info(DATASETS.get(wanted))
+    for entry in DATASETS.entries().values():
+        info = _as_info(entry.load())
         if wanted in {info.key, info.title.lower(), *info.aliases}:
             return info
-    raise unknown_name("dataset", name, list(DATASETS))
+    raise DATASETS.unknown(name)
 
 
 def describe_layout(name: str) -> str:
@@ -242,6 +250,10 @@ class DemoDataset(EvalDataset):
         return self.images[index], self.samples[index][1]
 
 
+def _load_demo(info: DatasetInfo, root, split: str, image_size) -> DemoDataset:
+    return DemoDataset(info, image_size)
+
+
 def _demo_image_size() -> int:
     from atpt_plugin.demo_model import image_size
     return image_size()
@@ -273,23 +285,18 @@ def load_dataset(name: str, root, split: str = "test", image_size: Optional[int]
     image_size: the model's input size S (Resize + CenterCrop); None keeps the original size.
     """
     info = dataset_info(name)
-    if info.kind == "demo":
-        return DemoDataset(info, image_size)
+    if not info.needs_root:
+        return info.loader(info, None, split, image_size)
     if root is None:
         raise DatasetLayoutError(f"{info.title} needs --data-root (data_dir); expected layout: {info.layout}")
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetLayoutError(f"data root {str(root)!r} is not a directory; expected layout for "
                                  f"{info.title}: {info.layout}")
-    if info.kind == "split_json":
-        return _load_split_json(info, root, split, image_size)
-    if info.kind == "aircraft":
-        return _load_aircraft(info, root, split, image_size)
-    if split != "test":
-        raise ValueError(f"{info.title} has only the 'test' split here (its evaluation set), got {split!r}")
-    if info.kind == "imagenet":
-        return _load_imagenet(info, root, image_size)
-    return _load_image_folder(info, root, image_size)
+    if info.splits is not None and split not in info.splits:
+        raise ValueError(f"{info.title} has only the {', '.join(map(repr, info.splits))} split here "
+                         f"(its evaluation set), got {split!r}")
+    return info.loader(info, root, split, image_size)
 
 
 def _dataset_dir(info: DatasetInfo, root: Path, marker: str) -> Path:
@@ -424,7 +431,7 @@ def _find_class_dir(info: DatasetInfo, root: Path) -> Path:
     raise DatasetLayoutError(f"{info.title} not found under {str(root)!r}; expected layout: {info.layout}")
 
 
-def _load_imagenet(info: DatasetInfo, root: Path, image_size) -> EvalDataset:
+def _load_imagenet(info: DatasetInfo, root: Path, split: str, image_size) -> EvalDataset:
     directory = _find_class_dir(info, root)
     wnids = imagenet_wnids()
     names = imagenet_classnames()
@@ -457,7 +464,7 @@ def _load_imagenet(info: DatasetInfo, root: Path, image_size) -> EvalDataset:
     return EvalDataset(info, directory, "test", samples, classnames, directory, image_size)
 
 
-def _load_image_folder(info: DatasetInfo, root: Path, image_size) -> EvalDataset:
+def _load_image_folder(info: DatasetInfo, root: Path, split: str, image_size) -> EvalDataset:
     folders = _class_folders(root)
     samples = [(f"{folder}/{name}", label) for label, folder in enumerate(folders)
                for name in _images_in(root / folder)]
@@ -465,6 +472,10 @@ def _load_image_folder(info: DatasetInfo, root: Path, image_size) -> EvalDataset
         raise DatasetLayoutError(f"no images found in class folders of {str(root)!r}; expected layout: {info.layout}")
     classnames = [folder.replace("_", " ").strip() for folder in folders]
     return EvalDataset(info, root, "test", samples, classnames, root, image_size)
+
+
+for _info in _builtin_datasets():
+    DATASETS.register(_info.key, _info.title)(_info)
 
 
 def select(dataset_size: int, n_examples: Optional[int], seed: int) -> List[int]:

@@ -40,8 +40,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .adaptive import CHECKS, AttackStats, SanityChecks, check_attacks, judge, run_adaptive, zero_gradient_warning
-from .attacks import AttackSpec, ZeroShotClassifier, chunk_seed, run_attack
+from .adaptive import CHECKS, SanityChecks, check_attacks, judge, run_adaptive, zero_gradient_warning
+from .attacks import AttackSpec, AttackStats, ZeroShotClassifier, chunk_seed, run_attack
 from .cache import AdversarialCache, tensor_digest
 from .datasets import BadImageError
 from .resultlog import ResultLog

@@ -16,6 +16,8 @@ from .explainers import AUTO, EXPLAINERS, Explainer
 from .objectives import OBJECTIVES
 from .registry import Registry
 
+INPUT_GRADIENTS = ("fixed_prompt", "bpda", "exact")  # how logits are differentiated w.r.t. the input
+
 # The component settings: a registered name, or an object satisfying the interface.
 COMPONENTS = {  # field -> (registry, what an object must be)
     "objective": (OBJECTIVES, "a callable (logits) -> scalar loss"),
@@ -96,7 +98,7 @@ class AdapterConfig:
         _check_choice("mask_rule", self.mask_rule, ("top_k", "quantile"))
         _check_choice("mean_over", self.mean_over, ("confident", "all"))
         _check_choice("precision", self.precision, ("fp32", "bf16", "fp16"))
-        _check_choice("input_gradient", self.input_gradient, ("fixed_prompt", "bpda", "exact"))
+        _check_choice("input_gradient", self.input_gradient, INPUT_GRADIENTS)
         _check_choice("classifier_tuning", self.classifier_tuning, ("norm", "prompt"))
         _check_int("views", self.views, 1)
         _check_int("steps", self.steps, 0)

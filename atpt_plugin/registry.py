@@ -113,11 +113,17 @@ class Registry:
 
     def unknown(self, name: str, found: Optional[Dict[str, Entry]] = None) -> UnknownNameError:
         names = sorted(found if found is not None else self.entries())
-        close = difflib.get_close_matches(str(name), names, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return UnknownNameError(
-            f"no {self.kind} named {name!r}{hint}; installed {self.kind}s: {', '.join(names) or 'none'}. Another "
-            f"package adds one under the entry-point group {self.group!r}")
+        return unknown_name(self.kind, name, names, f"installed {self.kind}s",
+                            f"Another package adds one under the entry-point group {self.group!r}")
+
+
+def unknown_name(kind: str, name: str, known, listing: str, advice: str = "") -> UnknownNameError:
+    """"no <kind> named <name> (did you mean ...?); <listing>: <known>. <advice>" """
+    known = list(known)
+    close = difflib.get_close_matches(str(name), known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return UnknownNameError(f"no {kind} named {name!r}{hint}; {listing}: {', '.join(known) or 'none'}"
+                            + (f". {advice}" if advice else ""))
 
 
 def construct(target, config):

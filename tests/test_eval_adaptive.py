@@ -8,9 +8,8 @@ import torch
 from atpt_plugin import load_adapter
 from atpt_plugin import adapter as adapter_module
 from atpt_plugin.adapters import cli
-from atpt_plugin.adapters.adaptive import (AttackStats, SanityChecks, attack_loss, attack_view, check_attacks, judge,
-                                           run_adaptive)
-from atpt_plugin.adapters.attacks import ZeroShotClassifier, make_attack
+from atpt_plugin.adapters.adaptive import SanityChecks, check_attacks, judge, run_adaptive
+from atpt_plugin.adapters.attacks import AttackStats, ZeroShotClassifier, attack_loss, attack_view, make_attack
 from atpt_plugin.adapters.report import csv_table, markdown_table
 from atpt_plugin.adapters.runner import Evaluation, ResultLog, TensorSource
 from conftest import CLASSNAMES
@@ -120,7 +119,7 @@ def test_adaptive_attacks_by_name_with_their_parameters_and_cost():
     square = make_attack("square", n_queries=50)
     assert square.kind == "adaptive" and square.cost()["forward"] == 50 and square.cost()["backward"] == 0
     assert make_attack("square", norm="L2").norm == "L2"
-    with pytest.raises(ValueError, match="gradient must be one of bpda, exact, fixed_prompt"):
+    with pytest.raises(ValueError, match="gradient must be one of fixed_prompt, bpda, exact"):
         make_attack("eot-pgd", gradient="sign")
     with pytest.raises(ValueError, match="eot_iter must be a positive integer"):
         make_attack("eot-pgd", eot_iter=0)

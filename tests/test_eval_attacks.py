@@ -6,7 +6,7 @@ from atpt_plugin import AdapterConfig
 from atpt_plugin.adapter import TestTimeAdapter as Wrapped  # not collected as a test class
 from atpt_plugin.adapters.attacks import ATTACKS, ZeroShotClassifier, chunk_seed, make_attack, parse_eps, run_attack
 from atpt_plugin.adapters.cache import AdversarialCache, CacheMismatchError, model_fingerprint, tensor_digest
-from atpt_plugin.adapters.datasets import UnknownNameError
+from atpt_plugin.registry import UnknownNameError
 from conftest import CLASSNAMES, make_tiny_resnet, make_tiny_vit
 
 
@@ -61,8 +61,8 @@ def test_eps_units_are_unambiguous():
 
 
 def test_unknown_attack_and_parameter_list_the_valid_ones():
-    with pytest.raises(UnknownNameError, match=r"unknown attack 'pgdd'.*valid attacks: pgd, fgsm, pgdl2, cw, "
-                                               r"autoattack, eot-pgd, square, none"):
+    with pytest.raises(UnknownNameError, match=r"no attack named 'pgdd'.*installed attacks: autoattack, cw, eot-pgd, "
+                                               r"fgsm, none, pgd, pgdl2, square. .*atpt_plugin.attacks"):
         make_attack("pgdd")
     with pytest.raises(ValueError, match="no parameter 'kappa'; its parameters: eps, steps, alpha, random_start"):
         make_attack("pgd", kappa=1)
@@ -142,7 +142,7 @@ def test_fingerprints_and_chunk_seeds():
     assert model_fingerprint(make_tiny_vit(seed=0)) == model_fingerprint(make_tiny_vit(seed=0))
     assert model_fingerprint(make_tiny_vit(seed=0)) != model_fingerprint(make_tiny_vit(seed=1))
     assert chunk_seed(0, 32) == chunk_seed(0, 32) != chunk_seed(0, 64) != chunk_seed(1, 32)
-    assert set(ATTACKS) == {"pgd", "fgsm", "pgdl2", "cw", "autoattack", "eot-pgd", "square", "none"}
+    assert set(ATTACKS.names()) == {"pgd", "fgsm", "pgdl2", "cw", "autoattack", "eot-pgd", "square", "none"}
 
 
 def test_evaluation_adapts_a_batch_in_one_call_and_equals_one_image_at_a_time(tiny_vit, tokenizer, zero_shot):

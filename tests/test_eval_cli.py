@@ -220,10 +220,10 @@ def test_list_shows_adapters_datasets_and_attacks(capsys):
     (("--adapters", "atpt,nope"), "no adapter named 'nope'.*installed adapters: .*atpt"),
     (("--adapters", "atpt[vews=8]"), "adapter variant 'atpt\\[vews=8\\]': unknown adapter setting 'vews' \\(did you mean 'views'"),
     (("--adapters", "atpt[views=8"), "unbalanced brackets"),
-    (("--dataset", "petz"), "unknown dataset 'petz' \\(did you mean 'pets'\\?\\); valid datasets: pets, "),
-    (("--attack", "pgdd"), "unknown attack 'pgdd'.*valid attacks: pgd, fgsm, pgdl2, cw, autoattack, eot-pgd, square, none"),
+    (("--dataset", "petz"), "no dataset named 'petz' \\(did you mean 'pets'\\?\\); installed datasets: aircraft, "),
+    (("--attack", "pgdd"), "no attack named 'pgdd'.*installed attacks: autoattack, cw, eot-pgd, fgsm, none, pgd, pgdl2, square"),
     (("--eps", "0.0157"), "ambiguous: L-inf budgets on the command line are in 1/255 units"),
-    (("--model", "ViT-B-99"), "unknown model 'ViT-B-99'.*valid models: "),
+    (("--model", "ViT-B-99"), "no model named 'ViT-B-99'.*open_clip models: "),
 ])
 def test_bad_input_lists_the_valid_choices(workspace, capsys, change, expected):
     import re

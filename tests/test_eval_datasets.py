@@ -5,11 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
-from atpt_plugin.adapters.datasets import (DATASETS, DatasetLayoutError, UnknownNameError, dataset_info,
+from atpt_plugin.registry import UnknownNameError
+from atpt_plugin.adapters.datasets import (DATASETS, DatasetLayoutError, dataset_info,
                                            describe_layout, imagenet_classnames, imagenet_wnids, load_dataset,
                                            select)
 
-SPLIT_KEYS = [key for key, info in DATASETS.items() if info.kind == "split_json"]
+SPLIT_KEYS = [key for key in DATASETS.names() if dataset_info(key).kind == "split_json"]
 
 
 def write_image(path, size=(20, 14), value=0):
@@ -19,7 +20,7 @@ def write_image(path, size=(20, 14), value=0):
 
 def make_split_tree(root, key, folder=None):
     """<root>/<folder>/<split file> listing two test images per class under the image dir."""
-    info = DATASETS[key]
+    info = dataset_info(key)
     base = root / (folder or info.dirs[0])
     image_root = base / info.image_dir if info.image_dir else base
     names = ["class_one", "class two", "third_class"]
@@ -44,7 +45,7 @@ def test_coop_split_layouts(tmp_path, key):
     image, label = data[3]
     assert image.shape == (3, 16, 16) and image.dtype == torch.float32 and label == 1
     assert 0 <= image.min() and image.max() <= 1
-    assert data.domain_word == DATASETS[key].domain_word
+    assert data.domain_word == dataset_info(key).domain_word
     assert load_dataset(key, tmp_path, split="train", image_size=16).samples[0][1] == 0
 
 
@@ -55,13 +56,13 @@ def test_tpt_folder_names_and_dataset_folder_as_root(tmp_path):
 
 
 def test_domain_words_of_the_authors_code():
-    words = {key: DATASETS[key].domain_word for key in
+    words = {key: dataset_info(key).domain_word for key in
              ("pets", "flower102", "caltech101", "dtd", "aircraft", "ucf101", "cars", "eurosat")}
     assert words == {"pets": "pet", "flower102": "flower", "caltech101": "object", "dtd": "texture",
                      "aircraft": "aircraft", "ucf101": "action", "cars": "car", "eurosat": "satellite-map"}
-    assert DATASETS["food101"].domain_word is None and DATASETS["imagenet"].domain_word is None
-    assert DATASETS["pets"].adapter_overrides() == {"domain_word": "pet"}
-    assert DATASETS["imagenet_a"].adapter_overrides() == {"augmix_ops": False}   # TPT: no AugMix ops
+    assert dataset_info("food101").domain_word is None and dataset_info("imagenet").domain_word is None
+    assert dataset_info("pets").adapter_overrides() == {"domain_word": "pet"}
+    assert dataset_info("imagenet_a").adapter_overrides() == {"augmix_ops": False}   # TPT: no AugMix ops
 
 
 def test_fgvc_aircraft_layout(tmp_path):
@@ -95,7 +96,7 @@ def test_imagenet_layouts_coop_and_tpt(tmp_path):
 def test_imagenet_a_and_r_use_their_200_class_subsets(tmp_path, key, variant):
     from importlib import resources
     subset = (resources.files("timm.data._info") / f"imagenet_{variant}_synsets.txt").read_text().split()
-    folder = DATASETS[key].dirs[0]
+    folder = dataset_info(key).dirs[0]
     for wnid in (subset[3], subset[150]):
         write_image(tmp_path / folder / wnid / "x.jpg")
     data = load_dataset(key, tmp_path)
@@ -158,8 +159,8 @@ def test_errors_name_the_expected_layout(tmp_path):
 
 
 def test_unknown_dataset_lists_the_valid_ones():
-    with pytest.raises(UnknownNameError, match="unknown dataset 'petz' \\(did you mean 'pets'\\?\\); valid "
-                                               "datasets: pets, caltech101, .*imagefolder"):
+    with pytest.raises(UnknownNameError, match="no dataset named 'petz' \\(did you mean 'pets'\\?\\); installed "
+                                               "datasets: aircraft, caltech101, .*imagefolder.*atpt_plugin.datasets"):
         dataset_info("petz")
     assert dataset_info("Flowers").key == "flower102" and dataset_info("ImageNet-A").key == "imagenet_a"
 

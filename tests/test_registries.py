@@ -35,6 +35,8 @@ def extra_components(tmp_path, monkeypatch):
     install_distribution(tmp_path, "extra-components", {
         "atpt_plugin.explainers": {"center_bump": "extra_components:CenterBump"},
         "atpt_plugin.aggregators": {"most_confident": "extra_components:MostConfident"},
+        "atpt_plugin.attacks": {"random_sign": "extra_components:RandomSign"},
+        "atpt_plugin.datasets": {"stripes": "extra_components:stripes"},
     })
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.syspath_prepend(str(PLUGINS))
@@ -123,3 +125,39 @@ def test_the_custom_component_example_plugs_in_by_object_and_by_name():
     by_name = logits(explainer="last_attention", aggregator="sharpest")
     assert torch.equal(by_name, logits(explainer=example.LastBlockAttention(), aggregator=example.SharpestViews()))
     assert not torch.equal(by_name, logits())
+
+
+def test_atpt_eval_runs_a_plugged_in_attack_dataset_and_components(extra_components, tmp_path, capsys, one_thread):
+    import json
+
+    from atpt_plugin.adapters import cli
+    config = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8,
+                                              "head_width": 16},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    (tmp_path / "tiny-plugin.json").write_text(json.dumps(config))
+    assert cli.main(["list"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("center_bump", "most_confident", "random_sign", "stripes"):
+        assert f"  {name} " in listing and "[extra-components]" in listing
+    args = ["eval", "--model", str(tmp_path / "tiny-plugin.json"), "--pretrained", "none", "--dataset", "stripes",
+            "--adapters", "zeroshot,atpt[explainer=center_bump,aggregator=most_confident]", "--set", "views=4",
+            "--attack", "random_sign", "--eps", "8", "--out", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    assert cli.main(args) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [row["adapter"] for row in summary["rows"]] == ["zeroshot", "atpt[explainer=center_bump,aggregator=most_confident]"]
+    assert all(row["n"] == 6 for row in summary["rows"]) and summary["attack"]["name"] == "random_sign"
+    manifest = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert manifest["settings"]["adapters"]["atpt[explainer=center_bump,aggregator=most_confident]"]["explainer"] \
+        == "center_bump"
+
+
+def test_an_unregistered_component_object_is_refused_for_a_resumable_run(extra_components):
+    from atpt_plugin.adapters.cli import manifest_config
+
+    class Mine(extra_components.MostConfident):
+        pass
+    with pytest.raises(ValueError, match="unregistered class: a resumable run records components by name"):
+        manifest_config("mine", AdapterConfig(aggregator=Mine()))
+    assert manifest_config("ok", AdapterConfig(aggregator=extra_components.MostConfident()))["aggregator"] == \
+        {"name": "most_confident", "options": {}}

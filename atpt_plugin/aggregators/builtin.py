@@ -120,8 +120,9 @@ class MeanAggregator(Aggregator):
 
 @AGGREGATORS.register("vote")
 class ConfidentVoteAggregator(Aggregator):
-    """ZERO: the confident views vote with their argmax (zero temperature); ties go to the
-    class with the higher mean probability over those views."""
+    """ZERO: the confident views vote with their argmax (zero temperature).
+
+    Ties go to the class with the higher mean probability over those views."""
 
     def views_read(self, confident: torch.Tensor, count: int) -> Optional[torch.Tensor]:
         return confident

@@ -30,3 +30,41 @@ class MostConfident(Aggregator):
 
     def views_read(self, confident, count):
         return confident[:1]
+
+
+# ---- an attack and a dataset, for `atpt eval` ------------------------------------------------
+from atpt_plugin.adapters.attacks import Attack  # noqa: E402
+from atpt_plugin.adapters.datasets import DatasetInfo, EvalDataset  # noqa: E402
+
+
+class RandomSign(Attack):
+    """a random corner of the L-inf ball: every pixel moved by +-eps (a weak baseline)"""
+
+    def cost(self, spec):
+        return {"forward": 0, "backward": 0, "unit": None, "shared": True}
+
+    def build(self, model, spec, n_classes, seed):
+        def attack(images, labels):
+            signs = torch.randint(0, 2, images.shape, device=images.device) * 2 - 1
+            return (images + spec.eps * signs).clamp(0, 1)
+        return attack
+
+
+class Stripes(EvalDataset):
+    """Six in-memory images of two classes: horizontal or vertical stripes."""
+
+    def __init__(self, info, image_size):
+        size = image_size or 32
+        stripes = (torch.arange(size) // 4 % 2).float()
+        horizontal = stripes[:, None].expand(size, size)
+        self.images = torch.stack([horizontal, horizontal.t()] * 3).unsqueeze(1).expand(-1, 3, -1, -1)
+        samples = [(f"stripes/{i}", i % 2) for i in range(6)]
+        super().__init__(info, None, "test", samples, ["horizontal stripes", "vertical stripes"], None, image_size)
+
+    def __getitem__(self, index):
+        return self.images[index], self.samples[index][1]
+
+
+def stripes():
+    return DatasetInfo("stripes", "Stripes", "memory", lambda info, root, split, size: Stripes(info, size),
+                       "made in memory by the test package; no --data-root", needs_root=False)
