@@ -251,6 +251,62 @@ def _versions() -> Dict[str, str]:
 
 # ---- eval -----------------------------------------------------------------------------------
 def run_eval(args) -> int:
+    """One attack (`--attack NAME`) or the worst case over several (`--attack worst --attacks ...`)."""
+    from .runner import DistContext
+    from .worst_case import WORST
+
+    attack_opts = _parse_pairs(args.attack_opt, "--attack-opt")
+    if args.attack.strip().lower() != WORST:
+        if args.attacks:
+            raise ValueError("--attacks lists the attacks of a worst case: use it with --attack worst")
+        dist = DistContext.from_env()
+        try:
+            evaluate(args, dist, Path(args.out).expanduser(), args.attack, args.steps, args.alpha, args.eps, attack_opts)
+        finally:
+            dist.close()
+        return 0
+    return run_worst_case(args)
+
+
+def run_worst_case(args) -> int:
+    """Each attack of --attacks in its own resumable folder, then their per-sample AND."""
+    from .runner import DistContext
+    from . import worst_case
+
+    runs = worst_case.parse_attacks(args.attacks)
+    if args.steps is not None or args.attack_opt:
+        raise ValueError("with --attack worst, give each attack its own steps and parameters in brackets: "
+                         "--attacks \"pgd[steps=20],eot-pgd[steps=10,eot_iter=2],square[n_queries=500]\" "
+                         "(--eps and --alpha apply to every attack)")
+    out = Path(args.out).expanduser()
+    dist = DistContext.from_env()
+    try:
+        outputs = {}
+        for run in runs:
+            settings = dict(run.settings)
+            steps, alpha, eps = settings.pop("steps", None), settings.pop("alpha", args.alpha), settings.pop("eps", args.eps)
+            outputs[run.label] = evaluate(args, dist, out / "attacks" / run.folder, run.name, steps,
+                                          None if alpha is None else str(alpha), None if eps is None else str(eps),
+                                          settings)
+        if dist.rank == 0:
+            first = outputs[runs[0].label]
+            outcomes = worst_case.collect(out, runs)
+            attack_rows = {label: {row["adapter"]: row for row in output["rows"]} for label, output in outputs.items()}
+            rows, samples = worst_case.worst_case_rows(outcomes, runs, attack_rows)
+            caption = f"{first['caption'].split(', attack:')[0]}, worst case over {', '.join(r.label for r in runs)}"
+            attacks = {label: output["attack"] for label, output in outputs.items()}
+            files = worst_case.write(out, rows, samples, runs, caption, {"attack_runs": attacks,
+                                                                           "settings": first["settings"]})
+            files += write_worst_case_model_info(rows, outputs, out)
+            print(worst_case.markdown(rows, runs, caption))
+            print("wrote: " + ", ".join(map(str, files)), file=sys.stderr)
+    finally:
+        dist.close()
+    return 0
+
+
+def evaluate(args, dist, out: Path, attack_name: str, steps, alpha_text, eps_text, attack_opts) -> dict:
+    """One attack on every adapter, resumable in `out`; returns rank 0's summary."""
     import torch
 
     from .adaptive import SanityChecks
@@ -261,25 +317,24 @@ def run_eval(args) -> int:
     from .report import markdown_table, skipped_note, write_reports
     from .resultlog import ResultLog
     from .robustbench import applicable_overrides, write_row_model_info
-    from .runner import DatasetSource, DistContext, Evaluation
+    from .runner import DatasetSource, Evaluation
     from .storage import atomic_write, make_dir
 
     # validate the cheap things before any model is built
     loaded = parse_adapters(args.adapters)
     names = list(loaded)
     info = dataset_info(args.dataset)
-    attack_key = resolve_attack_name(args.attack)
-    attack_opts = _parse_pairs(args.attack_opt, "--attack-opt")
+    attack_key = resolve_attack_name(attack_name)
     attack = attack_named(attack_key)
     norm = attack.norm_of({**attack.defaults, **attack_opts})
-    eps = parse_eps(args.eps, norm) if args.eps is not None else None
-    alpha = parse_eps(args.alpha, norm) if args.alpha is not None else None
+    eps = parse_eps(eps_text, norm) if eps_text is not None else None
+    alpha = parse_eps(alpha_text, norm) if alpha_text is not None else None
     overrides = _parse_pairs(args.set, "--set")
     if args.sanity_checks < 0:
         raise ValueError(f"--sanity-checks must be >= 0 (images), got {args.sanity_checks}")
 
-    dist = DistContext.from_env()
     lock = None
+    summary = {}
     try:
         if args.device == "auto":
             device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
@@ -307,7 +362,7 @@ def run_eval(args) -> int:
             configs[name] = manifest_config(name, adapter.config)
             descriptions[name] = adapter.description
         kind = next(iter(adapters.values())).backbone.kind
-        spec = make_attack(attack_key, eps=eps, steps=args.steps, alpha=alpha, backbone_kind=kind,
+        spec = make_attack(attack_key, eps=eps, steps=steps, alpha=alpha, backbone_kind=kind,
                            image_size=image_size, **attack_opts)
         domain = None if args.no_dataset_settings else info.domain_word
         attacked = ZeroShotClassifier.build(model, dataset.classnames, tokenizer, domain_word=domain) \
@@ -327,7 +382,7 @@ def run_eval(args) -> int:
             settings["sanity_checks"] = sanity.to_dict()
         if len({json_digest(s) for s in dist.gather(settings)}) != 1:
             raise RuntimeError("the processes of this run disagree on its settings (model weights or data differ)")
-        out = make_dir(Path(args.out).expanduser())
+        out = make_dir(out)
         run_info = {"command": sys.argv, "versions": _versions(), "world_size": dist.world,
                     "device": str(device), "attack": spec.describe(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         lock = lock_folder(out, dist.rank)
@@ -355,11 +410,13 @@ def run_eval(args) -> int:
             for row in rows:
                 row["model_info"] = write_row_model_info(
                     row, dataset=info.key, attack=spec, architecture=model_name, name=descriptions[row["adapter"]],
-                    file_name=re.sub(r"[^\w.-]+", "_", f"{prefix}_{row['adapter']}"), root=out / "model_info")
+                    file_name=entry_name(prefix, row["adapter"]), root=out / "model_info",
+                    config=configs[row["adapter"]], device=str(device))
             notes = skipped_note(evaluation.skipped)
             files = write_reports(rows, out, caption, notes)
             warnings = [w for row in rows for w in row.get("warnings") or []]
             summary = {"rows": rows, "caption": caption, "settings": settings, "world_size": dist.world,
+                       "prefix": prefix, "device": str(device), "descriptions": descriptions,
                        "attack": attack_summary(spec, sanity), "warnings": warnings, "skipped": evaluation.skipped,
                        "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
             atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
@@ -371,8 +428,51 @@ def run_eval(args) -> int:
     finally:
         if lock is not None:
             lock.close()
-        dist.close()
-    return 0
+    return summary
+
+
+def entry_name(prefix: str, adapter: str) -> str:
+    """A leaderboard entry's file name (adapter variants carry brackets and '=')."""
+    return re.sub(r"[^\w.-]+", "_", f"{prefix}_{adapter}")
+
+
+def write_worst_case_model_info(rows: List[dict], outputs: Dict[str, dict], out: Path) -> List[Path]:
+    """One leaderboard entry per adapter for the worst case: every attack's accuracy, the
+    worst case, and the cost of the defence (from the first attack's run)."""
+    from .attacks import AttackSpec
+    from .leaderboard import defence_block, percent
+    from .robustbench import model_info, write_model_info
+
+    first = next(iter(outputs.values()))
+    settings = first["settings"]
+    by_adapter = {label: {row["adapter"]: row for row in output["rows"]} for label, output in outputs.items()}
+    attacks = [{"attack": label, "kind": output["attack"]["kind"], "params": output["attack"]["params"]}
+               for label, output in outputs.items()]
+    paths = []
+    for row in rows:
+        adapter = row["adapter"]
+        accuracy = {"clean": row["clean_acc"], "worst_case": row["worst_case_acc"],
+                    "transfer": {a["attack"]: row["adv_acc_by_attack"][a["attack"]] for a in attacks if a["kind"] == "transfer"},
+                    "adaptive": {a["attack"]: row["adv_acc_by_attack"][a["attack"]] for a in attacks if a["kind"] == "adaptive"}}
+        first_row = by_adapter[next(iter(outputs))][adapter]
+        defence = defence_block(settings["adapters"][adapter], first_row, first["device"], attacks, accuracy)
+        params = first["attack"]["params"]
+        spec = AttackSpec(params["name"], params["norm"], params["eps"])
+        entry = model_info(dataset=settings["dataset"], attack=spec, clean_acc=row["clean_acc"], adv_acc=None,
+                           adapter=adapter, n_examples=row["n"], architecture=settings["model"],
+                           name=first["descriptions"][adapter], number_forward_passes=first_row["image_passes_per_image"],
+                           defence=defence)
+        entry["footnote"] = (f"Test-time defence ({adapter}) evaluated as the worst case over "
+                             f"{', '.join(a['attack'] for a in attacks)} on {row['n']} images of {settings['dataset']}: "
+                             "a sample counts only if it is classified correctly clean and under every attack."
+                             + ("" if not defence["transfer_only"] else " Only transfer attacks were run: not "
+                                "evaluated adaptively."))
+        for a in attacks:
+            field = re.sub(r"[^\w]+", "_", a["attack"]).strip("_") + "_acc"
+            entry[field] = percent(row["adv_acc_by_attack"][a["attack"]])
+        paths.append(write_model_info(entry, entry_name(first["prefix"] + "_worst_case", adapter),
+                                      spec.threat_model, out / "model_info"))
+    return paths
 
 
 def attack_summary(spec, sanity=None) -> dict:
@@ -462,10 +562,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override an adapter setting for all adapters, e.g. --set views=32 (repeatable)")
     ev.add_argument("--no-dataset-settings", action="store_true",
                     help="do not apply the dataset's domain word / ImageNet no-AugMix convention")
-    ev.add_argument("--attack", default="pgd", help="attack name (atpt list attacks), or none (default: pgd)")
+    ev.add_argument("--attack", default="pgd",
+                    help="attack name (atpt list attacks), none, or worst (with --attacks) (default: pgd)")
+    ev.add_argument("--attacks", help="with --attack worst: the attacks whose worst case is reported, each with "
+                                      "its own parameters, e.g. \"pgd[steps=20],eot-pgd,square[n_queries=500]\"")
     ev.add_argument("--eps", help="attack budget; L-inf in 1/255 units (4 = 4/255), see below")
     ev.add_argument("--alpha", help="step size, in the unit of --eps (default: eps / 4)")
-    ev.add_argument("--steps", type=int, help="attack steps (default: 100 ViT, 1 ResNet)")
+    ev.add_argument("--attack-steps", type=int, dest="steps",
+                    help="attack steps (default: 100 ViT, 1 ResNet for pgd); tuning steps are --set steps=N")
+    ev.add_argument("--steps", type=int, dest="deprecated_steps", help=argparse.SUPPRESS)
     ev.add_argument("--attack-opt", action="append", metavar="KEY=VALUE",
                     help="other attack parameters, e.g. random_start=false, c=1, version=standard, norm=L2")
     ev.add_argument("--sanity-checks", type=int, default=8, metavar="N",
@@ -530,6 +635,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command in ("explain", "stability"):
             from .explain import run_explain, run_stability
             return (run_explain if args.command == "explain" else run_stability)(args)
+        if args.deprecated_steps is not None:
+            if args.steps is not None:
+                raise ValueError("--steps is the old name of --attack-steps: give only --attack-steps")
+            print("atpt: warning: --steps is deprecated (it meant attack steps, while --set steps= is tuning "
+                  "steps): use --attack-steps", file=sys.stderr)
+            args.steps = args.deprecated_steps
         if args.nproc < 1:
             raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
         if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:

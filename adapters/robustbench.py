@@ -42,6 +42,7 @@ from .adaptive import SanityChecks
 from .attacks import AttackSpec, ZeroShotClassifier, make_attack
 from .cache import AdversarialCache, model_fingerprint
 from .datasets import DatasetInfo, EvalDataset, dataset_info, json_digest, load_dataset, select
+from .leaderboard import defence_block, leaderboard_markdown, percent
 from .resultlog import ResultLog
 from .runner import DatasetSource, Evaluation, TensorSource
 from .storage import atomic_write, make_dir, warn
@@ -126,8 +127,10 @@ def _fmt(value) -> str:
 
 def model_info(*, dataset: str, attack: AttackSpec, clean_acc: float, adv_acc: Optional[float], adapter: str,
                n_examples: int, architecture: str = "", name: str = "", venue: str = "",
-               number_forward_passes: Optional[float] = None, row: Optional[dict] = None) -> dict:
-    """One leaderboard entry: RobustBench's ModelInfo fields (accuracies as percent strings).
+               number_forward_passes: Optional[float] = None, row: Optional[dict] = None,
+               defence: Optional[dict] = None) -> dict:
+    """One leaderboard entry: RobustBench's ModelInfo fields (accuracies as percent strings),
+    plus `worst_case_acc` and the `test_time_defence` block (`leaderboard.py`) when given.
 
     `row` (a results row) adds an adaptive attack's measured cost and sanity checks to the footnote.
     """
@@ -151,15 +154,25 @@ def model_info(*, dataset: str, attack: AttackSpec, clean_acc: float, adv_acc: O
         footnote=footnote)
     if attack.is_attack and adv_acc is not None:
         info[accuracy_field(attack)] = str(round(100 * adv_acc, 2))
+    if defence is not None:
+        info.update(worst_case_acc=percent(defence["accuracy"].get("worst_case")), test_time_defence=defence)
     return info
 
 
 def write_row_model_info(row: dict, *, dataset: str, attack: AttackSpec, architecture: str, name: str,
-                         file_name: str, root) -> str:
-    """A results row's leaderboard entry, written under `root`; returns its path."""
+                         file_name: str, root, config: Optional[dict] = None, device: str = "") -> str:
+    """A results row's leaderboard entry, written under `root`; returns its path. With the
+    adapter's settings (`config`, as `AdapterConfig.record()` gives them) it carries the
+    test-time-defence fields, the worst case being over {clean, this attack}."""
+    defence = None
+    if config is not None and attack.is_attack:
+        accuracy = {"clean": row["clean_acc"], "transfer": {}, "adaptive": {}, "worst_case": row.get("worst_case_acc")}
+        accuracy["adaptive" if attack.is_adaptive else "transfer"][attack.name] = row["adv_acc"]
+        defence = defence_block(config, row, device, [{"attack": attack.name, "kind": attack.kind,
+                                                        "params": attack.to_dict()}], accuracy)
     entry = model_info(dataset=dataset, attack=attack, clean_acc=row["clean_acc"], adv_acc=row["adv_acc"],
                        adapter=row["adapter"], n_examples=row["n"], architecture=architecture, name=name,
-                       number_forward_passes=row["image_passes_per_image"], row=row)
+                       number_forward_passes=row["image_passes_per_image"], row=row, defence=defence)
     return str(write_model_info(entry, file_name, attack.threat_model, root))
 
 
@@ -300,9 +313,13 @@ def benchmark_table(adapters, n_examples: Optional[int] = 1000, dataset="pets", 
     if to_disk:
         for row in rows:
             name = model_name if (model_name and len(rows) == 1) else f"{model_name or 'model'}_{row['adapter']}"
+            config = getattr(wrapped[row["adapter"]], "config", None)
             row["model_info"] = write_row_model_info(
                 row, dataset=dataset_key, attack=spec, name=descriptions.get(row["adapter"], ""), file_name=name,
-                architecture=architecture or architecture_of(wrapped[row["adapter"]]), root=model_info_dir)
+                architecture=architecture or architecture_of(wrapped[row["adapter"]]), root=model_info_dir,
+                config=config.record() if hasattr(config, "record") else None, device=str(device))
+        caption = f"{dataset_key}, {rows[0]['n'] if rows else 0} images, attack: {spec.describe()}"
+        atomic_write(make_dir(model_info_dir) / "leaderboard.md", leaderboard_markdown(rows, caption).encode())
     return rows
 
 

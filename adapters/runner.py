@@ -138,7 +138,7 @@ BAD_IMAGE_POLICIES = ("error", "skip")
 
 # ---- summary ------------------------------------------------------------------------------
 CHECK_FIELDS = tuple(f"check_{name}_correct" for name in CHECKS)
-FIELDS = ("n", "clean_correct", "adv_correct", "seconds", "image_passes", "predictions", "attacked_images",
+FIELDS = ("n", "clean_correct", "adv_correct", "robust_correct", "seconds", "image_passes", "predictions", "attacked_images",
           "attack_seconds", "attack_forward", "attack_backward", "attack_image_passes", "attack_zero_gradients",
           "checks_n", "checks_adv_correct", *CHECK_FIELDS)
 FLOAT_FIELDS = ("seconds", "attack_seconds")
@@ -158,6 +158,7 @@ class Row:
     n: int = 0
     clean_correct: int = 0
     adv_correct: int = 0
+    robust_correct: int = 0      # correct both clean and under the attack: the per-sample worst case
     seconds: float = 0.0
     image_passes: int = 0
     predictions: int = 0
@@ -185,6 +186,7 @@ class Row:
         adv_ok = record.get("adv") is not None and record["adv"] == record["label"]
         if record.get("adv") is not None:
             self.adv_correct += int(adv_ok)
+            self.robust_correct += int(adv_ok and record["clean"] == record["label"])
         self.seconds += float(record.get("seconds", 0.0))
         self.image_passes += int(record.get("image_passes") or 0)
         self.predictions += 1 + (record.get("adv") is not None)
@@ -215,6 +217,11 @@ class Row:
     @property
     def adv_acc(self) -> Optional[float]:
         return self.adv_correct / self.n if self.n and self.attacked else None
+
+    @property
+    def worst_case_acc(self) -> Optional[float]:
+        """Correct clean and under the attack, per sample (the worst case over {clean, attack})."""
+        return self.robust_correct / self.n if self.n and self.attacked else None
 
     @property
     def seconds_per_image(self) -> Optional[float]:
@@ -253,6 +260,7 @@ class Row:
 
     def as_dict(self) -> dict:
         out = {"adapter": self.adapter, "n": self.n, "clean_acc": self.clean_acc, "adv_acc": self.adv_acc,
+               "worst_case_acc": self.worst_case_acc,
                "clean_correct": self.clean_correct, "adv_correct": self.adv_correct if self.attacked else None,
                "seconds_per_image": self.seconds_per_image, "image_passes_per_image": self.passes_per_image}
         if self.attack is not None:
@@ -548,7 +556,8 @@ class Evaluation:
             by_adapter[record["adapter"]].add(record)
         for row in reduced:
             merged = by_adapter[row.adapter]
-            if (merged.n, merged.clean_correct, merged.adv_correct) != (row.n, row.clean_correct, row.adv_correct):
+            if (merged.n, merged.clean_correct, merged.adv_correct, merged.robust_correct) != \
+                    (row.n, row.clean_correct, row.adv_correct, row.robust_correct):
                 raise RuntimeError(f"results files and reduced counts disagree for {row.adapter}: "
                                    f"{merged.as_dict()} vs {row.as_dict()}")
         return sorted(records, key=lambda r: (r["position"], r["adapter"]))

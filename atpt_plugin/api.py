@@ -100,24 +100,24 @@ def parse_setting(pair: str, where: str) -> Tuple[str, object]:
         return key.strip(), value.strip()
 
 
-def parse_adapter_spec(spec: str) -> Tuple[str, Dict[str, object]]:
+def parse_named_settings(spec: str, what: str = "adapter") -> Tuple[str, Dict[str, object]]:
     """"atpt[aggregator=reliability,views=32]" -> ("atpt", {"aggregator": "reliability", "views": 32})."""
     spec = spec.strip()
     name, bracket, rest = spec.partition("[")
     if not bracket:
         return name, {}
     if not rest.endswith("]") or not name.strip():
-        raise ValueError(f"adapter variant {spec!r} must read NAME[KEY=VALUE,...]")
+        raise ValueError(f"{what} variant {spec!r} must read NAME[KEY=VALUE,...]")
     pairs = [p for p in split_top_level(rest[:-1]) if p.strip()]
     if not pairs:
-        raise ValueError(f"adapter variant {spec!r} has empty brackets; drop them or add KEY=VALUE settings")
-    return name.strip(), dict(parse_setting(pair, f"adapter variant {spec!r}") for pair in pairs)
+        raise ValueError(f"{what} variant {spec!r} has empty brackets; drop them or add KEY=VALUE settings")
+    return name.strip(), dict(parse_setting(pair, f"{what} variant {spec!r}") for pair in pairs)
 
 
 def load_adapter_spec(spec: str) -> Adapter:
     """An adapter or a variant, "atpt[aggregator=reliability]", named by the spec itself
     (so each variant gets its own results); bad settings are errors naming the spec."""
-    name, overrides = parse_adapter_spec(spec)
+    name, overrides = parse_named_settings(spec)
     adapter = load_adapter(name)
     if not overrides:
         return adapter

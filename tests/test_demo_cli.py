@@ -45,7 +45,7 @@ def test_stability_is_one_for_identical_images(demo):
 def test_eval_on_the_embedded_default(tmp_path):
     out = tmp_path / "run"
     code = cli.main(["eval", "--adapters", "zeroshot,atpt", "--set", "views=8", "--attack", "pgd",
-                     "--eps", "4", "--steps", "2", "--n-examples", "4", "--out", str(out),
+                     "--eps", "4", "--attack-steps", "2", "--n-examples", "4", "--out", str(out),
                      "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
     assert code == 0
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]

@@ -201,7 +201,7 @@ def test_adaptive_results_and_checks_resume_from_the_results_file(tiny_vit, toke
 
 def test_cli_eot_pgd_end_to_end(workspace, capsys):  # noqa: F811
     args = eval_args(workspace, "adaptive")
-    for flag, value in (("--attack", "eot-pgd"), ("--steps", "2"), ("--n-examples", "3"), ("--eps", "8")):
+    for flag, value in (("--attack", "eot-pgd"), ("--attack-steps", "2"), ("--n-examples", "3"), ("--eps", "8")):
         args[args.index(flag) + 1] = value
     args += ["--attack-opt", "eot_iter=2", "--attack-opt", "gradient=exact", "--sanity-checks", "2"]
     assert cli.main(args) == 0

@@ -42,7 +42,7 @@ def workspace(tmp_path_factory):
 def eval_args(root, out, *extra):
     return ["eval", "--model", str(root / "tiny-vit-eval.json"), "--pretrained", "none", "--dataset", "pets",
             "--data-root", str(root / "data"), "--adapters", ADAPTERS, "--set", "views=4", "--set", "rho=0.25",
-            "--attack", "pgd", "--eps", "4", "--steps", "2", "--n-examples", str(N_IMAGES), "--attack-batch-size", "3",
+            "--attack", "pgd", "--eps", "4", "--attack-steps", "2", "--n-examples", str(N_IMAGES), "--attack-batch-size", "3",
             "--out", str(root / out), "--cache-dir", str(root / f"cache-{out}"), "--no-progress", *extra]
 
 

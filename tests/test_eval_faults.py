@@ -25,7 +25,7 @@ from atpt_plugin.adapters import cli
 N = 12
 ADAPTERS = ("zeroshot", "rtpt")
 RUN = ["eval", "--model", "fmnist-vit-tiny", "--adapters", ",".join(ADAPTERS), "--set", "views=8",
-       "--n-examples", str(N), "--steps", "3", "--attack-batch-size", "4", "--no-progress"]
+       "--n-examples", str(N), "--attack-steps", "3", "--attack-batch-size", "4", "--no-progress"]
 WALL_CLOCK = {"seconds", "checks_seconds", "seconds_per_image", "attack_seconds_per_image", "model_info"}
 
 
