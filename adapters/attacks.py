@@ -1,6 +1,6 @@
 """Threat models on torchattacks: transfer attacks against the zero-shot model, adaptive ones by name.
 
-The paper's protocol (method.md section 6) is a transfer attack: untargeted L-inf PGD with
+The paper's protocol (docs/method.md §6) is a transfer attack: untargeted L-inf PGD with
 a random start and cross-entropy on the true label, against zero-shot CLIP with the
 initial prompt, on the center crop in [0,1] (eps 4/255, step eps/4, 100 steps for ViTs;
 eps 1/255, 1 step for RN50). The attack does not depend on the adapter, so its images are
@@ -203,7 +203,7 @@ ATTACKS: Dict[str, AttackKind] = {kind.name: kind for kind in [
 
 GRADIENT_PATHS = ("bpda", "exact", "fixed_prompt")   # AdapterConfig.input_gradient
 
-PAPER_EPS = {"vit": 4 / 255, "resnet": 1 / 255}      # method.md section 6
+PAPER_EPS = {"vit": 4 / 255, "resnet": 1 / 255}      # docs/method.md §6
 PAPER_STEPS = {"vit": 100, "resnet": 1}
 DEFAULT_L2_EPS = 0.5
 

@@ -27,7 +27,7 @@ COMPONENTS = {  # field -> (registry, what an object must be)
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """Settings of the episodic loop (method.md sections 1-5); defaults are A-TPT's (paper)."""
+    """Settings of the episodic loop (docs/method.md §1-§5); defaults are A-TPT's (paper)."""
 
     # views and tuning
     views: int = 64                      # K: the center crop plus K-1 augmented views
@@ -138,7 +138,7 @@ class AdapterConfig:
 
     @property
     def n_confident(self) -> int:
-        """int(K * rho) as the papers do, but never zero (method.md discrepancy 9)."""
+        """int(K * rho) as the papers do, but never zero (docs/method.md §9.9)."""
         return max(1, int(self.views * self.rho))
 
     @property
