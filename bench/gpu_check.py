@@ -97,14 +97,15 @@ def rate(sampler: PeakSampler, run, count: int) -> dict:
 
 
 def adapter_row(cls, name, model, tokenizer, images, sampler, **overrides) -> dict:
+    """One table row: an adapter configuration's images per second and peak memory on `images`."""
     config = load_adapter(name, **overrides).config
     tta = cls(model, PETS, tokenizer, config, name)
     with torch.no_grad():
         tta(images[:1])  # warm-up: kernels and the allocator's first blocks
         measured = rate(sampler, lambda: timed(lambda: tta(images)), len(images))
-    return {"adapter": name, "computation": "naive" if cls is NaiveTestTimeAdapter else "optimised",
-            "precision": config.precision, "image_batch": 1 if cls is NaiveTestTimeAdapter else config.image_batch,
-            **measured}
+    is_naive = cls is NaiveTestTimeAdapter  # always one image at a time
+    return {"adapter": name, "computation": "naive" if is_naive else "optimised", "precision": config.precision,
+            "image_batch": 1 if is_naive else config.image_batch, **measured}
 
 
 def throughput(settings, model, tokenizer, images, sampler) -> list:
