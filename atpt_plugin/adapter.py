@@ -1,4 +1,4 @@
-"""The episodic test-time loop for CLIP (method.md section 1) as an `nn.Module` on [0,1] images.
+"""The episodic test-time loop for CLIP (docs/method.md §1) as an `nn.Module` on [0,1] images.
 
 Per test image, independently of every other: explain the base views with the initial
 prompt, build the views, encode them once, select the confident ones, tune a fresh copy

@@ -1,6 +1,6 @@
 """The episodic loop for a timm image classifier: no class names, the model's head gives the logits.
 
-Per test image, independently of every other (method.md section 1 with the prompt context
+Per test image, independently of every other (docs/method.md §1 with the prompt context
 replaced by a few classifier parameters):
 1. explain the base views with the unchanged model (score: sum of top-1 head logits);
 2. build the views with the configured augmenter;

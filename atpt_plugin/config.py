@@ -29,7 +29,7 @@ COMPONENTS = {  # field -> (registry, what an object must be)
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """Settings of the episodic loop (method.md sections 1-5); defaults are A-TPT's (paper)."""
+    """Settings of the episodic loop (docs/method.md §1-§5); defaults are A-TPT's (paper)."""
 
     # views and tuning
     views: int = 64                      # K: the center crop plus K-1 augmented views
@@ -83,7 +83,7 @@ class AdapterConfig:
     compile: bool = False                # torch.compile the views' image-tower pass (see README)
     image_batch: Optional[int] = None    # test images adapted together (independent prompts, one
                                          # pass per stage); None: 8 on a GPU, 1 on a CPU, where
-                                         # batching is slower (README); results do not depend on it
+                                         # batching is slower (docs/performance.md); results do not depend on it
     # reproducibility
     seed: Optional[int] = 0              # None: fresh randomness on every call
 
@@ -140,7 +140,7 @@ class AdapterConfig:
 
     @property
     def n_confident(self) -> int:
-        """int(K * rho) as the papers do, but never zero (method.md discrepancy 9)."""
+        """int(K * rho) as the papers do, but never zero (docs/method.md §9.9)."""
         return max(1, int(self.views * self.rho))
 
     @property

@@ -38,7 +38,7 @@ def check_images(images) -> torch.Tensor:
 
 def quantize_images(images: torch.Tensor, rule) -> torch.Tensor:
     """`rule="uint8_floor"`: x -> floor(255 x) / 255, the authors' `ToPILImage` round trip of
-    adversarial images (`mul(255).byte()` truncates; method.md discrepancy 6). None: unchanged.
+    adversarial images (`mul(255).byte()` truncates; docs/method.md §9.6). None: unchanged.
 
     An fp32 image already on the 1/255 grid (uint8 / 255, as decoders and torchvision make
     it) stays exactly as it is: 255 * (k / 255) rounds back to k. The gradient passes

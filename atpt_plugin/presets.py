@@ -1,10 +1,10 @@
 """The methods as named configurations of one machinery (published as entry points).
 
 Every preset attacks and explains with the initial prompt and resets per image, so none
-reproduces the stale-prompt bug of the public A-TPT / R-TPT code (method.md discrepancy 5).
+reproduces the stale-prompt bug of the public A-TPT / R-TPT code (docs/method.md §9.5).
 `atpt_official` otherwise follows the authors' code, numerics included, except two more
 behaviours that make results arbitrary: self-similarity is dropped by index, not by the fp32
-test `sim >= 1.0` (discrepancy 8), and at least one confident view is kept (discrepancy 9).
+test `sim >= 1.0` (docs/method.md §9.8), and at least one confident view is kept (docs/method.md §9.9).
 Its literal token site makes its maps depend on the batch size and thread count (README).
 """
 from __future__ import annotations

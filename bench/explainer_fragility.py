@@ -6,7 +6,7 @@ For each of the first `--images` shipped test images of the demo CLIP, the adapt
 base views are explained as one batch, one base at a time, and as one batch with 2 threads
 instead of 1; the script prints the largest differences between those maps (on [0, 1]) and
 how many maps moved by more than 1e-3. A trained model, because on random weights the class
-token's weight is ReLU'd away more often than not (method.md, "Numerical conditioning").
+token's weight is ReLU'd away more often than not (docs/method.md §8.1).
 """
 from __future__ import annotations
 

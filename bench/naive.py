@@ -2,7 +2,7 @@
 
 `NaiveTestTimeAdapter` changes only *how often* things are computed, never what:
 - the explainer runs one base view at a time, and recomputes the text features of all
-  classes for each (method.md discrepancy 7);
+  classes for each (docs/method.md §9.7);
 - the views go through the image encoder three times (selection, tuning, prediction);
 - one test image at a time.
 (Cutting the text sequence after the last EOT is exact and tested on its own in

@@ -145,7 +145,7 @@ def test_token_gradient_rollout_end_to_end(tiny_vit, tokenizer, images):
 def test_literal_token_site(tiny_vit, tokenizer, images):
     """The paper's literal weights on block inputs: right where they are well conditioned
     (block B-1), and degenerate at the last block, where LayerNorm's scale invariance makes
-    every patch token's <T, dS/dT> zero up to rounding (method.md, numerical conditioning)."""
+    every patch token's <T, dS/dT> zero up to rounding (docs/method.md §8.1)."""
     score = score_for(tiny_vit, tokenizer)
     trace = OpenClipBackbone(tiny_vit).trace(images, first_block=1)
     grads = torch.autograd.grad(score(trace.pooled), [b.tokens for b in trace.blocks])

@@ -1,4 +1,4 @@
-"""Input quantisation: the authors' uint8 round trip of adversarial images (method.md discrepancy 6)."""
+"""Input quantisation: the authors' uint8 round trip of adversarial images (docs/method.md §9.6)."""
 import numpy as np
 import torch
 from torchvision.transforms import functional as TF

@@ -99,7 +99,7 @@ def unfused_capture(model, x):
 
 
 def reference_maps(variant, model, x, explainer):
-    """Rollouts of method.md section 2 from the captured attention, no code shared with the package."""
+    """Rollouts of docs/method.md §2 from the captured attention, no code shared with the package."""
     _, probs, reads = unfused_capture(model, x)
     length = probs[0].shape[-1]
     eye = torch.eye(length)

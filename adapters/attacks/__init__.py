@@ -1,7 +1,7 @@
 """Threat models on torchattacks: transfer attacks on the zero-shot model, adaptive ones on
 each adapter; every attack a registered class (base.py).
 
-The paper's protocol (docs/method.md, evaluation protocol) is a transfer attack: untargeted
+The paper's protocol (docs/method.md §6) is a transfer attack: untargeted
 L-inf PGD with a random start and cross-entropy on the true label, against zero-shot CLIP
 with the initial prompt, on the center crop in [0,1] (eps 4/255, step eps/4, 100 steps for
 ViTs; eps 1/255, 1 step for RN50). It does not depend on the adapter, so its images are

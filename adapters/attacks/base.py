@@ -24,7 +24,7 @@ from .eps import check_eps, format_eps
 
 ATTACKS = Registry("attack", "atpt_plugin.attacks")
 
-PAPER_EPS = {"vit": 4 / 255, "resnet": 1 / 255}      # docs/method.md, evaluation protocol
+PAPER_EPS = {"vit": 4 / 255, "resnet": 1 / 255}      # docs/method.md §6
 PAPER_STEPS = {"vit": 100, "resnet": 1}
 DEFAULT_L2_EPS = 0.5
 

@@ -43,7 +43,7 @@ def reliability_weights(features: torch.Tensor, k: int = 20, temperature: float 
     """R-TPT: softmax(mean of each view's top-k cosine similarities to the other views / T).
 
     Self-similarity is dropped by index: fp32 diagonals land within 5e-7 of 1, so a test
-    such as `sim >= 1` keeps some of them by accident (method.md discrepancy 8).
+    such as `sim >= 1` keeps some of them by accident (docs/method.md §9.8).
     """
     count = features.shape[0]
     if count == 1:

@@ -7,7 +7,7 @@ then multiplies them later-block-on-the-left and reads the class token's row:
 - none (Abnar & Zuidema 2020): weighted A = A.
 `eps` is added to every divisor (token-weight sum, row sums, layer average, map span), as
 the authors' code adds 1e-8; where the weights themselves are ~1e-7 (the literal token
-site, method.md "Numerical conditioning") that moves the map, so it is a setting.
+site, docs/method.md §8.1) that moves the map, so it is a setting.
 Every step is a public function, and `RolloutExplainer.trace` returns what each produced,
 so each can be checked against a reference on its own.
 """
