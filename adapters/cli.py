@@ -270,8 +270,10 @@ def run_eval(args) -> int:
 
 def run_worst_case(args) -> int:
     """Each attack of --attacks in its own resumable folder, then their per-sample AND."""
-    from .runner import DistContext
     from . import worst_case
+    from .attacks import make_attack, parse_eps
+    from .attacks.base import attack_named
+    from .runner import DistContext
 
     runs = worst_case.parse_attacks(args.attacks)
     if args.steps is not None or args.attack_opt:
@@ -279,6 +281,15 @@ def run_worst_case(args) -> int:
                          "--attacks \"pgd[steps=20],eot-pgd[steps=10,eot_iter=2],square[n_queries=500]\" "
                          "(--eps and --alpha apply to every attack)")
     out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is an existing file; the output is a folder: give a folder path")
+    for run in runs:     # every attack's parameters checked before the first one runs
+        attack = attack_named(run.name)
+        settings = dict(run.settings)
+        norm = attack.norm_of({**attack.defaults, **{k: v for k, v in settings.items() if k in attack.defaults}})
+        eps, alpha = settings.pop("eps", args.eps), settings.pop("alpha", args.alpha)
+        make_attack(run.name, eps=None if eps is None else parse_eps(str(eps), norm), steps=settings.pop("steps", None),
+                    alpha=None if alpha is None else parse_eps(str(alpha), norm), **settings)
     dist = DistContext.from_env()
     try:
         outputs = {}
@@ -321,6 +332,9 @@ def evaluate(args, dist, out: Path, attack_name: str, steps, alpha_text, eps_tex
     from .storage import atomic_write, make_dir
 
     # validate the cheap things before any model is built
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is an existing file; the output is a folder (run.json, "
+                         "samples.jsonl, results.md, ...): give a folder path")
     loaded = parse_adapters(args.adapters)
     names = list(loaded)
     info = dataset_info(args.dataset)

@@ -428,7 +428,8 @@ class Evaluation:
 
     def adapt_phase(self, todo: set, rows: Dict[str, Row], done: Dict) -> None:
         mine = sorted(p for p in todo if self._mine(p))
-        bar = _bar(self.progress, len(mine), "adapt", "sample")
+        pairs = sum((name, p) not in done for p in mine for name in self.adapters)
+        bar = _bar(self.progress, pairs, "adapt", "sample")   # advances as each adapter finishes a batch
         counter = PassCounter(self.adapters)
         attacked = self.attack.is_attack
         try:
@@ -461,8 +462,9 @@ class Evaluation:
                     for record in records:
                         self.log.append(record)
                         rows[name].add(record)
-                bar.update(len(positions))
-                bar.set_postfix_str(_postfix(rows, attacked), refresh=False)
+                    bar.set_description_str(f"adapt {name}", refresh=False)
+                    bar.set_postfix_str(_postfix(rows, attacked), refresh=False)
+                    bar.update(len(records))
         finally:
             counter.close()
             bar.close()
@@ -581,6 +583,9 @@ class _NoBar:
         pass
 
     def set_postfix_str(self, *_, **__):
+        pass
+
+    def set_description_str(self, *_, **__):
         pass
 
     def close(self):

@@ -5,8 +5,9 @@ replaced by a few classifier parameters):
 1. explain the base views with the unchanged model (score: sum of top-1 head logits);
 2. build the views with the configured augmenter;
 3. forward all views with the initial parameters, keep the confident (lowest-entropy) ones;
-4. tune fresh copies of the tuned parameters for `steps` AdamW steps on the entropy objective
-   over the confident views;
+4. tune fresh copies of the tuned parameters for `steps` AdamW steps (`tuning.adamw`, the
+   CLIP loop's) on the entropy objective over the confident views; `input_gradient`
+   ("bpda", "exact") keeps the step differentiable for adaptive attacks, as for CLIP;
 5. re-encode the views the aggregator reads with the tuned parameters (for a classifier the
    image features depend on them) and aggregate.
 
@@ -25,6 +26,7 @@ restored. Features for the reliability and MTA-style aggregators are the initial
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Dict, Optional
 
@@ -32,12 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .aggregators import ViewPredictions
 from .backbones.timm_vit import TimmVitBackbone, is_timm_model, timm_backbone, top1_class_score
 from .config import AdapterConfig
 from .episodic import EpisodicAdapter
 from .objectives import select_confident
+from .tuning import adamw
 
 def _norm_types():
     types = [nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm]
@@ -168,7 +172,10 @@ class ClassifierTestTimeAdapter(EpisodicAdapter):
         with torch.no_grad():
             initial_logits, features = self.run(x.detach(), prompts=self.initial_prompts)
         confident = select_confident(initial_logits, config.n_confident)
-        if config.steps > 0:
+        path = config.input_gradient if track_input else "fixed_prompt"
+        if config.steps > 0 and path != "fixed_prompt":
+            params, prompts = self.tune(x, confident, path)
+        elif config.steps > 0:
             params, prompts = self.tune(x.detach(), confident)
         else:
             params, prompts = {}, self.initial_prompts
@@ -192,33 +199,44 @@ class ClassifierTestTimeAdapter(EpisodicAdapter):
         )
         return self.aggregator(predictions)
 
-    def tune(self, x: torch.Tensor, confident: torch.Tensor):
-        """Fresh copies of the tuned tensors, `steps` AdamW steps; returns (params, prompts).
+    def tune(self, x: torch.Tensor, confident: torch.Tensor, path: str = "none"):
+        """Fresh copies of the tuned tensors, `steps` steps of `tuning.adamw` (the CLIP loop's
+        AdamW; elementwise, so one flat vector of all tuned tensors is exact); returns (params, prompts).
 
         The confident set is re-selected under the current parameters at every step, as the
-        CLIP loop does (for one step that is the initial set).
+        CLIP loop does (for one step that is the initial set). `path` ("bpda", "exact") keeps
+        the result differentiable w.r.t. `x`, for adaptive attacks.
         """
         config = self.config
-        params = {name: self.model.get_parameter(name).detach().clone().requires_grad_(True)
-                  for name in self.tuned_names}
-        prompts = None
+        tensors = [self.model.get_parameter(name).detach() for name in self.tuned_names]
         if self.initial_prompts is not None:
-            prompts = self.initial_prompts.detach().clone().requires_grad_(True)
-        leaves = list(params.values()) + ([prompts] if prompts is not None else [])
-        optimizer = torch.optim.AdamW(leaves, lr=config.lr, weight_decay=config.weight_decay)
-        objective = self.objective
-        chosen = confident
-        for step in range(config.steps):
-            if step > 0:
+            tensors.append(self.initial_prompts.detach())
+        sizes = [t.numel() for t in tensors]
+
+        def split(flat: torch.Tensor):
+            parts = [part.view_as(t) for part, t in zip(flat.split(sizes), tensors)]
+            prompts = parts.pop() if self.initial_prompts is not None else None
+            return dict(zip(self.tuned_names, parts)), prompts
+
+        steps_done = []
+
+        def loss(flat: torch.Tensor) -> torch.Tensor:
+            params, prompts = split(flat)
+            chosen = confident
+            if steps_done:
                 with torch.no_grad():
-                    chosen = select_confident(self.run(x, params, prompts)[0], config.n_confident)
+                    current = {name: value.detach() for name, value in params.items()}
+                    chosen = select_confident(self.run(x.detach(), current, None if prompts is None
+                                                       else prompts.detach())[0], config.n_confident)
+            steps_done.append(1)
             logits, _ = self.run(x[chosen], params, prompts)
-            grads = torch.autograd.grad(objective(logits), leaves, allow_unused=True)
-            for leaf, grad in zip(leaves, grads):
-                leaf.grad = torch.zeros_like(leaf) if grad is None else grad
-            optimizer.step()
-        return ({name: value.detach() for name, value in params.items()},
-                None if prompts is None else prompts.detach())
+            return self.objective(logits)
+
+        kernels = sdpa_kernel(SDPBackend.MATH) if path != "none" else contextlib.nullcontext()
+        with kernels:  # fused attention kernels have no double backward
+            flat = adamw(torch.cat([t.flatten() for t in tensors]), loss, config.steps, config.lr,
+                         config.weight_decay, path=path)
+        return split(flat)
 
 
 def wrap_classifier(model: nn.Module, config: AdapterConfig = AdapterConfig(),

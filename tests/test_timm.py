@@ -411,3 +411,18 @@ def test_open_clip_with_a_timm_tower_is_adapted():
     maps = tta.explain(images(3, 64))
     assert maps.shape == (3, 4, 4) and maps.max() == 1
     assert torch.isfinite(tta(images(2, 64))).all()
+
+
+@pytest.mark.parametrize("path", ["bpda", "exact"])
+def test_classifier_tuning_is_differentiable_for_adaptive_attacks(path):
+    """input_gradient is honoured for timm classifiers (the CLIP loop's AdamW): the input
+    gradient through the tuning step differs from the fixed-parameter one, and is finite."""
+    model = make_vit("vit")
+    x = images(1, 32).requires_grad_(True)
+    gradients = {}
+    for gradient in ("fixed_prompt", path):
+        adapter = ClassifierTestTimeAdapter(model, AdapterConfig(views=8, rho=0.25, input_gradient=gradient))
+        (grad,) = torch.autograd.grad(adapter(x)[:, 0].sum(), [x])
+        gradients[gradient] = grad
+    assert torch.isfinite(gradients[path]).all() and gradients[path].abs().sum() > 0
+    assert not torch.allclose(gradients[path], gradients["fixed_prompt"])
