@@ -637,6 +637,15 @@ def _relaunch(argv: List[str], nproc: int) -> int:
     return subprocess.call(command)
 
 
+def _check_eval_extra() -> None:
+    """The evaluation's own dependencies are an extra: say so instead of a ModuleNotFoundError."""
+    import importlib.util
+    missing = [name for name in ("torchattacks", "matplotlib", "tqdm") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"atpt eval needs {', '.join(missing)}: install the evaluation extra, "
+                         "pip install 'atpt-plugin[eval]'")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -644,6 +653,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .datasets import BadImageError, DatasetLayoutError
     from .storage import StorageError
     try:
+        if args.command != "list":
+            _check_eval_extra()
         if args.command == "list":
             return run_list(args)
         if args.command in ("explain", "stability"):

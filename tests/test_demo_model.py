@@ -56,6 +56,7 @@ def test_missing_data_says_how_to_get_it(tmp_path):
         load_split("train", tmp_path)
 
 
+@pytest.mark.slow
 def test_training_script_runs_and_writes_a_loadable_checkpoint(tmp_path):
     synthetic_fashion_mnist(tmp_path)
     out, subset = tmp_path / "tiny.pt", tmp_path / "subset.npz"

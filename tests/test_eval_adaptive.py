@@ -185,6 +185,7 @@ def test_sanity_checks_fire_on_a_broken_attack(tiny_vit, tokenizer, images):
     assert all(r["attack"]["forward"] == 2 and r["attack"]["image_passes"] > 0 for r in records)
 
 
+@pytest.mark.slow
 def test_adaptive_results_and_checks_resume_from_the_results_file(tiny_vit, tokenizer, images, tmp_path,
                                                                    monkeypatch):
     first, _ = broken_evaluation(tiny_vit, tokenizer, images, ResultLog(tmp_path))
@@ -199,6 +200,7 @@ def test_adaptive_results_and_checks_resume_from_the_results_file(tiny_vit, toke
     assert [row.as_dict() for row in again.run()] == rows
 
 
+@pytest.mark.slow
 def test_cli_eot_pgd_end_to_end(workspace, capsys):  # noqa: F811
     args = eval_args(workspace, "adaptive")
     for flag, value in (("--attack", "eot-pgd"), ("--attack-steps", "2"), ("--n-examples", "3"), ("--eps", "8")):

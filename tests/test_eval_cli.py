@@ -86,6 +86,7 @@ def reference(workspace):
     return workspace / "ref", done
 
 
+@pytest.mark.slow
 def test_end_to_end_outputs(workspace, reference):
     out, done = reference
     assert "| adapter | n | clean acc (%) | adv acc (%)" in done.stdout
@@ -113,6 +114,7 @@ def test_end_to_end_outputs(workspace, reference):
     assert settings["adapters"]["atpt"]["domain_word"] == "pet" and settings["adapters"]["atpt"]["views"] == 4
 
 
+@pytest.mark.slow
 def test_cli_predictions_equal_the_library_called_directly(workspace, reference):
     import open_clip
 
@@ -151,6 +153,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_loses_and_repeats_nothing(workspace, reference):
     out = workspace / "killed"
     child = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, *eval_args(workspace, "killed")], cwd=workspace,
@@ -181,6 +184,7 @@ def test_resume_after_a_kill_loses_and_repeats_nothing(workspace, reference):
     assert accuracies(out) == accuracies(reference[0])
 
 
+@pytest.mark.slow
 def test_two_processes_with_gloo_equal_one(workspace, reference):
     out = workspace / "two"
     done = run_cli(workspace, eval_args(workspace, "two", "--nproc", "2"))

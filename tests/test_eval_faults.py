@@ -22,6 +22,8 @@ from PIL import Image
 
 from atpt_plugin.adapters import cli
 
+pytestmark = pytest.mark.slow  # kills and reruns `atpt eval` subprocesses
+
 N = 12
 ADAPTERS = ("zeroshot", "rtpt")
 RUN = ["eval", "--model", "fmnist-vit-tiny", "--adapters", ",".join(ADAPTERS), "--set", "views=8",

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # builds wheels
+
 ROOT = Path(__file__).resolve().parents[1]
 
 try:

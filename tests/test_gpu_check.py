@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import gpu_check  # noqa: E402
 
 
+@pytest.mark.slow
 def test_quick_check_writes_every_section(tmp_path, one_thread):
     gpu_check.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "gpu_check_cpu_quick.json").read_text())

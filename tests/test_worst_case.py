@@ -60,6 +60,7 @@ def strip(value):
     return value
 
 
+@pytest.mark.slow
 def test_worst_case_run_resumes_after_kills_to_the_uninterrupted_result(tmp_path, one_thread):
     reference = tmp_path / "ref"
     assert cli.main([*RUN, "--out", str(reference), "--cache-dir", str(tmp_path / "cache-ref")]) == 0
