@@ -321,14 +321,13 @@ def evaluate(args, dist, out: Path, attack_name: str, steps, alpha_text, eps_tex
     import torch
 
     from .adaptive import SanityChecks
-    from .attacks import ZeroShotClassifier, make_attack, parse_eps, resolve_attack_name
+    from .attacks import parse_eps, resolve_attack_name
     from .attacks.base import attack_named
-    from .cache import AdversarialCache, model_fingerprint
-    from .datasets import dataset_info, json_digest, load_dataset, select
+    from .datasets import dataset_info, json_digest
+    from .orchestrator import plan_run
     from .report import markdown_table, skipped_note, write_reports
     from .resultlog import ResultLog
-    from .robustbench import applicable_overrides, write_row_model_info
-    from .runner import DatasetSource, Evaluation
+    from .robustbench import write_row_model_info
     from .storage import atomic_write, make_dir
 
     # validate the cheap things before any model is built
@@ -357,39 +356,20 @@ def evaluate(args, dist, out: Path, attack_name: str, steps, alpha_text, eps_tex
         if device.type == "cuda":
             torch.cuda.set_device(device)
         model, tokenizer, model_name, pretrained = create_model(args.model, args.pretrained, args.seed)
-        fingerprint = model_fingerprint(model)
         model.to(device)
-        image_size = model.visual.image_size
-        image_size = image_size if isinstance(image_size, int) else image_size[0]
-        dataset = load_dataset(info.key, args.data_root, split=args.split, image_size=image_size)
-        indices = select(len(dataset), args.n_examples, args.seed)
-        source = DatasetSource(dataset, indices)
-
-        adapters, configs, descriptions = {}, {}, {}
-        for name, adapter in loaded.items():
-            extra = {} if args.no_dataset_settings else applicable_overrides(adapter.config, info)
-            try:
-                adapter = adapter.with_overrides(**{**extra, "seed": args.seed, **overrides})
-            except TypeError as error:
-                raise ValueError(f"--set: {error}") from None
-            adapters[name] = adapter.wrap(model, classnames=dataset.classnames, tokenizer=tokenizer)
-            configs[name] = manifest_config(name, adapter.config)
-            descriptions[name] = adapter.description
-        kind = next(iter(adapters.values())).backbone.kind
-        spec = make_attack(attack_key, eps=eps, steps=steps, alpha=alpha, backbone_kind=kind,
-                           image_size=image_size, **attack_opts)
-        domain = None if args.no_dataset_settings else info.domain_word
-        attacked = ZeroShotClassifier.build(model, dataset.classnames, tokenizer, domain_word=domain) \
-            if spec.is_attack else None
-
+        plan = plan_run(loaded, dataset=info.key, model=model, tokenizer=tokenizer, data_dir=args.data_root,
+                        split=args.split, n_examples=args.n_examples, seed=args.seed, attack=attack_key, eps=eps,
+                        steps=steps, alpha=alpha, attack_params=attack_opts, overrides=overrides,
+                        dataset_settings=not args.no_dataset_settings, device=device)
+        spec, dataset, identity = plan.spec, plan.dataset, plan.identity
+        configs = {name: manifest_config(name, adapter.config) for name, adapter in plan.adapters.items()}
         settings = {
-            "model": model_name, "pretrained": pretrained, "model_fingerprint": fingerprint,
-            "dataset": info.key, "data_root": None if dataset.root is None else str(Path(dataset.root).resolve()), "split": args.split,
-            "dataset_fingerprint": dataset.fingerprint(), "n_examples": args.n_examples,
-            "selection": json_digest([dataset.sample_id(i) for i in indices]),
-            "adapters": configs, "attack": spec.to_dict(),
-            "attacked_prompt": attacked.prompt_phrase if attacked else None,
-            "seed": args.seed, "attack_batch_size": args.attack_batch_size,
+            "model": model_name, "pretrained": pretrained, "model_fingerprint": identity["model_fingerprint"],
+            "dataset": info.key, "data_root": None if dataset.root is None else str(Path(dataset.root).resolve()),
+            "split": args.split, "dataset_fingerprint": identity["dataset_fingerprint"], "n_examples": args.n_examples,
+            "selection": identity["selection"], "adapters": configs, "attack": spec.to_dict(),
+            "attacked_prompt": identity["attacked_prompt"], "seed": args.seed,
+            "attack_batch_size": args.attack_batch_size,
         }
         sanity = SanityChecks(n=args.sanity_checks) if spec.is_adaptive else None
         if sanity is not None:
@@ -401,25 +381,19 @@ def evaluate(args, dist, out: Path, attack_name: str, steps, alpha_text, eps_tex
                     "device": str(device), "attack": spec.describe(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         lock = lock_folder(out, dist.rank)
         resuming = check_manifest(out, settings, run_info, write=dist.rank == 0)
-        cache_key = {key: settings[key] for key in ("model", "pretrained", "model_fingerprint", "dataset",
-                                                     "split", "dataset_fingerprint", "seed", "attacked_prompt")}
-        cache_key.update(attack_name=spec.name, attack=spec.to_dict(), batch=args.attack_batch_size,
-                         image_size=image_size)
-        # adaptive attacks are made per adapter and per image: not cached (samples.jsonl resumes them)
-        cache = AdversarialCache(None if spec.is_adaptive else args.cache_dir or default_cache_dir(), cache_key)
         if dist.rank == 0:
-            print(f"{'resuming' if resuming else 'starting'}: {len(indices)} images of {dataset.info.title} "
+            print(f"{'resuming' if resuming else 'starting'}: {len(plan.source)} images of {dataset.info.title} "
                   f"({len(dataset.classnames)} classes), adapters {', '.join(names)}, attack {spec.describe()}, "
                   f"{dist.world} process(es) on {device}; results in {out}", file=sys.stderr)
-        evaluation = Evaluation(adapters, source, spec, attacked, cache, seed=args.seed,
-                                attack_batch_size=args.attack_batch_size, log=ResultLog(out, dist.rank),
-                                dist=dist, device=device, progress=not args.no_progress and dist.rank == 0,
-                                sanity=sanity, backbone_kind=kind, image_size=image_size,
-                                on_bad_image=args.on_bad_image, repair_results=args.repair_results)
+        evaluation = plan.evaluation(batch=args.attack_batch_size, cache_dir=args.cache_dir or default_cache_dir(),
+                                     log=ResultLog(out, dist.rank), dist=dist, device=device,
+                                     progress=not args.no_progress and dist.rank == 0, sanity=sanity,
+                                     on_bad_image=args.on_bad_image, repair_results=args.repair_results)
+        descriptions = plan.descriptions
         rows = [row.as_dict() for row in evaluation.run()]
         if dist.rank == 0:
             prefix = args.model_name or f"{model_name}-{Path(pretrained).stem if os.sep in pretrained else pretrained}"
-            caption = (f"{dataset.info.title}, {len(indices)} images, {model_name} ({pretrained}), "
+            caption = (f"{dataset.info.title}, {len(plan.source)} images, {model_name} ({pretrained}), "
                        f"attack: {spec.describe()}")
             for row in rows:
                 row["model_info"] = write_row_model_info(

@@ -33,18 +33,16 @@ import sys
 import types
 import warnings
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .adaptive import SanityChecks
-from .attacks import AttackSpec, ZeroShotClassifier, make_attack
-from .cache import AdversarialCache, model_fingerprint
-from .datasets import DatasetInfo, EvalDataset, dataset_info, json_digest, load_dataset, select
+from .attacks import AttackSpec
 from .leaderboard import defence_block, leaderboard_markdown, percent
+from .orchestrator import plan_run
 from .resultlog import ResultLog
-from .runner import DatasetSource, Evaluation, TensorSource
 from .storage import atomic_write, make_dir, warn
 
 INSTALL_HINT = ("robustbench 1.1.1 pins timm==1.0.9, which open_clip's timm>=1.0.17 excludes; install it "
@@ -202,37 +200,6 @@ def _read_model_info(path: Path) -> dict:
 
 
 # ---- benchmark ------------------------------------------------------------------------------
-def _resolve_source(dataset, data_dir, n_examples, seed, split, image_size):
-    """(source, classnames or None, dataset key, DatasetInfo or None)."""
-    if isinstance(dataset, tuple) and len(dataset) == 2 and all(isinstance(t, torch.Tensor) for t in dataset):
-        x, y = dataset
-        if n_examples is not None:
-            x, y = x[:n_examples], y[:n_examples]
-        return TensorSource(x, y), None, "tensors", None
-    if isinstance(dataset, str):
-        dataset = load_dataset(dataset, data_dir, split=split, image_size=image_size)
-    if not isinstance(dataset, EvalDataset):
-        raise TypeError(f"dataset must be a dataset name, an EvalDataset or an (x, y) pair of tensors, "
-                        f"got {type(dataset).__name__}")
-    indices = select(len(dataset), n_examples, seed)
-    return DatasetSource(dataset, indices), dataset.classnames, dataset.name, dataset.info
-
-
-def _check_classes(adapter, classnames, name):
-    if classnames is None:
-        return
-    have = [c.strip() for c in getattr(adapter, "classnames", classnames)]
-    if have != [c.strip() for c in classnames]:
-        raise ValueError(f"adapter {name!r} was wrapped with {len(have)} class names that differ from the "
-                         f"dataset's {len(classnames)} (e.g. {have[:3]} vs {classnames[:3]}); wrap it with "
-                         "classnames=dataset.classnames")
-
-
-def _backbone_kind(adapter) -> str:
-    backbone = getattr(adapter, "backbone", None)
-    return getattr(backbone, "kind", "vit")
-
-
 def architecture_of(adapter) -> str:
     visual = getattr(getattr(adapter, "model", None), "visual", None)
     if visual is None:
@@ -272,97 +239,32 @@ def benchmark_table(adapters, n_examples: Optional[int] = 1000, dataset="pets", 
     if threat_model not in ("Linf", "L2"):
         raise NotImplementedError(f"threat_model {threat_model!r}: only 'Linf' and 'L2' attacks are "
                                   "implemented for test-time adapters")
-    attack_name = attack or ("pgd" if threat_model == "Linf" else "pgdl2")
-    wrapped, descriptions = _wrap_all(adapters, model, tokenizer, dataset, data_dir, split, overrides or {})
-    first = next(iter(wrapped.values()))
-    image_size = getattr(getattr(first, "backbone", None), "image_size", 224)
-    source, classnames, dataset_key, info = _resolve_source(dataset, data_dir, n_examples, seed, split, image_size)
-    for name, adapter in wrapped.items():
-        _check_classes(adapter, classnames, name)
-    spec = make_attack(attack_name, eps=eps, steps=steps, alpha=alpha, backbone_kind=_backbone_kind(first),
-                       image_size=image_size, **attack_params)
+    plan = plan_run(adapters, dataset=dataset, model=model, tokenizer=tokenizer, data_dir=data_dir, split=split,
+                    n_examples=n_examples, seed=seed, attack=attack or ("pgd" if threat_model == "Linf" else "pgdl2"),
+                    eps=eps, steps=steps, alpha=alpha, attack_params=attack_params, overrides=overrides, device=device)
+    spec = plan.spec
     if spec.norm is not None and spec.norm != threat_model:
         raise ValueError(f"attack {spec.name!r} is an {spec.norm} attack, not {threat_model}")
-    device = torch.device(device) if device is not None else getattr(first.backbone, "device", torch.device("cpu"))
-    for adapter in wrapped.values():
-        adapter.to(device)
-    attacked = None
-    if spec.is_attack and hasattr(first, "classnames"):
-        if tokenizer is not None and hasattr(first, "model"):
-            domain = info.domain_word if info is not None else None
-            attacked = ZeroShotClassifier.build(first.model, first.classnames, tokenizer, domain_word=domain)
-        else:
-            attacked = ZeroShotClassifier.from_adapter(first)
-        attacked.to(device)
-    classnames = getattr(attacked, "classnames", None)
-    key = {"model": model_fingerprint(first.model) if hasattr(first, "model") else "unknown",
-           "dataset": dataset_key, "split": split, "attack_name": spec.name, "attack": spec.to_dict(),
-           "seed": seed, "batch": batch_size, "image_size": image_size,
-           "prompt": getattr(attacked, "prompt_phrase", None),
-           "classes": None if classnames is None else json_digest(list(classnames))}
-    cache = AdversarialCache(None if spec.is_adaptive else cache_dir, key)
     if isinstance(sanity_checks, int) or sanity_checks is None:
         sanity_checks = SanityChecks(n=sanity_checks or 0)
     log = ResultLog(log_path, 0) if log_path else None
     if log_path:
         make_dir(log_path)
-    evaluation = Evaluation(wrapped, source, spec, attacked, cache, seed=seed, attack_batch_size=batch_size,
-                            log=log, device=device, progress=progress, sanity=sanity_checks,
-                            backbone_kind=_backbone_kind(first), image_size=image_size)
+    device = next(iter(plan.adapters.values())).backbone.device if device is None else torch.device(device)
+    evaluation = plan.evaluation(batch=batch_size, cache_dir=cache_dir, log=log, device=device, progress=progress,
+                                 sanity=sanity_checks)
     rows = [row.as_dict() for row in evaluation.run()]
     if to_disk:
+        dataset_key = plan.identity["dataset"]
         for row in rows:
             name = model_name if (model_name and len(rows) == 1) else f"{model_name or 'model'}_{row['adapter']}"
-            config = getattr(wrapped[row["adapter"]], "config", None)
             row["model_info"] = write_row_model_info(
-                row, dataset=dataset_key, attack=spec, name=descriptions.get(row["adapter"], ""), file_name=name,
-                architecture=architecture or architecture_of(wrapped[row["adapter"]]), root=model_info_dir,
-                config=config.record() if hasattr(config, "record") else None, device=str(device))
+                row, dataset=dataset_key, attack=spec, name=plan.descriptions.get(row["adapter"], ""), file_name=name,
+                architecture=architecture or architecture_of(plan.adapters[row["adapter"]]), root=model_info_dir,
+                config=plan.configs[row["adapter"]], device=str(device))
         caption = f"{dataset_key}, {rows[0]['n'] if rows else 0} images, attack: {spec.describe()}"
         atomic_write(make_dir(model_info_dir) / "leaderboard.md", leaderboard_markdown(rows, caption).encode())
     return rows
-
-
-def _wrap_all(adapters, model, tokenizer, dataset, data_dir, split,
-              overrides) -> Tuple[Dict[str, nn.Module], Dict[str, str]]:
-    from atpt_plugin import load_adapter
-    if isinstance(adapters, (nn.Module, str)):
-        adapters = [adapters]
-    items = list(adapters.items()) if isinstance(adapters, Mapping) else [(None, a) for a in adapters]
-    if not items:
-        raise ValueError("no adapters given")
-    wrapped, descriptions, classnames = {}, {}, None
-    for name, adapter in items:
-        if isinstance(adapter, str):
-            if model is None or tokenizer is None:
-                raise ValueError(f"adapter {adapter!r} is a name: pass model= and tokenizer= to wrap it")
-            if not isinstance(dataset, (str, EvalDataset)):
-                raise ValueError("adapters given by name need a named dataset (for the class names)")
-            info = dataset_info(dataset) if isinstance(dataset, str) else dataset.info
-            if classnames is None:
-                classnames = (dataset if isinstance(dataset, EvalDataset)
-                              else load_dataset(dataset, data_dir, split=split, image_size=None)).classnames
-            loaded = load_adapter(adapter)
-            loaded = loaded.with_overrides(**{**applicable_overrides(loaded.config, info), **overrides})
-            descriptions[name or adapter] = loaded.description
-            adapter = loaded.wrap(model, classnames=classnames, tokenizer=tokenizer)
-            name = name or loaded.name
-        name = name or getattr(adapter, "name", None) or f"adapter{len(wrapped)}"
-        if name in wrapped:
-            raise ValueError(f"two adapters are named {name!r}; pass a dict {{name: adapter}}")
-        wrapped[name] = adapter
-    return wrapped, descriptions
-
-
-def applicable_overrides(config, info: Optional[DatasetInfo]) -> Dict[str, object]:
-    """The dataset's domain word and AugMix convention, where the adapter's prompt can take them."""
-    if info is None:
-        return {}
-    overrides = info.adapter_overrides()
-    phrase = config.ctx_init
-    if "domain_word" in overrides and (phrase is None or "photo" not in phrase.split() or config.domain_word):
-        overrides.pop("domain_word")
-    return overrides
 
 
 def benchmark(model: Union[nn.Module, Sequence[nn.Module]], n_examples: Optional[int] = 1000, dataset="pets",
