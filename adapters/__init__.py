@@ -5,12 +5,12 @@ top-level name `adapters` belongs to an unrelated PyPI package and is never inst
 
     from atpt_plugin.adapters import load_dataset, make_attack, benchmark, benchmark_table
 
-Submodules: `attacks` (one registered class per attack: transfer attacks on torchattacks,
+Submodules: `orchestrator` (a run described once, under the CLI and `benchmark_table`), `attacks` (one registered class per attack: transfer attacks on torchattacks,
 adaptive ones on the whole wrapped adapter; eps units; the zero-shot attacked model),
 `cache` (the checksummed adversarial-image cache), `adaptive` (running adaptive attacks
 and their sanity checks), `datasets` (CoOp/TPT layouts,
 ImageNet variants, ImageFolder), `robustbench` (`benchmark`, leaderboard JSON,
-`import_robustbench`), `runner` (the resumable, sharded evaluation loop), `resultlog` (the
+`import_robustbench`), `runner` (the resumable, sharded evaluation loop), `rows` (per-adapter totals), `sources` (samples), `distributed` (ranks), `worst_case` and `leaderboard`, `resultlog` (the
 per-sample results files), `storage` (atomic writes, write errors), `report` (tables and
 chart), `cli` (`atpt`).
 Names are imported lazily, so `import atpt_plugin.adapters` stays cheap.

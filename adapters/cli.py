@@ -252,7 +252,7 @@ def _versions() -> Dict[str, str]:
 # ---- eval -----------------------------------------------------------------------------------
 def run_eval(args) -> int:
     """One attack (`--attack NAME`) or the worst case over several (`--attack worst --attacks ...`)."""
-    from .runner import DistContext
+    from .distributed import DistContext
     from .worst_case import WORST
 
     attack_opts = _parse_pairs(args.attack_opt, "--attack-opt")
@@ -273,7 +273,7 @@ def run_worst_case(args) -> int:
     from . import worst_case
     from .attacks import make_attack, parse_eps
     from .attacks.base import attack_named
-    from .runner import DistContext
+    from .distributed import DistContext
 
     runs = worst_case.parse_attacks(args.attacks)
     if args.steps is not None or args.attack_opt:

@@ -20,7 +20,8 @@ from atpt_plugin.api import Adapter, load_adapter
 from .attacks import AttackSpec, ZeroShotClassifier, make_attack
 from .cache import AdversarialCache, model_fingerprint, tensor_digest
 from .datasets import DatasetInfo, EvalDataset, json_digest, load_dataset, select
-from .runner import DatasetSource, Evaluation, TensorSource
+from .runner import Evaluation
+from .sources import DatasetSource, TensorSource
 
 
 @dataclass

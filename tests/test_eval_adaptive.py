@@ -11,7 +11,9 @@ from atpt_plugin.adapters import cli
 from atpt_plugin.adapters.adaptive import SanityChecks, check_attacks, judge, run_adaptive
 from atpt_plugin.adapters.attacks import AttackStats, ZeroShotClassifier, attack_loss, attack_view, make_attack
 from atpt_plugin.adapters.report import csv_table, markdown_table
-from atpt_plugin.adapters.runner import Evaluation, ResultLog, TensorSource
+from atpt_plugin.adapters.resultlog import ResultLog
+from atpt_plugin.adapters.runner import Evaluation
+from atpt_plugin.adapters.sources import TensorSource
 from conftest import CLASSNAMES
 from test_eval_cli import eval_args, workspace  # noqa: F401  (the tiny on-disk dataset of the CLI tests)
 

@@ -147,7 +147,8 @@ def test_fingerprints_and_chunk_seeds():
 
 def test_evaluation_adapts_a_batch_in_one_call_and_equals_one_image_at_a_time(tiny_vit, tokenizer, zero_shot):
     from atpt_plugin import load_adapter
-    from atpt_plugin.adapters.runner import Evaluation, TensorSource
+    from atpt_plugin.adapters.runner import Evaluation
+    from atpt_plugin.adapters.sources import TensorSource
 
     x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     y = torch.tensor([0, 1, 2, 3, 0])
