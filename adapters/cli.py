@@ -19,13 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
+
+from .listing import run_list
+from .manifest import check_manifest, lock_folder, manifest_config, versions
+from .models import DEMO_MODEL, PretrainedUnavailable, create_model
 
 EPILOG_EVAL = """\
 units: --eps and --alpha for L-inf attacks (pgd, fgsm, autoattack) are in 1/255 units:
@@ -59,150 +61,6 @@ BAD_IMAGE_ADVICE = ("\nReplace or remove that file and run the same command agai
                     "are kept.")
 
 
-class RunConflict(ValueError):
-    """The output folder holds a run with other settings."""
-
-
-class PretrainedUnavailable(RuntimeError):
-    """Pretrained weights that cannot be had (offline, unknown tag, missing file)."""
-
-
-# ---- model ------------------------------------------------------------------------------
-DEMO_MODEL = "demo"  # short for the embedded small CLIP trained on Fashion-MNIST (fmnist-vit-tiny)
-DEFAULT_PRETRAINED = "openai"
-
-
-def create_model(name: str, pretrained: Optional[str], seed: int = 0):
-    """(model, tokenizer, model name, pretrained as recorded) for an open_clip name or config.
-
-    name: an open_clip model name (`open_clip.list_models()`, which includes the embedded
-    `fmnist-vit-tiny`, also called `demo`) or a path to a model config JSON (its file stem
-    becomes the name). pretrained: a tag ("openai"), a path to a state dict, "none" for
-    random initialisation seeded with `seed`, or None for the model's default (the shipped
-    weights of the embedded model, "openai" for the others).
-    """
-    import open_clip
-    import torch
-
-    from atpt_plugin.demo_model import MODEL_NAME, checkpoint_path  # registers the embedded model's config
-
-    from atpt_plugin.registry import unknown_name
-
-    if name in (DEMO_MODEL, MODEL_NAME):
-        name = MODEL_NAME
-        if pretrained in (None, ""):
-            pretrained = str(checkpoint_path())
-    elif pretrained in (None, ""):
-        pretrained = DEFAULT_PRETRAINED
-    if name.endswith(".json"):
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"model config {str(path)!r} does not exist")
-        open_clip.add_model_config(path)
-        name = path.stem
-    if name not in open_clip.list_models():
-        raise unknown_name("model", name, open_clip.list_models(), "open_clip models")
-    tag = None if pretrained in (None, "", "none", "None", "random") else pretrained
-    recorded = "none"
-    if tag is not None:
-        local = Path(tag).expanduser()
-        if local.exists():
-            tag = str(local.resolve())
-            recorded = tag
-        elif "/" in tag or tag.endswith((".pt", ".pth", ".bin", ".safetensors")):
-            raise PretrainedUnavailable(f"--pretrained {tag!r} looks like a file path but does not exist")
-        else:
-            known = open_clip.list_pretrained_tags_by_model(name)
-            if tag not in known:
-                raise PretrainedUnavailable(
-                    f"{tag!r} is not a pretrained tag of {name}; its tags: {', '.join(known) or 'none'}; "
-                    "or pass a local file: --pretrained /path/to/open_clip_pytorch_model.bin")
-            recorded = tag
-    torch.manual_seed(seed)
-    try:
-        model = open_clip.create_model(name, pretrained=tag)
-    except RuntimeError as error:
-        if tag is not None and not Path(tag).exists():
-            offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
-            why = "offline mode (HF_HUB_OFFLINE is set)" if offline else "no network access or no cached copy"
-            raise PretrainedUnavailable(
-                f"the pretrained weights {tag!r} of {name} could not be fetched ({why}): {error}\n"
-                f"Fetch them on a machine with internet access (open_clip.create_model({name!r}, "
-                f"pretrained={tag!r}) fills the Hugging Face cache; copy ~/.cache/huggingface over), "
-                "or pass a local file: --pretrained /path/to/open_clip_pytorch_model.bin") from None
-        raise
-    return model.eval(), open_clip.get_tokenizer(name), name, recorded
-
-
-# ---- run folder -------------------------------------------------------------------------
-def check_manifest(out: Path, settings: dict, info: dict, write: bool) -> bool:
-    """Refuse a folder holding another run; True when resuming. Rank 0 writes the manifest."""
-    path = out / "run.json"
-    settings = json.loads(json.dumps(settings))  # tuples -> lists, as stored
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())["settings"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise RunConflict(f"{path} is damaged ({type(error).__name__}: {error}); it records the settings the "
-                              f"results in {out} were made with, so they cannot be checked: restore it, or use "
-                              "another --out") from None
-        if old != settings:
-            changed = [f"  {k}: {_short(a)} (in the folder) -> {_short(b)} (now)" for k, a, b in _changes(old, settings)]
-            if len(changed) > 12:
-                changed = changed[:12] + [f"  ... and {len(changed) - 12} more"]
-            raise RunConflict(
-                f"{out} holds a run with other settings; its results would mix with this one's:\n"
-                + "\n".join(changed)
-                + f"\nUse another --out, or delete {out} to start over.")
-        return True
-    if any(out.glob("samples*.jsonl")):
-        raise RunConflict(f"{out} has results files but no run.json; it was not made by this command "
-                          "(or run.json was deleted): use another --out")
-    if write:
-        from .storage import atomic_write
-        atomic_write(path, json.dumps({"settings": settings, "info": info}, indent=2, sort_keys=True).encode())
-    return False
-
-
-def lock_folder(out: Path, rank: int):
-    """An exclusive lock per rank on the folder: two runs never append to one results file."""
-    from .storage import write_error
-    path = out / f".lock.rank{rank}"
-    try:
-        handle = open(path, "w")
-    except OSError as error:
-        raise write_error(path, error) from error
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        return handle
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise RunConflict(f"another `atpt eval` is writing to {out} (rank {rank}); wait for it or use another --out")
-    return handle
-
-
-ABSENT = "(absent)"
-
-
-def _changes(old, new, prefix: str = "") -> list:
-    """[(dotted key, old value, new value)] where two nested settings differ."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new)):
-            name = f"{prefix}.{key}" if prefix else str(key)
-            out += _changes(old.get(key, ABSENT), new.get(key, ABSENT), name)
-        return out
-    return [] if old == new else [(prefix, old, new)]
-
-
-def _short(value) -> str:
-    text = value if value == ABSENT else json.dumps(value, sort_keys=True)
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
 def _parse_pairs(pairs: Sequence[str], what: str) -> Dict[str, object]:
     from atpt_plugin.api import parse_setting
     return dict(parse_setting(pair, what) for pair in pairs or [])
@@ -224,29 +82,6 @@ def parse_adapters(text: str) -> Dict[str, object]:
     if not adapters:
         raise ValueError(f"--adapters must name at least one adapter, got {text!r}")
     return adapters
-
-
-def manifest_config(name: str, config) -> dict:
-    """The adapter's settings as run.json records them; an unregistered component object
-    cannot be recorded by name, so a resumable run refuses it."""
-    record = config.record()
-    for field, value in record.items():
-        if isinstance(value, dict) and value.get("name") is None:
-            raise ValueError(
-                f"adapter {name!r} has {field}={getattr(config, field)!r}, an object of an unregistered class: "
-                "a resumable run records components by name; register it (@<KIND>.register or an entry point)")
-    return record
-
-
-def _versions() -> Dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-    out = {"python": platform.python_version()}
-    for package in ("atpt-plugin", "torch", "open_clip_torch", "timm", "torchattacks"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 # ---- eval -----------------------------------------------------------------------------------
@@ -272,6 +107,7 @@ def run_worst_case(args) -> int:
     """Each attack of --attacks in its own resumable folder, then their per-sample AND."""
     from . import worst_case
     from .attacks import make_attack, parse_eps
+    from .robustbench import write_worst_case_model_info
     from .attacks.base import attack_named
     from .distributed import DistContext
 
@@ -327,7 +163,7 @@ def evaluate(args, dist, out: Path, attack_name: str, steps, alpha_text, eps_tex
     from .orchestrator import plan_run
     from .report import markdown_table, skipped_note, write_reports
     from .resultlog import ResultLog
-    from .robustbench import write_row_model_info
+    from .robustbench import entry_name, write_row_model_info
     from .storage import atomic_write, make_dir
 
     # validate the cheap things before any model is built
@@ -377,7 +213,7 @@ def evaluate(args, dist, out: Path, attack_name: str, steps, alpha_text, eps_tex
         if len({json_digest(s) for s in dist.gather(settings)}) != 1:
             raise RuntimeError("the processes of this run disagree on its settings (model weights or data differ)")
         out = make_dir(out)
-        run_info = {"command": sys.argv, "versions": _versions(), "world_size": dist.world,
+        run_info = {"command": sys.argv, "versions": versions(), "world_size": dist.world,
                     "device": str(device), "attack": spec.describe(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         lock = lock_folder(out, dist.rank)
         resuming = check_manifest(out, settings, run_info, write=dist.rank == 0)
@@ -419,50 +255,6 @@ def evaluate(args, dist, out: Path, attack_name: str, steps, alpha_text, eps_tex
     return summary
 
 
-def entry_name(prefix: str, adapter: str) -> str:
-    """A leaderboard entry's file name (adapter variants carry brackets and '=')."""
-    return re.sub(r"[^\w.-]+", "_", f"{prefix}_{adapter}")
-
-
-def write_worst_case_model_info(rows: List[dict], outputs: Dict[str, dict], out: Path) -> List[Path]:
-    """One leaderboard entry per adapter for the worst case: every attack's accuracy, the
-    worst case, and the cost of the defence (from the first attack's run)."""
-    from .attacks import AttackSpec
-    from .leaderboard import defence_block, percent
-    from .robustbench import model_info, write_model_info
-
-    first = next(iter(outputs.values()))
-    settings = first["settings"]
-    by_adapter = {label: {row["adapter"]: row for row in output["rows"]} for label, output in outputs.items()}
-    attacks = [{"attack": label, "kind": output["attack"]["kind"], "params": output["attack"]["params"]}
-               for label, output in outputs.items()]
-    paths = []
-    for row in rows:
-        adapter = row["adapter"]
-        accuracy = {"clean": row["clean_acc"], "worst_case": row["worst_case_acc"],
-                    "transfer": {a["attack"]: row["adv_acc_by_attack"][a["attack"]] for a in attacks if a["kind"] == "transfer"},
-                    "adaptive": {a["attack"]: row["adv_acc_by_attack"][a["attack"]] for a in attacks if a["kind"] == "adaptive"}}
-        first_row = by_adapter[next(iter(outputs))][adapter]
-        defence = defence_block(settings["adapters"][adapter], first_row, first["device"], attacks, accuracy)
-        params = first["attack"]["params"]
-        spec = AttackSpec(params["name"], params["norm"], params["eps"])
-        entry = model_info(dataset=settings["dataset"], attack=spec, clean_acc=row["clean_acc"], adv_acc=None,
-                           adapter=adapter, n_examples=row["n"], architecture=settings["model"],
-                           name=first["descriptions"][adapter], number_forward_passes=first_row["image_passes_per_image"],
-                           defence=defence)
-        entry["footnote"] = (f"Test-time defence ({adapter}) evaluated as the worst case over "
-                             f"{', '.join(a['attack'] for a in attacks)} on {row['n']} images of {settings['dataset']}: "
-                             "a sample counts only if it is classified correctly clean and under every attack."
-                             + ("" if not defence["transfer_only"] else " Only transfer attacks were run: not "
-                                "evaluated adaptively."))
-        for a in attacks:
-            field = re.sub(r"[^\w]+", "_", a["attack"]).strip("_") + "_acc"
-            entry[field] = percent(row["adv_acc_by_attack"][a["attack"]])
-        paths.append(write_model_info(entry, entry_name(first["prefix"] + "_worst_case", adapter),
-                                      spec.threat_model, out / "model_info"))
-    return paths
-
-
 def attack_summary(spec, sanity=None) -> dict:
     """The attack as the summary JSON records it: name, kind, parameters, cost per image, checks."""
     return {"name": spec.name, "kind": spec.kind, "description": spec.describe(), "params": spec.to_dict(),
@@ -473,58 +265,6 @@ def default_cache_dir() -> Path:
     base = os.environ.get("ATPT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "atpt_plugin")
     return Path(base) / "adversarial"
-
-
-# ---- list ----------------------------------------------------------------------------------
-def registries() -> Dict[str, object]:
-    """Every registry `atpt list` shows, by the plural its section is called."""
-    from atpt_plugin.aggregators import AGGREGATORS
-    from atpt_plugin.api import ADAPTERS
-    from atpt_plugin.augmenters import AUGMENTERS
-    from atpt_plugin.backbones import BACKBONES
-    from atpt_plugin.explainers import EXPLAINERS
-    from atpt_plugin.objectives import OBJECTIVES
-
-    from .attacks import ATTACKS
-    from .datasets import DATASETS
-
-    return {"adapters": ADAPTERS, "explainers": EXPLAINERS, "augmenters": AUGMENTERS, "aggregators": AGGREGATORS,
-            "objectives": OBJECTIVES, "backbones": BACKBONES, "attacks": ATTACKS, "datasets": DATASETS}
-
-
-def _details(kind: str, name: str) -> Tuple[str, List[str]]:
-    """(one line, further lines) for a registered name; adapters, attacks and datasets say more."""
-    if kind == "adapters":
-        from atpt_plugin.api import load_adapter
-        return load_adapter(name).description, []
-    if kind == "attacks":
-        from atpt_plugin.registry import first_line
-
-        from .attacks.base import attack_named
-        attack = attack_named(name)
-        shown = {"alpha": "eps/4", "steps": "the paper's (100 ViT, 1 ResNet)"}
-        params = ", ".join(f"{k}={shown[k] if v is None else v}" for k, v in attack.defaults.items())
-        return (f"{attack.kind}, {attack.norm or 'no budget'}: {first_line(type(attack))}",
-                [f"parameters: {params}"] if params else [])
-    if kind == "datasets":
-        from .datasets import dataset_info
-        info = dataset_info(name)
-        word = f", domain word {info.domain_word!r}" if info.domain_word else ""
-        return f"{info.title}{word}", [f"layout: {info.layout}"]
-    return "", []
-
-
-def run_list(args) -> int:
-    for kind, registry in registries().items():
-        if args.what not in (None, kind):
-            continue
-        print(f"{kind} (entry-point group {registry.group}):")
-        for name, entry in registry.describe().items():
-            line, more = _details(kind, name)
-            print(f"  {name:<20} {line or entry.description}  [{entry.source}]")
-            for extra in more:
-                print(f"  {'':<20} {extra}")
-    return 0
 
 
 # ---- entry ----------------------------------------------------------------------------------

@@ -29,11 +29,12 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import sys
 import types
 import warnings
 from pathlib import Path
-from typing import List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -197,6 +198,46 @@ def _read_model_info(path: Path) -> dict:
         warn(f"leaderboard entry {path} is damaged ({error}); writing it anew")
         return {}
     return existing
+
+
+def entry_name(prefix: str, adapter: str) -> str:
+    """A leaderboard entry's file name (adapter variants carry brackets and '=')."""
+    return re.sub(r"[^\w.-]+", "_", f"{prefix}_{adapter}")
+
+
+def write_worst_case_model_info(rows: List[dict], outputs: Dict[str, dict], out: Path) -> List[Path]:
+    """One leaderboard entry per adapter for the worst case: every attack's accuracy, the
+    worst case, and the cost of the defence (from the first attack's run)."""
+    first = next(iter(outputs.values()))
+    settings = first["settings"]
+    by_adapter = {label: {row["adapter"]: row for row in output["rows"]} for label, output in outputs.items()}
+    attacks = [{"attack": label, "kind": output["attack"]["kind"], "params": output["attack"]["params"]}
+               for label, output in outputs.items()]
+    paths = []
+    for row in rows:
+        adapter = row["adapter"]
+        accuracy = {"clean": row["clean_acc"], "worst_case": row["worst_case_acc"],
+                    "transfer": {a["attack"]: row["adv_acc_by_attack"][a["attack"]] for a in attacks if a["kind"] == "transfer"},
+                    "adaptive": {a["attack"]: row["adv_acc_by_attack"][a["attack"]] for a in attacks if a["kind"] == "adaptive"}}
+        first_row = by_adapter[next(iter(outputs))][adapter]
+        defence = defence_block(settings["adapters"][adapter], first_row, first["device"], attacks, accuracy)
+        params = first["attack"]["params"]
+        spec = AttackSpec(params["name"], params["norm"], params["eps"])
+        entry = model_info(dataset=settings["dataset"], attack=spec, clean_acc=row["clean_acc"], adv_acc=None,
+                           adapter=adapter, n_examples=row["n"], architecture=settings["model"],
+                           name=first["descriptions"][adapter], number_forward_passes=first_row["image_passes_per_image"],
+                           defence=defence)
+        entry["footnote"] = (f"Test-time defence ({adapter}) evaluated as the worst case over "
+                             f"{', '.join(a['attack'] for a in attacks)} on {row['n']} images of {settings['dataset']}: "
+                             "a sample counts only if it is classified correctly clean and under every attack."
+                             + ("" if not defence["transfer_only"] else " Only transfer attacks were run: not "
+                                "evaluated adaptively."))
+        for a in attacks:
+            field = re.sub(r"[^\w]+", "_", a["attack"]).strip("_") + "_acc"
+            entry[field] = percent(row["adv_acc_by_attack"][a["attack"]])
+        paths.append(write_model_info(entry, entry_name(first["prefix"] + "_worst_case", adapter),
+                                      spec.threat_model, out / "model_info"))
+    return paths
 
 
 # ---- benchmark ------------------------------------------------------------------------------
