@@ -1,107 +1,15 @@
-"""Test sets in the layouts the CoOp / TPT code bases use, with class names and domain words.
-
-`load_dataset(name, root)` accepts either the data root that holds one folder per dataset
-(CoOp's `DATA/`, TPT's `data_root`) or the dataset's own folder. Every dataset yields
-`(image, label)` with `image` a (3, S, S) float tensor in [0,1]: Resize(S, bicubic) +
-CenterCrop(S), the model's own preprocessing without normalisation (the adapters
-normalise inside). A dataset that is missing or malformed raises `DatasetLayoutError`
-naming the expected layout; `describe_layout(name)` prints it. An image file that is
-there but cannot be read or decoded raises `BadImageError` naming the file and the sample,
-so the evaluation can stop with a clear message or skip that sample.
-
-Class names come from the dataset's own files (split file, `variants.txt`) with
-underscores read as spaces, as CoOp's prompt learner does; the ImageNet family uses
-CLIP's curated ImageNet class names (shipped by open_clip) indexed by the WordNet ids
-shipped by timm. ImageNet-A and -R use their official 200-class subsets.
-
-The domain word is what the authors' A-TPT code inserts into "a photo of a" for the
-fine-grained sets ("a pet photo of a" for Pets); `None` keeps the plain phrase.
-"""
+"""The built-in test sets: CoOp split files, FGVC-Aircraft, the ImageNet family, image folders
+and the shipped demo subset; each a registered `DatasetInfo` with its loader."""
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
-from torch.utils.data import Dataset
 
-from atpt_plugin.registry import Registry
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class DatasetLayoutError(FileNotFoundError):
-    """The dataset is missing or does not have the expected layout."""
-
-
-class BadImageError(Exception):
-    """An image file that exists but cannot be read or decoded; names the file and the sample.
-
-    `index` and `sample_id` are set by the dataset, `position` (in the evaluated selection)
-    by the evaluation loop.
-    """
-
-    def __init__(self, path, reason: str, index: Optional[int] = None, sample_id: Optional[str] = None):
-        super().__init__(str(path), reason)
-        self.path, self.reason, self.index, self.sample_id = str(path), reason, index, sample_id
-        self.position: Optional[int] = None
-
-    def __str__(self) -> str:
-        where = [f"sample {self.position} of the run" if self.position is not None else "",
-                 f"dataset index {self.index}" if self.index is not None else "",
-                 f"id {self.sample_id!r}" if self.sample_id is not None else ""]
-        where = ", ".join(w for w in where if w)
-        return f"could not read image {self.path}" + (f" ({where})" if where else "") + f": {self.reason}"
-
-    def as_dict(self) -> Dict[str, object]:
-        return {"position": self.position, "index": self.index, "id": self.sample_id, "path": self.path,
-                "reason": self.reason}
-
-
-def json_digest(value, length: int = 16) -> str:
-    """A short stable hash of a JSON-serialisable value (settings, class names, sample lists)."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:length]
-
-
-DATASETS = Registry("dataset", "atpt_plugin.datasets")
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """How one dataset is laid out on disk, how it is loaded and what its prompts need.
-
-    A package adds a dataset by publishing a `DatasetInfo` (or a callable returning one)
-    under the entry-point group `atpt_plugin.datasets`; `loader(info, root, split,
-    image_size)` returns an `EvalDataset` (`root` is None when `needs_root` is False).
-    """
-
-    key: str
-    title: str
-    kind: str                      # the layout family: "split_json", "aircraft", "imagenet", "imagefolder", ...
-    loader: Callable[..., "EvalDataset"]
-    layout: str                    # the expected tree, for error messages and `atpt list`
-    dirs: Tuple[str, ...] = ()     # candidate dataset folders under the data root (CoOp, TPT)
-    image_dir: str = ""            # image root inside the dataset folder
-    split_file: str = ""
-    domain_word: Optional[str] = None
-    aliases: Tuple[str, ...] = ()
-    imagenet_variant: str = ""     # "", "a", "r", "v2", "sketch"
-    augmix_ops: bool = True        # TPT convention: no AugMix ops on the ImageNet family
-    needs_root: bool = True
-    splits: Optional[Tuple[str, ...]] = None   # None: any split the files name; else the only ones
-
-    def adapter_overrides(self) -> Dict[str, object]:
-        """Settings the TPT / A-TPT code applies for this dataset."""
-        overrides: Dict[str, object] = {}
-        if self.domain_word:
-            overrides["domain_word"] = self.domain_word
-        if not self.augmix_ops:
-            overrides["augmix_ops"] = False
-        return overrides
+from .base import DATASETS, IMAGE_EXTENSIONS, DatasetInfo, DatasetLayoutError, EvalDataset
 
 
 def _split(key, title, dirs, image_dir, split_file, domain_word, aliases=()):
@@ -164,74 +72,6 @@ def _builtin_datasets() -> List[DatasetInfo]:
     ]
 
 
-def _as_info(target) -> DatasetInfo:
-    info = target if isinstance(target, DatasetInfo) else target()
-    if not isinstance(info, DatasetInfo):
-        raise TypeError(f"a dataset entry must be an atpt_plugin.adapters.datasets.DatasetInfo (or a callable "
-                        f"returning one), got {type(info).__name__}")
-    return info
-
-
-def dataset_info(name: str) -> DatasetInfo:
-    """The registered dataset `name` (a key, a title or an alias, case-insensitive)."""
-    wanted = name.strip().lower().replace(" ", "")
-    if wanted in DATASETS:
-        return _as_info(DATASETS.get(wanted))
-    for entry in DATASETS.entries().values():
-        info = _as_info(entry.load())
-        if wanted in {info.key, info.title.lower(), *info.aliases}:
-            return info
-    raise DATASETS.unknown(name)
-
-
-def describe_layout(name: str) -> str:
-    info = dataset_info(name)
-    return f"{info.title} ({info.key}): {info.layout}"
-
-
-# --------------------------------------------------------------------------------------
-class EvalDataset(Dataset):
-    """Labelled test images as (3, S, S) tensors in [0,1]; `classnames[label]` names each label."""
-
-    def __init__(self, info: DatasetInfo, root: Path, split: str, samples: List[Tuple[str, int]],
-                 classnames: List[str], image_root: Path, image_size: Optional[int] = 224):
-        self.info = info
-        self.root = root
-        self.split = split
-        self.samples = samples            # (path relative to image_root, label)
-        self.classnames = classnames
-        self.image_root = image_root
-        self.image_size = image_size
-
-    name = property(lambda self: self.info.key)
-    domain_word = property(lambda self: self.info.domain_word)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __repr__(self) -> str:
-        return (f"EvalDataset({self.info.title}, split={self.split!r}, {len(self)} images, "
-                f"{len(self.classnames)} classes, root={str(self.root)!r})")
-
-    def sample_id(self, index: int) -> str:
-        return self.samples[index][0]
-
-    def label(self, index: int) -> int:
-        return self.samples[index][1]
-
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
-        relative, label = self.samples[index]
-        try:
-            return load_image(self.image_root / relative, self.image_size, self.info), label
-        except BadImageError as error:
-            error.index, error.sample_id = index, relative
-            raise
-
-    def fingerprint(self) -> str:
-        """Hash of the class names and the (path, label) list: what the samples are."""
-        return json_digest([self.classnames, self.samples])
-
-
 class DemoDataset(EvalDataset):
     """The held-out Fashion-MNIST subset shipped with the embedded demo model (in memory)."""
 
@@ -257,46 +97,6 @@ def _load_demo(info: DatasetInfo, root, split: str, image_size) -> DemoDataset:
 def _demo_image_size() -> int:
     from atpt_plugin.demo_model import image_size
     return image_size()
-
-
-def load_image(path: Path, image_size: Optional[int], info: Optional[DatasetInfo] = None) -> torch.Tensor:
-    """The image as a (3, S, S) tensor; `BadImageError` when the file cannot be read or decoded."""
-    from PIL import Image
-    from torchvision.transforms import functional as TF
-    from torchvision.transforms import InterpolationMode
-
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except FileNotFoundError:
-        layout = f"; expected layout: {info.layout}" if info else ""
-        raise DatasetLayoutError(f"image {path} listed by the dataset does not exist{layout}") from None
-    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        raise BadImageError(path, f"{type(error).__name__}: {error}") from None
-    if image_size is not None:
-        image = TF.resize(image, image_size, interpolation=InterpolationMode.BICUBIC)
-        image = TF.center_crop(image, [image_size, image_size])
-    return TF.to_tensor(image)
-
-
-def load_dataset(name: str, root, split: str = "test", image_size: Optional[int] = 224) -> EvalDataset:
-    """The `split` of dataset `name` under `root` (the data root or the dataset folder itself).
-
-    image_size: the model's input size S (Resize + CenterCrop); None keeps the original size.
-    """
-    info = dataset_info(name)
-    if not info.needs_root:
-        return info.loader(info, None, split, image_size)
-    if root is None:
-        raise DatasetLayoutError(f"{info.title} needs --data-root (data_dir); expected layout: {info.layout}")
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DatasetLayoutError(f"data root {str(root)!r} is not a directory; expected layout for "
-                                 f"{info.title}: {info.layout}")
-    if info.splits is not None and split not in info.splits:
-        raise ValueError(f"{info.title} has only the {', '.join(map(repr, info.splits))} split here "
-                         f"(its evaluation set), got {split!r}")
-    return info.loader(info, root, split, image_size)
 
 
 def _dataset_dir(info: DatasetInfo, root: Path, marker: str) -> Path:
@@ -476,16 +276,3 @@ def _load_image_folder(info: DatasetInfo, root: Path, split: str, image_size) ->
 
 for _info in _builtin_datasets():
     DATASETS.register(_info.key, _info.title)(_info)
-
-
-def select(dataset_size: int, n_examples: Optional[int], seed: int) -> List[int]:
-    """The evaluated indices: the first `n_examples` of a seeded permutation (all when None).
-
-    A permutation, not the first N files: split files list images class by class. The
-    order for a given seed is fixed, so a smaller N is a prefix of a larger one.
-    """
-    if n_examples is not None and (isinstance(n_examples, bool) or not isinstance(n_examples, int)
-                                   or n_examples < 1):
-        raise ValueError(f"n_examples must be a positive integer or None (all), got {n_examples!r}")
-    order = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed)).tolist()
-    return order if n_examples is None else order[:n_examples]
