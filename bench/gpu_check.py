@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -32,7 +30,7 @@ from atpt_plugin import TestTimeAdapter, load_adapter  # noqa: E402
 from atpt_plugin.demo_model import load_demo_model, load_demo_subset  # noqa: E402
 
 from .naive import NaiveTestTimeAdapter  # noqa: E402
-from .run import PETS, run_attack, timed  # noqa: E402
+from .run import PETS, run_attack, timed, write_results  # noqa: E402
 from .stages import PeakSampler  # noqa: E402
 
 ADAPTERS = ("atpt", "rtpt")
@@ -193,11 +191,7 @@ def main(argv=None) -> dict:
     results["total_s"] = time.perf_counter() - start
     table = markdown(results)
     print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = f"gpu_check_{device.type}{'_quick' if args.quick else ''}"
-    (out / f"{tag}.json").write_text(json.dumps(results, indent=1))
-    (out / f"{tag}.md").write_text(table)
+    write_results(args.out, f"gpu_check_{device.type}{'_quick' if args.quick else ''}", results, table)
     return results
 
 

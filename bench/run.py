@@ -205,9 +205,13 @@ def main():
     sampler.close()
     table = markdown(results)
     print(table)
-    out = Path(args.out)
+    write_results(args.out, f"{args.device}_{args.precision}_{'-'.join(results['models'])}{args.tag}", results, table)
+
+
+def write_results(directory, tag: str, results: dict, table: str) -> None:
+    """<directory>/<tag>.json and .md, side by side."""
+    out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.device}_{args.precision}_{'-'.join(results['models'])}{args.tag}"
     (out / f"{tag}.json").write_text(json.dumps(results, indent=1))
     (out / f"{tag}.md").write_text(table)
 
