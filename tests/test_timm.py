@@ -17,8 +17,9 @@ from timm.models.vision_transformer import ResPostBlock  # noqa: E402
 
 from atpt_plugin import Adapter, presets  # noqa: E402
 from atpt_plugin import adapter as adapter_module  # noqa: E402  (a module: pytest would collect Test* names)
-from atpt_plugin.backbones.timm_vit import (TimmCnnBackbone, TimmVitBackbone, timm_backbone,  # noqa: E402
-                                            top1_class_score)
+from atpt_plugin.backbones.timm_cnn import TimmCnnBackbone  # noqa: E402
+from atpt_plugin.backbones.timm_common import timm_backbone, top1_class_score  # noqa: E402
+from atpt_plugin.backbones.timm_vit import TimmVitBackbone  # noqa: E402
 from atpt_plugin.classifier import ClassifierTestTimeAdapter, norm_parameters, wrap_classifier  # noqa: E402
 from atpt_plugin.config import AdapterConfig  # noqa: E402
 from atpt_plugin.explainers import build_explainer, clip_and_rescale  # noqa: E402
@@ -38,6 +39,8 @@ MORE_VARIANTS = {  # further options of the family the trace must reproduce
                                                  pre_norm=True, reg_tokens=1)),
     "post_norm": ("vit_tiny_patch16_224", dict(block_fn=ResPostBlock, init_values=0.5)),
     "dynamic": ("vit_tiny_patch16_224", dict(dynamic_img_size=True)),
+    "siglip_map": ("vit_tiny_patch16_224", dict(global_pool="map", class_token=False)),
+    "map_with_prefix": ("vit_tiny_patch16_224", dict(global_pool="map", reg_tokens=2, pool_include_prefix=True)),
 }
 EXPLAINERS = ("token_grad_rollout", "grad_rollout", "attention_rollout")
 
@@ -243,8 +246,8 @@ def test_gradcam_fallback_for_conv_nets(name):
 
 def test_unsupported_timm_models_fail_clearly():
     torch.manual_seed(0)
-    with pytest.raises(NotImplementedError, match="attention pooling"):
-        timm_backbone(timm.create_model("vit_tiny_patch16_224", **{**TINY, "global_pool": "map"}))
+    with pytest.raises(NotImplementedError, match="no pooled features"):
+        timm_backbone(timm.create_model("vit_tiny_patch16_224", **{**TINY, "global_pool": ""}))
     with pytest.raises(NotImplementedError, match="outside timm's VisionTransformer"):
         timm_backbone(timm.create_model("test_vit_relpos", pretrained=False))
     with pytest.raises(TypeError, match="no backbone accepts Linear as an image classifier"):
