@@ -5,9 +5,11 @@ other timm model) comes after the timm token transformers it must not shadow.
 """
 from .base import BACKBONES, Backbone, detect
 from .openclip import OpenClipBackbone
+from .hf_clip import HfClipBackbone
+from .hf_siglip import HfSiglipBackbone
 from .timm_vit import TimmVitBackbone
 from .timm_eva import TimmEvaBackbone
 from .timm_cnn import TimmCnnBackbone
 
-__all__ = ["BACKBONES", "Backbone", "detect", "OpenClipBackbone", "TimmCnnBackbone", "TimmEvaBackbone",
-           "TimmVitBackbone"]
+__all__ = ["BACKBONES", "Backbone", "detect", "HfClipBackbone", "HfSiglipBackbone", "OpenClipBackbone",
+           "TimmCnnBackbone", "TimmEvaBackbone", "TimmVitBackbone"]

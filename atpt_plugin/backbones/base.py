@@ -7,8 +7,10 @@ a plugin can take over a family, then the built-ins in registration order.
 
 What every backbone gives (the loop and the explainers need nothing else):
 - `image_size` (side of the square views), `device`, `dtype`, `normalize([0,1] images)`;
-- `kind`: "vit" (token transformer, traced for the rollouts) or "resnet" (a feature map
-  for Grad-CAM), and `default_explainer`, the explainer `explainer="auto"` picks;
+- `kind`: "vit" (token transformer, traced for the rollouts), "resnet" (a feature map
+  for Grad-CAM) or "none" (a tower no explainer reads: `unexplained` says why; the
+  adapters without an explainer still run), and `default_explainer`, the explainer
+  `explainer="auto"` picks;
 - `encode_image(images) -> (N, E)` L2-normalised embeddings (CLIP towers);
 - `trace(images, first_block) -> VitTrace` ("vit") or `trace_resnet(images) -> (pooled,
   feature map)` ("resnet"), activations in the autograd graph;
@@ -46,6 +48,7 @@ class Backbone:
     """Base class of the model-family adapters (see the module docstring for the contract)."""
 
     kind: str = "vit"
+    unexplained: Optional[str] = None
     has_text: bool = False
     image_size: int
     logit_bias = 0.0
@@ -64,8 +67,10 @@ class Backbone:
         return "token_grad_rollout" if self.kind == "vit" else "gradcam"
 
     def tokenize(self, tokenizer, texts) -> torch.Tensor:
+        """Padded with the tokenizer's own pad token where it names one (what the model was fed)."""
         from .text import token_ids
-        return token_ids(tokenizer, texts, self.text_context_length, self.text_pad_id)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        return token_ids(tokenizer, texts, self.text_context_length, self.text_pad_id if pad is None else pad)
 
 
 def detect(model: nn.Module, has_text: bool, **options) -> Backbone:

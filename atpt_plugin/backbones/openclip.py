@@ -62,9 +62,12 @@ class OpenClipBackbone(Backbone):
         self.std = torch.tensor(getattr(self.visual, "image_std", None) or OPENAI_STD)
         if isinstance(self.visual, TimmModel):
             # the trunk's own backbone, with open_clip's head: embedding = head(trunk.forward_head(features))
-            self.image_tower = detect(self.visual.trunk, has_text=False, image_size=self.image_size,
-                                      projection=self.visual.head, mean=self.mean, std=self.std)
-            self.kind = self.image_tower.kind
+            try:
+                self.image_tower = detect(self.visual.trunk, has_text=False, image_size=self.image_size,
+                                          projection=self.visual.head, mean=self.mean, std=self.std)
+                self.kind = self.image_tower.kind
+            except NotImplementedError as error:
+                self.kind, self.unexplained = "none", f"open_clip timm trunk: {error}"
         elif isinstance(self.visual, VisionTransformer):
             self.kind = "vit"
             unsupported = []
@@ -75,15 +78,15 @@ class OpenClipBackbone(Backbone):
             if not all(type(b) is ResidualAttentionBlock for b in self.visual.transformer.resblocks):
                 unsupported.append("custom attention blocks")
             if unsupported:
-                raise NotImplementedError(
+                self.kind, self.unexplained = "none", (
                     f"this open_clip ViT uses {', '.join(unsupported)}; the attention explainers "
                     "support class-token ViTs with standard blocks (e.g. ViT-B-16, ViT-B-32)")
         elif isinstance(self.visual, ModifiedResNet):
             self.kind = "resnet"
         else:
-            raise NotImplementedError(
-                f"open_clip image tower {type(self.visual).__name__} is not supported; "
-                "use a ViT (VisionTransformer), timm trunk (TimmModel) or ResNet (ModifiedResNet) tower")
+            self.kind, self.unexplained = "none", (
+                f"open_clip image tower {type(self.visual).__name__} cannot be explained; the explainers "
+                "read a ViT (VisionTransformer), timm trunk (TimmModel) or ResNet (ModifiedResNet) tower")
         self._check_text_tower()
 
     @property
@@ -118,6 +121,8 @@ class OpenClipBackbone(Backbone):
 
     def trace(self, images: torch.Tensor, first_block: int = 0) -> VitTrace:
         """ViT forward recording blocks >= first_block; earlier blocks run without autograd."""
+        if self.kind != "vit":
+            raise NotImplementedError(self.unexplained or "a ResNet tower has no attention to trace; use Grad-CAM")
         if self.image_tower is not None:
             return self.image_tower.trace(images, first_block)
         visual = self.visual
@@ -131,6 +136,8 @@ class OpenClipBackbone(Backbone):
 
     def trace_resnet(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(embedding, last-stage feature map) of a ModifiedResNet or timm conv trunk, map in the graph."""
+        if self.kind != "resnet":
+            raise NotImplementedError(self.unexplained or "a ViT tower has no feature map; use an attention rollout")
         if self.image_tower is not None:
             return self.image_tower.trace_resnet(images)
         visual = self.visual
