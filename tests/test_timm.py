@@ -244,7 +244,7 @@ def test_batched_explainer_equals_one_at_a_time(variant, explainer):
     torch.testing.assert_close(batched, single, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["test_resnet", "test_convnext"])
+@pytest.mark.parametrize("name", ["test_resnet", "test_convnext", "test_mambaout"])
 def test_gradcam_fallback_for_conv_nets(name):
     model = make_cnn(name)
     backbone = timm_backbone(model, image_size=64)
@@ -253,7 +253,9 @@ def test_gradcam_fallback_for_conv_nets(name):
     maps = explain(model, x, "auto", backbone)  # auto picks Grad-CAM for a conv net
     feature_map = model.forward_features(backbone.normalize(x)).detach().requires_grad_(True)
     (grads,) = torch.autograd.grad(model.forward_head(feature_map).max(-1).values.sum(), [feature_map])
-    cam = torch.relu((grads.mean(dim=(2, 3), keepdim=True) * feature_map.detach()).sum(dim=1))
+    channels = 3 if getattr(model, "output_fmt", "NCHW") == "NHWC" else 1  # MambaOut's maps are channels-last
+    spatial = tuple(d for d in (1, 2, 3) if d != channels)
+    cam = torch.relu((grads.mean(dim=spatial, keepdim=True) * feature_map.detach()).sum(dim=channels))
     torch.testing.assert_close(maps, clip_and_rescale(cam), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="needs a vit"):
         build_explainer(AdapterConfig(explainer="token_grad_rollout"), backbone)

@@ -1,6 +1,8 @@
-"""Convolutional timm models (ResNet, ConvNeXt, EfficientNet, ...) for Grad-CAM on their last
-feature map: as image classifiers, and as the trunk of an open_clip `TimmModel` tower
-(ConvNeXt CLIP), where `projection` is open_clip's head over the trunk's pooled output."""
+"""Convolutional and hierarchical timm models (ResNet, ConvNeXt, EfficientNet, FastViT, Swin,
+MambaOut, ...) for Grad-CAM on their last feature map: as image classifiers, and as the trunk
+of an open_clip `TimmModel` tower (ConvNeXt CLIP, MobileCLIP), where `projection` is
+open_clip's head over the trunk's pooled output. Channels-last maps (`output_fmt="NHWC"`,
+Swin, MambaOut) are handed to Grad-CAM as NCHW and back to the head as NHWC."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -43,17 +45,21 @@ class TimmCnnBackbone(TimmImage):
                 f"{type(model).__name__} has no forward_features/forward_head; the Grad-CAM fallback "
                 "needs a timm model that exposes them")
         fmt = getattr(model, "output_fmt", "NCHW")
-        if fmt != "NCHW":
+        if fmt not in ("NCHW", "NHWC"):
             raise NotImplementedError(
-                f"{type(model).__name__} returns {fmt} features; the Grad-CAM fallback takes conv nets "
-                "with NCHW feature maps, the attention explainers timm VisionTransformers and Evas")
+                f"{type(model).__name__} returns {fmt} features; the Grad-CAM fallback takes NCHW or NHWC "
+                "feature maps, the attention explainers timm VisionTransformers and Evas")
+        self.channels_last = fmt == "NHWC"
         self._setup(model, projection, mean, std)
         if image_size is None:
             image_size = data_config(model).get("input_size", (3, 224, 224))[-2]
         self.image_size = int(image_size)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) last feature map, whatever the model's layout."""
         features = self.model.forward_features(x)
+        if self.channels_last and features.dim() == 4:
+            features = features.permute(0, 3, 1, 2)
         channels = getattr(self.model, "num_features", None)
         if features.dim() != 4 or (channels is not None and features.shape[1] != channels):
             raise NotImplementedError(
@@ -61,10 +67,14 @@ class TimmCnnBackbone(TimmImage):
                 f"(N, {channels}, h, w) feature map; Grad-CAM needs a conv net")
         return features
 
+    def head(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """`model.forward_head` on an (N, C, h, w) map, in the layout the model gives it."""
+        return self.model.forward_head(feature_map.permute(0, 2, 3, 1) if self.channels_last else feature_map)
+
     def classify(self, feature_map: torch.Tensor) -> torch.Tensor:
         if self.projection is not None:
             raise ValueError("this backbone projects its features (an image tower); it has no classifier head")
-        return self.model.forward_head(feature_map)
+        return self.head(feature_map)
 
     def trace_resnet(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -72,7 +82,7 @@ class TimmCnnBackbone(TimmImage):
         features = features.detach().requires_grad_(True)
         if self.projection is None:
             return features, features
-        return self.projection(self.model.forward_head(features)).float(), features
+        return self.projection(self.head(features)).float(), features
 
     def trace(self, images: torch.Tensor, first_block: int = 0):
         raise NotImplementedError(
