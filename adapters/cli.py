@@ -61,14 +61,17 @@ def create_model(name: str, pretrained: Optional[str], seed: int = 0):
     """(model, tokenizer, model name, pretrained as recorded) for an open_clip name or config.
 
     name: an open_clip model name (`open_clip.list_models()`) or a path to a model config
-    JSON (its file stem becomes the name). pretrained: a tag ("openai"), a path to a state
+    JSON (its file stem becomes the name); `hf:<id or folder>` goes to `hf_models`. pretrained: a tag ("openai"), a path to a state
     dict, or "none" for random initialisation seeded with `seed`.
     """
     import open_clip
     import torch
 
     from .datasets import unknown_name
+    from .hf_models import HF_PREFIX, create_hf_model
 
+    if name.startswith(HF_PREFIX):
+        return create_hf_model(name[len(HF_PREFIX):], pretrained, seed)
     if name == DEMO_MODEL:
         from atpt_plugin.demo_model import MODEL_NAME, checkpoint_path
         name = MODEL_NAME
@@ -224,6 +227,8 @@ def _versions() -> Dict[str, str]:
 def run_eval(args) -> int:
     import torch
 
+    from atpt_plugin.backbones import detect
+
     from .adaptive import SanityChecks
     from .attacks import (ATTACKS, AdversarialCache, ZeroShotClassifier, make_attack, model_fingerprint, parse_eps,
                           resolve_attack_name)
@@ -259,8 +264,7 @@ def run_eval(args) -> int:
         model, tokenizer, model_name, pretrained = create_model(args.model, args.pretrained, args.seed)
         fingerprint = model_fingerprint(model)
         model.to(device)
-        image_size = model.visual.image_size
-        image_size = image_size if isinstance(image_size, int) else image_size[0]
+        image_size = detect(model, has_text=True).image_size
         dataset = load_dataset(info.key, args.data_root, split=args.split, image_size=image_size)
         indices = select(len(dataset), args.n_examples, args.seed)
         source = DatasetSource(dataset, indices)
@@ -390,8 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="run adapters on a test set, clean and under attack",
                              epilog=EPILOG_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("--model", default=DEMO_MODEL,
-                    help="open_clip model name (ViT-B-16, RN50, ...), a model config .json, or 'demo' "
-                         "(default: the embedded Fashion-MNIST CLIP with its shipped weights)")
+                    help="open_clip model name (ViT-B-16, RN50, ...), a model config .json, 'demo' (default: the "
+                         "embedded Fashion-MNIST CLIP with its shipped weights), or hf:<Hugging Face id or local "
+                         "folder> (a transformers CLIPModel or SiglipModel, e.g. hf:openai/clip-vit-base-patch16)")
     ev.add_argument("--pretrained", default="openai",
                     help="pretrained tag (openai), a local state-dict file, or 'none' for random init (default: openai)")
     ev.add_argument("--dataset", default="demo",
