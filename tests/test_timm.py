@@ -44,6 +44,7 @@ MORE_VARIANTS = {  # further options of the family the trace must reproduce
     "eva02_rope": ("eva02_tiny_patch14_224", {}),
     "eva02_rope_map": ("eva02_tiny_patch14_224", dict(global_pool="map", init_values=0.1)),
     "eva_post_norm": ("eva02_tiny_patch14_224", dict(use_post_norm=True, global_pool="token")),
+    "eva_separate_qkv": ("eva02_tiny_patch14_224", dict(qkv_fused=False, class_token=False, num_reg_tokens=1)),
 }
 EXPLAINERS = ("token_grad_rollout", "grad_rollout", "attention_rollout")
 
