@@ -24,7 +24,7 @@ class HfClipBackbone(HfBackbone):
     model_classes = ("CLIPModel",)
     modeling = "transformers.models.clip.modeling_clip"
     layer_class = "CLIPEncoderLayer"
-    mean, std = OPENAI_MEAN, OPENAI_STD
+    image_mean, image_std = OPENAI_MEAN, OPENAI_STD
     num_prefix_tokens = 1
     text_causal = True
 

@@ -59,8 +59,8 @@ class HfBackbone(Backbone):
     model_classes: tuple  # the transformers model classes of the family
     modeling: str         # the transformers module defining its layers
     layer_class: str
-    mean: tuple
-    std: tuple
+    image_mean: tuple    # what the family's image processor normalises with
+    image_std: tuple
     num_prefix_tokens: int
 
     @classmethod
@@ -73,16 +73,15 @@ class HfBackbone(Backbone):
         self.model = model
         self.vision, self.text = model.vision_model, model.text_model
         layer = getattr(importlib.import_module(self.modeling), self.layer_class)
-        odd = sorted({type(m).__name__ for tower in (self.vision, self.text) for m in tower.encoder.layers
-                      if type(m) is not layer})
+        odd = sorted({type(m).__name__ for m in self.vision.encoder.layers if type(m) is not layer})
         if odd:
-            raise NotImplementedError(f"{type(model).__name__} has {', '.join(odd)} layers; the trace re-runs "
-                                      f"{self.layer_class} layers")
+            raise NotImplementedError(f"{type(model).__name__}'s vision tower has {', '.join(odd)} layers; the "
+                                      f"trace re-runs {self.layer_class} layers")
         config = model.config.vision_config
         self.image_size = int(config.image_size)
         side = self.image_size // config.patch_size
         self.grid_size = (side, side)
-        self.mean_tensor, self.std_tensor = torch.tensor(self.mean), torch.tensor(self.std)
+        self.mean, self.std = torch.tensor(self.image_mean), torch.tensor(self.image_std)
         self.text_context_length = self.text.embeddings.position_embedding.num_embeddings
         pad = model.config.text_config.pad_token_id
         self.text_pad_id = 0 if pad is None else int(pad)
@@ -104,7 +103,7 @@ class HfBackbone(Backbone):
         return len(self.vision.encoder.layers)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return normalize_images(images, self.mean_tensor, self.std_tensor, self.dtype)
+        return normalize_images(images, self.mean, self.std, self.dtype)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised embeddings of [0,1] images (the model's own forward)."""

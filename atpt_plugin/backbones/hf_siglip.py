@@ -26,7 +26,7 @@ class HfSiglipBackbone(HfBackbone):
     model_classes = ("SiglipModel", "Siglip2Model")
     modeling = "transformers.models.siglip.modeling_siglip"
     layer_class = "SiglipEncoderLayer"
-    mean = std = (0.5, 0.5, 0.5)
+    image_mean = image_std = (0.5, 0.5, 0.5)
     num_prefix_tokens = 0
     text_causal = False
 
