@@ -275,8 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="run adapters on a test set, clean and under attack",
                              epilog=EPILOG_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("--model", default=DEMO_MODEL,
-                    help="open_clip model name (ViT-B-16, RN50, ...), a model config .json, or fmnist-vit-tiny "
-                         "(also 'demo'; the default): the embedded Fashion-MNIST CLIP")
+                    help="open_clip model name (ViT-B-16, RN50, ...), a model config .json, fmnist-vit-tiny "
+                         "(also 'demo'; the default): the embedded Fashion-MNIST CLIP, or hf:<Hugging Face id or "
+                         "local folder> (a transformers CLIPModel or SiglipModel, e.g. hf:openai/clip-vit-base-patch16)")
     ev.add_argument("--pretrained", default=None,
                     help="pretrained tag (openai), a local state-dict file, or 'none' for random init (default: "
                          "the shipped weights for fmnist-vit-tiny, openai for other models)")

@@ -62,7 +62,7 @@ def explain_figure(tta, clean: torch.Tensor, adversarial: torch.Tensor, label: i
     views = tta.make_views(adversarial, generator)
     with torch.no_grad():
         features = tta.encode_views(views)  # as the adapter encodes them (its precision)
-        zero_shot = tta.backbone.logit_scale * features @ tta.zero_shot_text.t()
+        zero_shot = tta.backbone.logit_scale * features @ tta.zero_shot_text.t() + tta.backbone.logit_bias
         before = zero_shot[0].argmax().item()
         after = tta(adversarial.unsqueeze(0))[0].argmax().item()
     confident = select_confident(zero_shot, tta.config.n_confident)

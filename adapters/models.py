@@ -18,8 +18,8 @@ def create_model(name: str, pretrained: Optional[str], seed: int = 0):
     """(model, tokenizer, model name, pretrained as recorded) for an open_clip name or config.
 
     name: an open_clip model name (`open_clip.list_models()`, which includes the embedded
-    `fmnist-vit-tiny`, also called `demo`) or a path to a model config JSON (its file stem
-    becomes the name). pretrained: a tag ("openai"), a path to a state dict, "none" for
+    `fmnist-vit-tiny`, also called `demo`), a path to a model config JSON (its file stem
+    becomes the name), or `hf:<Hugging Face id or folder>` (`hf_models.py`). pretrained: a tag ("openai"), a path to a state dict, "none" for
     random initialisation seeded with `seed`, or None for the model's default (the shipped
     weights of the embedded model, "openai" for the others).
     """
@@ -30,6 +30,10 @@ def create_model(name: str, pretrained: Optional[str], seed: int = 0):
 
     from atpt_plugin.registry import unknown_name
 
+    from .hf_models import HF_PREFIX, create_hf_model
+
+    if name.startswith(HF_PREFIX):
+        return create_hf_model(name[len(HF_PREFIX):], pretrained, seed)
     if name in (DEMO_MODEL, MODEL_NAME):
         name = MODEL_NAME
         if pretrained in (None, ""):

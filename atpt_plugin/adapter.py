@@ -64,7 +64,7 @@ class TestTimeAdapter(EpisodicAdapter):
 
     def explanation_score(self):
         """S = top-1 logit under the initial prompt (never a tuned one: no stale prompt)."""
-        return top1_logit_score(self.zero_shot_text, self.backbone.logit_scale)
+        return top1_logit_score(self.zero_shot_text, self.backbone.logit_scale, self.backbone.logit_bias)
 
     def adapt_images(self, images: torch.Tensor, track_input: bool = False) -> torch.Tensor:
         """(B, C) logits, `image_batch` images at a time. Each image keeps its own views,
@@ -97,16 +97,17 @@ class TestTimeAdapter(EpisodicAdapter):
     def aggregate(self, views: torch.Tensor, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """One prediction from the views' features under the tuned text features (every
         aggregator stays differentiable w.r.t. the features when they carry gradients)."""
-        scale = self.backbone.logit_scale
-        zero_shot_logits = scale * features @ self.zero_shot_text.t()
+        scale, bias = self.backbone.logit_scale, self.backbone.logit_bias
+        zero_shot_logits = scale * features @ self.zero_shot_text.t() + bias
         predictions = ViewPredictions(
-            logits=scale * features @ text.t(),
+            logits=scale * features @ text.t() + bias,
             features=features,
             confident=select_confident(zero_shot_logits.detach(), self.config.n_confident),
             view_maps=lambda indices: self.explain(views[indices].detach()),
             zero_shot_logits=zero_shot_logits,
             text_features=text,
             logit_scale=scale,
+            logit_bias=bias,
         )
         return self.aggregator(predictions)
 
@@ -121,14 +122,14 @@ class TestTimeAdapter(EpisodicAdapter):
         `features`, for adaptive attacks (one image: BPDA's step scale is per context).
         """
         config = self.config
-        scale = self.backbone.logit_scale
+        scale, bias = self.backbone.logit_scale, self.backbone.logit_bias
         objective = self.objective
         batched = features.dim() == 3
         features = features if batched else features.unsqueeze(0)
         initial = self.prompt.initial_context.float().expand(len(features), -1, -1)
 
         def loss(contexts):
-            logits = scale * features @ self.prompt.text_features(contexts).transpose(1, 2)
+            logits = scale * features @ self.prompt.text_features(contexts).transpose(1, 2) + bias
             return sum(objective(image_logits[select_confident(image_logits.detach(), config.n_confident)])
                        for image_logits in logits)
 

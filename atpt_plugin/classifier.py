@@ -37,7 +37,8 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .aggregators import ViewPredictions
-from .backbones.timm_vit import TimmVitBackbone, is_timm_model, timm_backbone, top1_class_score
+from .backbones.timm_common import is_timm_model, timm_backbone, top1_class_score
+from .backbones.timm_vit import TimmVitBackbone
 from .config import AdapterConfig
 from .episodic import EpisodicAdapter
 from .objectives import select_confident

@@ -1,8 +1,10 @@
 """CoOp-style prompt: [SOS] ctx_1..ctx_n classname "." [EOS], only the context is learnable.
 
-Token embeddings around the context are frozen and computed once. The text transformer
-is causal, so the sequence is cut after the longest EOT position without changing any
-feature (tested), which makes every text pass cheaper.
+Token embeddings around the context are frozen and computed once. The family's text side
+(`backbones/base.py`) says how the model reads a prompt: its tokenizer's layout, where the
+feature is pooled, whether the mask is causal. A causal tower's sequence is cut after the
+longest pooled (EOS) position without changing any feature (tested), which makes every text
+pass cheaper; a bidirectional one (SigLIP) keeps its fixed, padded length.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .backbones.openclip import OpenClipBackbone
+from .backbones.base import Backbone
 
 CONTEXT_PLACEHOLDER = "X"
 
@@ -35,64 +37,52 @@ def check_classnames(classnames) -> list:
     return [n.strip() for n in names]
 
 
+def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    differs = (a != b).nonzero()
+    return int(differs[0]) if len(differs) else len(a)
+
+
+def context_span(backbone: Backbone, tokenizer, context_text: str, ids: torch.Tensor):
+    """(start, end) of the context tokens in every prompt of `ids`: after the tokenizer's leading
+    special tokens (what an empty text starts with), as long as the context phrase alone."""
+    empty, phrase = backbone.tokenize(tokenizer, ["", context_text])
+    start, end = _common_prefix(empty, ids[0]), _common_prefix(phrase, ids[0])
+    if end <= start or not (ids[:, start:end] == phrase[start:end]).all():
+        raise ValueError(f"the context {context_text!r} is not tokenised the same way at the start of every "
+                         "class prompt; use another ctx_init")
+    return start, end
+
+
 class PromptLearner(nn.Module):
     """Frozen pieces of the class prompts; `text_features(ctx)` runs the text tower."""
 
-    def __init__(self, backbone: OpenClipBackbone, classnames: Sequence[str], tokenizer,
+    def __init__(self, backbone: Backbone, classnames: Sequence[str], tokenizer,
                  context_phrase: Optional[str], n_ctx: int, generator: torch.Generator):
         super().__init__()
         self.backbone = backbone
-        tower = backbone.text_tower
-        pool_type = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
-        if pool_type != "argmax" or getattr(tower, "cls_emb", None) is not None:
-            raise NotImplementedError(
-                f"text pooling {pool_type!r} is not supported; prompt tuning needs an "
-                "EOT-pooled (argmax) text tower such as OpenAI CLIP's")
         names = check_classnames(classnames)
-        if context_phrase is not None:
-            n_ctx = self._count_tokens(tokenizer, context_phrase)
-            context_text = context_phrase
-        else:
-            context_text = " ".join([CONTEXT_PLACEHOLDER] * n_ctx)
-        texts = [f"{context_text} {name}." for name in names]
-        self._check_fits(tokenizer, texts, tower)
-        tokens = tokenizer(texts)
-        eot = tokens.argmax(dim=-1)
-        tokens = tokens[:, : int(eot.max()) + 1]
+        context_text = context_phrase if context_phrase is not None else " ".join([CONTEXT_PLACEHOLDER] * n_ctx)
+        tokens = backbone.tokenize(tokenizer, [f"{context_text} {name}." for name in names])
+        start, end = context_span(backbone, tokenizer, context_text, tokens)
+        if context_phrase is None and end - start != n_ctx:
+            raise ValueError(f"the placeholder context {context_text!r} is {end - start} tokens for this "
+                             f"tokenizer, not n_ctx={n_ctx}; set ctx_init to a phrase instead")
+        pool = backbone.text_pool_index(tokens)
+        if backbone.text_causal:
+            tokens = tokens[:, : int(pool.max()) + 1]
         device = backbone.device
         with torch.no_grad():
-            embedded = tower.token_embedding(tokens.to(device))
-        self.n_ctx = n_ctx
+            embedded = backbone.token_embedding(tokens.to(device))
+        self.n_ctx = end - start
         self.classnames = names
-        self.register_buffer("prefix", embedded[:, :1].clone(), persistent=False)
-        self.register_buffer("suffix", embedded[:, 1 + n_ctx:].clone(), persistent=False)
-        self.register_buffer("eot", eot.to(device), persistent=False)
+        self.register_buffer("prefix", embedded[:, :start].clone(), persistent=False)
+        self.register_buffer("suffix", embedded[:, end:].clone(), persistent=False)
+        self.register_buffer("pool", pool.to(device), persistent=False)
         if context_phrase is not None:
-            initial = embedded[0, 1:1 + n_ctx].clone()
+            initial = embedded[0, start:end].clone()
         else:
             initial = torch.randn(n_ctx, embedded.shape[-1], generator=generator) * 0.02
         self.register_buffer("initial_context", initial.to(device, embedded.dtype), persistent=False)
-
-    @staticmethod
-    def _count_tokens(tokenizer, phrase: str) -> int:
-        ids = tokenizer([phrase])[0]
-        return int((ids != 0).sum()) - 2  # without SOT and EOT
-
-    @staticmethod
-    def _check_fits(tokenizer, texts, tower):
-        limit = getattr(tokenizer, "context_length", None) or tokenizer([texts[0]]).shape[1]
-        model_limit = tower.positional_embedding.shape[0]
-        if hasattr(tokenizer, "encode"):
-            lengths = [len(tokenizer.encode(t)) + 2 for t in texts]
-            longest = max(range(len(texts)), key=lengths.__getitem__)
-            if lengths[longest] > min(limit, model_limit):
-                raise ValueError(
-                    f"the prompt {texts[longest]!r} needs {lengths[longest]} tokens but the "
-                    f"tokenizer/model context holds {min(limit, model_limit)}; shorten the class "
-                    "name or ctx_init, or use a tokenizer with a longer context_length")
-        if limit > model_limit:
-            raise ValueError(f"tokenizer context_length {limit} exceeds the text model's "
-                             f"{model_limit}; use open_clip.get_tokenizer(<the model's name>)")
 
     def text_features(self, context: torch.Tensor) -> torch.Tensor:
         """(C, E) L2-normalised class features for the context (n_ctx, D); (B, C, E) for B
@@ -103,9 +93,6 @@ class PromptLearner(nn.Module):
             [self.prefix.expand(batch, -1, -1, -1),
              contexts.to(self.prefix.dtype).unsqueeze(1).expand(-1, count, -1, -1),
              self.suffix.expand(batch, -1, -1, -1)], dim=2).flatten(0, 1)
-        mask = self.backbone.text_tower.attn_mask
-        length = embeddings.shape[1]
-        mask = mask[:length, :length] if mask is not None else None
-        features = self.backbone.encode_text_embeddings(embeddings, self.eot.repeat(batch), mask)
+        features = self.backbone.encode_text_embeddings(embeddings, self.pool.repeat(batch))
         features = features.unflatten(0, (batch, count))
         return features[0] if context.dim() == 2 else features

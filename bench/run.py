@@ -79,16 +79,16 @@ def run_adapter(cls, model, tokenizer, name, views, images, sampler, **overrides
 
 def text_pass(tta: TestTimeAdapter) -> dict:
     """One pass of all class prompts: cut after the longest EOT (ours) against the full context."""
-    prompt, tower = tta.prompt, tta.backbone.text_tower
+    prompt, backbone = tta.prompt, tta.backbone
     embeddings = torch.cat([prompt.prefix, prompt.initial_context.expand(len(prompt.prefix), -1, -1),
                             prompt.suffix], dim=1)
-    full_length = tower.positional_embedding.shape[0]
-    padding = tower.token_embedding(torch.zeros(full_length - embeddings.shape[1], dtype=torch.long,
-                                                device=embeddings.device))
+    full_length = backbone.text_context_length
+    padding = backbone.token_embedding(torch.full((full_length - embeddings.shape[1],), backbone.text_pad_id,
+                                                  dtype=torch.long, device=embeddings.device))
     full = torch.cat([embeddings, padding.expand(len(embeddings), -1, -1)], dim=1)
     with torch.no_grad():
         cut_s = timed(lambda: prompt.text_features(prompt.initial_context), repeat=5)
-        full_s = timed(lambda: tta.backbone.encode_text_embeddings(full, prompt.eot, tower.attn_mask), repeat=5)
+        full_s = timed(lambda: backbone.encode_text_embeddings(full, prompt.pool), repeat=5)
     return {"tokens_cut": embeddings.shape[1], "tokens_full": full_length, "cut_s": cut_s, "full_s": full_s}
 
 

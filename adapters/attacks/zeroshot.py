@@ -44,4 +44,4 @@ class ZeroShotClassifier(nn.Module):
         images = check_images(images).to(self.backbone.device)
         views = center_view(images, self.backbone.image_size)
         features = self.backbone.encode_image(views)
-        return self.backbone.logit_scale * features @ self.text_features.t()
+        return self.backbone.logit_scale * features @ self.text_features.t() + self.backbone.logit_bias

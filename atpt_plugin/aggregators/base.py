@@ -27,6 +27,7 @@ class ViewPredictions:
     zero_shot_logits: Optional[torch.Tensor] = None    # (K, C) under the initial prompt
     text_features: Optional[torch.Tensor] = None       # (C, E) of the tuned prompt (CLIP only)
     logit_scale: Optional[torch.Tensor] = None          # (CLIP only)
+    logit_bias: Union[float, torch.Tensor] = 0.0        # (CLIP only: SigLIP's learnt bias)
 
 
 class Aggregator(Component, ABC):

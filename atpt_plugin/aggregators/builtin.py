@@ -155,4 +155,4 @@ class MTAAggregator(Aggregator):
 
     def __call__(self, views: ViewPredictions) -> torch.Tensor:
         mode = mta_mode(views.features, torch.softmax(views.zero_shot_logits.float(), dim=-1))
-        return views.logit_scale * mode.float() @ views.text_features.t()
+        return views.logit_scale * mode.float() @ views.text_features.t() + views.logit_bias

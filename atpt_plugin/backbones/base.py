@@ -7,20 +7,36 @@ a plugin can take over a family, then the built-ins in registration order.
 
 What every backbone gives (the loop and the explainers need nothing else):
 - `image_size` (side of the square views), `device`, `dtype`, `normalize([0,1] images)`;
-- `kind`: "vit" (token transformer, traced for the rollouts) or "resnet" (a feature map
-  for Grad-CAM), and `default_explainer`, the explainer `explainer="auto"` picks;
+- `kind`: "vit" (token transformer, traced for the rollouts), "resnet" (a feature map
+  for Grad-CAM) or "none" (a tower no explainer reads: `unexplained` says why; the
+  adapters without an explainer still run), and `default_explainer`, the explainer
+  `explainer="auto"` picks;
 - `encode_image(images) -> (N, E)` L2-normalised embeddings (CLIP towers);
 - `trace(images, first_block) -> VitTrace` ("vit") or `trace_resnet(images) -> (pooled,
   feature map)` ("resnet"), activations in the autograd graph;
-- `has_text`: True for CLIP models, whose text side (`logit_scale`, `text_tower`,
-  `encode_text_embeddings`) the prompt learner drives; False for image classifiers.
+- `has_text`: True for CLIP models, False for image classifiers.
+
+The text side of a CLIP backbone (`has_text`), which the prompt learner drives without
+knowing the family:
+- `logit_scale` and `logit_bias` (0 for CLIP, SigLIP's learnt bias): logits are
+  `logit_scale * cos + logit_bias`;
+- `tokenize(tokenizer, texts) -> (N, text_context_length)` ids as the model reads them
+  (open_clip-style tokenizers returning a tensor, or `transformers` tokenizers returning
+  `input_ids`; right-padded with `text_pad_id`);
+- `text_pool_index(ids) -> (N,)` the position whose final state is the text feature (CLIP's
+  EOS, SigLIP's last position), and `text_causal`: with a causal mask every token after the
+  last pooled one can be cut without changing a feature;
+- `token_embedding(ids) -> (N, L, D)` word embeddings, and `encode_text_embeddings(embeddings,
+  pool_index) -> (N, E)` L2-normalised features from word embeddings (positions, mask, blocks,
+  final norm, pooling and projection as the model's own text forward).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..registry import Registry
@@ -32,8 +48,13 @@ class Backbone:
     """Base class of the model-family adapters (see the module docstring for the contract)."""
 
     kind: str = "vit"
+    unexplained: Optional[str] = None
     has_text: bool = False
     image_size: int
+    logit_bias = 0.0
+    text_causal: bool = True
+    text_context_length: int
+    text_pad_id: int = 0
 
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
@@ -44,6 +65,12 @@ class Backbone:
     @property
     def default_explainer(self) -> str:
         return "token_grad_rollout" if self.kind == "vit" else "gradcam"
+
+    def tokenize(self, tokenizer, texts) -> torch.Tensor:
+        """Padded with the tokenizer's own pad token where it names one (what the model was fed)."""
+        from .text import token_ids
+        pad = getattr(tokenizer, "pad_token_id", None)
+        return token_ids(tokenizer, texts, self.text_context_length, self.text_pad_id if pad is None else pad)
 
 
 def detect(model: nn.Module, has_text: bool, **options) -> Backbone:
@@ -86,22 +113,64 @@ class VitTrace:
     num_prefix_tokens: int
     grid_size: Tuple[int, int]
     # (N, L) or (L,) weights of the token rows the pooled output reads (avg/max pooling,
-    # distillation token); None: the class token's row 0 alone
+    # distillation token, an attention-pooling query); None: the class token's row 0 alone
     query_weights: Optional[torch.Tensor] = None
 
 
-def run_blocks(blocks, x: torch.Tensor, first_block: int, traced_step):
+def run_blocks(blocks, x: torch.Tensor, first_block: int, traced_step, plain_step=None):
     """Blocks before `first_block` without autograd; from there `traced_step(block, x) ->
     (x, BlockRecord)` with the input of `first_block` a fresh leaf, so a backward from the
-    output stops there (the explainer never needs earlier activations)."""
+    output stops there (the explainer never needs earlier activations). `plain_step(block, x)`
+    runs an untraced block (default `block(x)`)."""
     records = []
     for index, block in enumerate(blocks):
         if index < first_block:
             with torch.no_grad():
-                x = block(x)
+                x = plain_step(block, x) if plain_step is not None else block(x)
             continue
         if index == first_block:
             x = x.detach().requires_grad_(True)
         x, record = traced_step(block, x)
         records.append(record)
     return x, records
+
+
+# tracing helpers shared by the families ---------------------------------------------------
+# The libraries compute attention with fused kernels that never return probabilities, so the
+# traces re-run each block with the model's own submodules and these explicit attentions.
+
+def softmax_attention(scores: torch.Tensor, values: torch.Tensor):
+    """(N, heads, Lq, Lk) scores, (N, heads, Lk, d) values -> ((N, Lq, heads*d) output, probabilities)."""
+    probs = scores.softmax(dim=-1)
+    return (probs @ values).transpose(1, 2).flatten(2), probs
+
+
+def multihead_attention(attn: nn.MultiheadAttention, query: torch.Tensor, source: Optional[torch.Tensor] = None):
+    """A batch-first `nn.MultiheadAttention` with its probabilities: self-attention of `query`,
+    or `query` attending to `source` (an attention-pooling probe)."""
+    n, _, dim = query.shape
+    if source is None:
+        q, k, v = F.linear(query, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    else:
+        weight_q, weight_kv = attn.in_proj_weight.split([dim, 2 * dim])
+        bias_q, bias_kv = attn.in_proj_bias.split([dim, 2 * dim]) if attn.in_proj_bias is not None else (None, None)
+        q = F.linear(query, weight_q, bias_q)
+        k, v = F.linear(source, weight_kv, bias_kv).chunk(2, dim=-1)
+    heads = attn.num_heads
+    q, k, v = (t.reshape(n, -1, heads, dim // heads).transpose(1, 2) for t in (q, k, v))
+    out, probs = softmax_attention(q @ k.transpose(-2, -1) * (dim // heads) ** -0.5, v)
+    return attn.out_proj(out), probs
+
+
+def identity(x):
+    return x
+
+
+def pre_norm_step(x: torch.Tensor, norm1, attend: Callable, norm2, mlp, attn_out=identity, mlp_out=identity):
+    """A pre-norm block `x + attn_out(attend(norm1(x))); x + mlp_out(mlp(norm2(x)))`, recording
+    its input, the normed tokens the attention reads and the attention probabilities."""
+    normed = norm1(x)
+    attended, probs = attend(normed)
+    record = BlockRecord(tokens=x, normed=normed, attn=probs)
+    x = x + attn_out(attended)
+    return x + mlp_out(mlp(norm2(x))), record

@@ -1,45 +1,36 @@
-"""What the episodic loop needs from an open_clip CLIP image tower.
+"""What the episodic loop needs from an open_clip model (CLIP and CustomTextCLIP).
 
-open_clip 3.x computes attention with `nn.MultiheadAttention(need_weights=False)`, so the
-probabilities are never materialised. Rather than patching the library, `trace` re-runs
-the ViT block stack with the model's own submodules and an explicit attention, recording
-per block the input tokens, the tokens the attention reads (after `ln_1`) and the
-attention probabilities. `tests/test_backbones.py` checks that it reproduces
-`model.visual(x)` exactly.
+Image towers: open_clip's own ViT is traced here (open_clip 3.x computes attention with
+`nn.MultiheadAttention(need_weights=False)`, so `trace` re-runs the block stack with the
+model's own submodules and an explicit attention); a ModifiedResNet gives its last feature
+map to Grad-CAM; a timm trunk (`TimmModel`: SigLIP, EVA, ConvNeXt, timm ViTs) goes to the
+registered timm backbone that accepts it, with open_clip's projection head and normalisation
+on top. `tests/test_backbones.py` and `tests/test_families.py` check each against
+`model.encode_image`.
+
+Text towers: open_clip's `TextTransformer` as configured: causal with EOT (argmax) or EOS
+pooling (CLIP), or bidirectional with last-token pooling (SigLIP); `logit_bias` where the
+model has one (SigLIP).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import BACKBONES, Backbone, BlockRecord, VitTrace, normalize_images, run_blocks
-from .timm_vit import TimmVitBackbone
+from .base import BACKBONES, Backbone, VitTrace, detect, multihead_attention, normalize_images, pre_norm_step, run_blocks
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def _multihead_attention(attn: nn.MultiheadAttention, x: torch.Tensor):
-    """Self-attention of `attn` on batch-first `x`, returning output and probabilities."""
-    n, length, dim = x.shape
-    heads = attn.num_heads
-    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    q, k, v = (t.reshape(n, length, heads, dim // heads).transpose(1, 2) for t in (q, k, v))
-    probs = torch.softmax(q @ k.transpose(-2, -1) * (dim // heads) ** -0.5, dim=-1)
-    out = (probs @ v).transpose(1, 2).reshape(n, length, dim)
-    return attn.out_proj(out), probs
+TEXT_POOLS = ("argmax", "eos", "last")
 
 
 def _traced_block(block, x: torch.Tensor):
     """open_clip's ResidualAttentionBlock with the attention probabilities kept."""
-    normed = block.ln_1(x)
-    attended, probs = _multihead_attention(block.attn, normed)
-    record = BlockRecord(tokens=x, normed=normed, attn=probs)
-    x = x + block.ls_1(attended)
-    return x + block.ls_2(block.mlp(block.ln_2(x))), record
+    return pre_norm_step(x, block.ln_1, lambda normed: multihead_attention(block.attn, normed),
+                         block.ln_2, block.mlp, block.ls_1, block.ls_2)
 
 
 @BACKBONES.register("open_clip")
@@ -64,15 +55,19 @@ class OpenClipBackbone(Backbone):
                 f"{type(model).__name__}; for a timm image classifier wrap it with a timm backbone")
         self.model = model
         self.visual = model.visual
-        self.timm_tower = None
+        self.image_tower = None
         size = self.visual.image_size
         self.image_size = size if isinstance(size, int) else size[0]
         self.mean = torch.tensor(getattr(self.visual, "image_mean", None) or OPENAI_MEAN)
         self.std = torch.tensor(getattr(self.visual, "image_std", None) or OPENAI_STD)
         if isinstance(self.visual, TimmModel):
-            self.kind = "vit"  # traced through its timm trunk and open_clip's projection head
-            self.timm_tower = TimmVitBackbone(self.visual.trunk, self.image_size, self.visual.head,
-                                              self.mean, self.std)
+            # the trunk's own backbone, with open_clip's head: embedding = head(trunk.forward_head(features))
+            try:
+                self.image_tower = detect(self.visual.trunk, has_text=False, image_size=self.image_size,
+                                          projection=self.visual.head, mean=self.mean, std=self.std)
+                self.kind = self.image_tower.kind
+            except NotImplementedError as error:
+                self.kind, self.unexplained = "none", f"open_clip timm trunk: {error}"
         elif isinstance(self.visual, VisionTransformer):
             self.kind = "vit"
             unsupported = []
@@ -83,15 +78,16 @@ class OpenClipBackbone(Backbone):
             if not all(type(b) is ResidualAttentionBlock for b in self.visual.transformer.resblocks):
                 unsupported.append("custom attention blocks")
             if unsupported:
-                raise NotImplementedError(
+                self.kind, self.unexplained = "none", (
                     f"this open_clip ViT uses {', '.join(unsupported)}; the attention explainers "
                     "support class-token ViTs with standard blocks (e.g. ViT-B-16, ViT-B-32)")
         elif isinstance(self.visual, ModifiedResNet):
             self.kind = "resnet"
         else:
-            raise NotImplementedError(
-                f"open_clip image tower {type(self.visual).__name__} is not supported; "
-                "use a ViT (VisionTransformer), timm ViT (TimmModel) or ResNet (ModifiedResNet) tower")
+            self.kind, self.unexplained = "none", (
+                f"open_clip image tower {type(self.visual).__name__} cannot be explained; the explainers "
+                "read a ViT (VisionTransformer), timm trunk (TimmModel) or ResNet (ModifiedResNet) tower")
+        self._check_text_tower()
 
     @property
     def device(self) -> torch.device:
@@ -106,9 +102,14 @@ class OpenClipBackbone(Backbone):
         return self.model.logit_scale.detach().exp()
 
     @property
+    def logit_bias(self):
+        bias = getattr(self.model, "logit_bias", None)
+        return 0.0 if bias is None else bias.detach()
+
+    @property
     def num_blocks(self) -> int:
-        if self.timm_tower is not None:
-            return self.timm_tower.num_blocks
+        if self.image_tower is not None:
+            return self.image_tower.num_blocks
         return len(self.visual.transformer.resblocks) if self.kind == "vit" else 0
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -120,8 +121,10 @@ class OpenClipBackbone(Backbone):
 
     def trace(self, images: torch.Tensor, first_block: int = 0) -> VitTrace:
         """ViT forward recording blocks >= first_block; earlier blocks run without autograd."""
-        if self.timm_tower is not None:
-            return self.timm_tower.trace(images, first_block)
+        if self.kind != "vit":
+            raise NotImplementedError(self.unexplained or "a ResNet tower has no attention to trace; use Grad-CAM")
+        if self.image_tower is not None:
+            return self.image_tower.trace(images, first_block)
         visual = self.visual
         with torch.no_grad():
             x = visual._embeds(self.normalize(images))
@@ -132,7 +135,11 @@ class OpenClipBackbone(Backbone):
         return VitTrace(pooled.float(), records, 1, tuple(visual.grid_size))
 
     def trace_resnet(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(embedding, last-stage feature map) of a ModifiedResNet, map in the graph."""
+        """(embedding, last-stage feature map) of a ModifiedResNet or timm conv trunk, map in the graph."""
+        if self.kind != "resnet":
+            raise NotImplementedError(self.unexplained or "a ViT tower has no feature map; use an attention rollout")
+        if self.image_tower is not None:
+            return self.image_tower.trace_resnet(images)
         visual = self.visual
         with torch.no_grad():
             x = visual.stem(self.normalize(images))
@@ -146,15 +153,49 @@ class OpenClipBackbone(Backbone):
         """CLIP keeps the text modules on the model, CustomTextCLIP under `.text`."""
         return getattr(self.model, "text", self.model)
 
-    def encode_text_embeddings(self, embeddings: torch.Tensor, eot: torch.Tensor,
-                               attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _check_text_tower(self):
+        tower = self.text_tower
+        if not hasattr(tower, "token_embedding"):
+            raise NotImplementedError(
+                f"open_clip text tower {type(tower).__name__} (a Hugging Face text encoder) is not supported; "
+                "prompt tuning drives open_clip's TextTransformer (CLIP, SigLIP, EVA-CLIP text towers)")
+        self.text_pool_type = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
+        unsupported = []
+        if self.text_pool_type not in TEXT_POOLS:
+            unsupported.append(f"text pooling {self.text_pool_type!r}")
+        if getattr(tower, "cls_emb", None) is not None:
+            unsupported.append("a text class token (CoCa)")
+        if getattr(tower, "use_pad_mask", False):
+            unsupported.append("padding masks")
+        if unsupported:
+            raise NotImplementedError(
+                f"this open_clip text tower uses {', '.join(unsupported)}; prompt tuning supports EOT/EOS-pooled "
+                "causal towers (CLIP) and last-token bidirectional ones (SigLIP)")
+        self.text_causal = tower.attn_mask is not None
+        self.text_context_length = tower.positional_embedding.shape[0]
+        self.text_pad_id = getattr(tower, "pad_id", 0)
+        self.text_eos_id = getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
+
+    def token_embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text_tower.token_embedding(ids)
+
+    def text_pool_index(self, ids: torch.Tensor) -> torch.Tensor:
+        """Where `text_global_pool` reads each prompt: EOT (highest id), first EOS, or the last position."""
+        if self.text_pool_type == "argmax":
+            return ids.argmax(dim=-1)
+        if self.text_pool_type == "eos":
+            return (ids == self.text_eos_id).int().argmax(dim=-1)
+        return torch.full((len(ids),), ids.shape[1] - 1, dtype=torch.long)
+
+    def encode_text_embeddings(self, embeddings: torch.Tensor, pool_index: torch.Tensor) -> torch.Tensor:
         """L2-normalised text features from token embeddings (prompt already spliced in)."""
         tower = self.text_tower
         length = embeddings.shape[1]
+        mask = tower.attn_mask[:length, :length] if tower.attn_mask is not None else None
         x = embeddings + tower.positional_embedding[:length].to(embeddings.dtype)
-        x = tower.transformer(x, attn_mask=attn_mask)
+        x = tower.transformer(x, attn_mask=mask)
         x = tower.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot]
+        x = x[torch.arange(x.shape[0], device=x.device), pool_index]
         projection = tower.text_projection
         if projection is not None:
             x = projection(x) if isinstance(projection, nn.Linear) else x @ projection

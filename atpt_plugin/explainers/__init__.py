@@ -15,6 +15,9 @@ def build_explainer(config, backbone, spec=None) -> Explainer:
     if spec == AUTO:
         spec = backbone.default_explainer
     explainer = resolve(EXPLAINERS, spec, config)
+    if backbone.unexplained:
+        raise NotImplementedError(f"{backbone.unexplained}. Adapters that need no explainer (zeroshot, tpt, "
+                                  "tpt_ens, rtpt, mta) still run on this model")
     if backbone.kind not in explainer.supports:
         raise ValueError(f"explainer {spec!r} needs a {'/'.join(explainer.supports)} image tower, "
                          f"this model has a {backbone.kind} tower; use explainer='auto'")

@@ -37,14 +37,15 @@ class Explainer(Component, ABC):
         ...
 
 
-def top1_logit_score(text_features: torch.Tensor, logit_scale: torch.Tensor) -> Score:
-    """S(x) = sum over the batch of each image's top-1 logit under fixed text features.
+def top1_logit_score(text_features: torch.Tensor, logit_scale: torch.Tensor, logit_bias=0.0) -> Score:
+    """S(x) = sum over the batch of each image's top-1 logit under fixed text features
+    (`logit_scale * cos + logit_bias`, SigLIP's bias included).
 
     Images do not interact through a sum, so the batch gives every image its own gradient.
     """
     def score(embeddings: torch.Tensor) -> torch.Tensor:
         features = torch.nn.functional.normalize(embeddings, dim=-1)
-        return (logit_scale * features @ text_features.t()).max(dim=-1).values.sum()
+        return (logit_scale * features @ text_features.t() + logit_bias).max(dim=-1).values.sum()
     return score
 
 
