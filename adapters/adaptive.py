@@ -13,6 +13,7 @@ probably not working on that adapter and its number is not a robustness claim. S
 input gradient that is exactly zero (an output with no differentiable path to the image,
 or masked gradients): EOT-PGD cannot move there, and Square is the check to run.
 """
+
 from __future__ import annotations
 
 import time
@@ -34,8 +35,14 @@ CHECK_TEXT = {
 }
 
 
-def run_adaptive(spec: AttackSpec, adapter: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int,
-                 stats: Optional[AttackStats] = None) -> torch.Tensor:
+def run_adaptive(
+    spec: AttackSpec,
+    adapter: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    seed: int,
+    stats: Optional[AttackStats] = None,
+) -> torch.Tensor:
     """Adversarial versions of `images` made on `adapter` itself (adaptive `spec`), on its device.
 
     All randomness (random start, EOT view draws, Square's search) is seeded with `seed`
@@ -91,12 +98,18 @@ class SanityChecks:
             raise ValueError(f"sanity checks: near_zero must be in [0, 1), got {self.near_zero!r}")
 
     def to_dict(self) -> dict:
-        return {"n": self.n, "fraction": self.fraction, "large_eps": self.large_eps, "near_zero": self.near_zero,
-                "transfer_steps": self.transfer_steps}
+        return {
+            "n": self.n,
+            "fraction": self.fraction,
+            "large_eps": self.large_eps,
+            "near_zero": self.near_zero,
+            "transfer_steps": self.transfer_steps,
+        }
 
 
-def check_attacks(spec: AttackSpec, sanity: SanityChecks, backbone_kind: str = "vit",
-                  image_size: Optional[int] = None) -> Dict[str, AttackSpec]:
+def check_attacks(
+    spec: AttackSpec, sanity: SanityChecks, backbone_kind: str = "vit", image_size: Optional[int] = None
+) -> Dict[str, AttackSpec]:
     """{check name: the attack it runs} for an adaptive `spec` ({} for other attacks)."""
     if not spec.is_adaptive or sanity.n == 0:
         return {}
@@ -115,8 +128,13 @@ def check_attacks(spec: AttackSpec, sanity: SanityChecks, backbone_kind: str = "
     if large > spec.eps:
         scaled = {"alpha": p["alpha"] * large / spec.eps} if "alpha" in p else {}
         out["large_eps"] = spec.replace(eps=large, **scaled)
-    out["transfer"] = make_attack("pgd" if spec.norm == "Linf" else "pgdl2", eps=spec.eps,
-                                  steps=sanity.transfer_steps, backbone_kind=backbone_kind, image_size=image_size)
+    out["transfer"] = make_attack(
+        "pgd" if spec.norm == "Linf" else "pgdl2",
+        eps=spec.eps,
+        steps=sanity.transfer_steps,
+        backbone_kind=backbone_kind,
+        image_size=image_size,
+    )
     return out
 
 
@@ -135,13 +153,22 @@ def zero_gradient_warning(spec: AttackSpec, zero: int, backward: int, adapter: s
     """A warning when some of the attack's input gradients were exactly zero."""
     if not zero:
         return None
-    return (f"{adapter + ': ' if adapter else ''}{zero} of {backward} input gradients of {spec.name} were exactly "
-            "zero (the output has no differentiable path to the image, or its gradients are masked): the "
-            "attack could not move there and its number is not a robustness claim; check with --attack square.")
+    return (
+        f"{adapter + ': ' if adapter else ''}{zero} of {backward} input gradients of {spec.name} were exactly "
+        "zero (the output has no differentiable path to the image, or its gradients are masked): the "
+        "attack could not move there and its number is not a robustness claim; check with --attack square."
+    )
 
 
-def judge(spec: AttackSpec, variants: Dict[str, AttackSpec], sanity: SanityChecks, n: int, adv_correct: int,
-          variant_correct: Dict[str, int], adapter: str = "") -> Tuple[List[dict], List[str]]:
+def judge(
+    spec: AttackSpec,
+    variants: Dict[str, AttackSpec],
+    sanity: SanityChecks,
+    n: int,
+    adv_correct: int,
+    variant_correct: Dict[str, int],
+    adapter: str = "",
+) -> Tuple[List[dict], List[str]]:
     """(checks, warnings) of one adapter from counts on the n checked images.
 
     adv_correct: images the deployed adapter still classifies correctly under the attack;
@@ -161,13 +188,25 @@ def judge(spec: AttackSpec, variants: Dict[str, AttackSpec], sanity: SanityCheck
         else:
             passed = adv_correct <= correct
             measured = f"{adv_correct}/{n} correct under {spec.name} vs {correct}/{n} under " + (
-                variant if name != "transfer" else "the transfer attack")
+                variant if name != "transfer" else "the transfer attack"
+            )
         text = CHECK_TEXT[name].format(variant=variant, full=full, near_zero=sanity.near_zero)
-        checks.append({"check": name, "n": n, "adv_correct": adv_correct, "variant_correct": correct,
-                       "variant": variants[name].to_dict(), "passed": bool(passed), "expect": text,
-                       "measured": measured})
+        checks.append(
+            {
+                "check": name,
+                "n": n,
+                "adv_correct": adv_correct,
+                "variant_correct": correct,
+                "variant": variants[name].to_dict(),
+                "passed": bool(passed),
+                "expect": text,
+                "measured": measured,
+            }
+        )
         if not passed:
-            warnings.append(f"{adapter + ': ' if adapter else ''}sanity check '{name}' failed: expected {text}; "
-                            f"measured {measured}. The {spec.name} result may overstate robustness (the "
-                            "attack may not work on this adapter).")
+            warnings.append(
+                f"{adapter + ': ' if adapter else ''}sanity check '{name}' failed: expected {text}; "
+                f"measured {measured}. The {spec.name} result may overstate robustness (the "
+                "attack may not work on this adapter)."
+            )
     return checks, warnings

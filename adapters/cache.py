@@ -15,6 +15,7 @@ was made from, and a checksum of all of it with the adversarial tensor. On load:
 
 `root=None` keeps batches in memory only.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -103,11 +104,15 @@ class AdversarialCache:
         if stored is None:
             return None
         if stored["ids"] != ids:
-            raise CacheMismatchError(f"{path} holds images {stored['ids'][:3]}..., not {ids[:3]}...: "
-                                     "the dataset selection changed; delete the cache folder")
+            raise CacheMismatchError(
+                f"{path} holds images {stored['ids'][:3]}..., not {ids[:3]}...: "
+                "the dataset selection changed; delete the cache folder"
+            )
         if stored["clean_digest"] != clean_digest:
-            raise CacheMismatchError(f"{path} was made from other clean images than those on disk now "
-                                     f"(ids {ids[:3]}...): the image files changed; delete {self.directory}")
+            raise CacheMismatchError(
+                f"{path} was made from other clean images than those on disk now "
+                f"(ids {ids[:3]}...): the image files changed; delete {self.directory}"
+            )
         return stored["adversarial"]
 
     def save(self, start: int, ids: List[str], clean_digest: str, adversarial: torch.Tensor) -> None:
@@ -116,8 +121,16 @@ class AdversarialCache:
             return
         adversarial = adversarial.contiguous()
         buffer = io.BytesIO()
-        torch.save({"key": self.key, "ids": ids, "clean_digest": clean_digest, "adversarial": adversarial,
-                    "checksum": entry_checksum(self.key, ids, clean_digest, adversarial)}, buffer)
+        torch.save(
+            {
+                "key": self.key,
+                "ids": ids,
+                "clean_digest": clean_digest,
+                "adversarial": adversarial,
+                "checksum": entry_checksum(self.key, ids, clean_digest, adversarial),
+            },
+            buffer,
+        )
         atomic_write(self._path(start, len(ids)), buffer.getvalue())
 
 
@@ -137,11 +150,16 @@ def _read_entry(path: Path, key: Dict) -> Optional[dict]:
 
 def _entry_problem(stored, key: Dict) -> Optional[str]:
     fields = ("key", "ids", "clean_digest", "adversarial", "checksum")
-    if not isinstance(stored, dict) or any(field not in stored for field in fields) \
-            or not isinstance(stored["adversarial"], torch.Tensor) or not isinstance(stored["key"], dict):
+    if (
+        not isinstance(stored, dict)
+        or any(field not in stored for field in fields)
+        or not isinstance(stored["adversarial"], torch.Tensor)
+        or not isinstance(stored["key"], dict)
+    ):
         return "is not a checksummed cache entry (damaged, or made by an older version)"
-    if stored["checksum"] != entry_checksum(stored["key"], stored["ids"], stored["clean_digest"],
-                                            stored["adversarial"]):
+    if stored["checksum"] != entry_checksum(
+        stored["key"], stored["ids"], stored["clean_digest"], stored["adversarial"]
+    ):
         return "fails its checksum (damaged)"
     if stored["key"] != key:
         return f"was made for another key ({_changes(stored['key'], key)})"
@@ -150,8 +168,9 @@ def _entry_problem(stored, key: Dict) -> Optional[str]:
 
 def _changes(stored: Dict, wanted: Dict) -> str:
     keys = sorted(set(stored) | set(wanted))
-    return "; ".join(f"{k}: {stored.get(k)!r} (cached) vs {wanted.get(k)!r} (now)" for k in keys
-                     if stored.get(k) != wanted.get(k))
+    return "; ".join(
+        f"{k}: {stored.get(k)!r} (cached) vs {wanted.get(k)!r} (now)" for k in keys if stored.get(k) != wanted.get(k)
+    )
 
 
 def _difference(where: str, stored: Dict, wanted: Dict) -> str:

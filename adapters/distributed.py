@@ -1,4 +1,5 @@
 """Processes of a sharded run: rank, world size and the few collectives the loop needs."""
+
 from __future__ import annotations
 
 import datetime
@@ -17,6 +18,7 @@ class DistContext:
     def from_env(cls) -> "DistContext":
         """torchrun's RANK / WORLD_SIZE; a gloo group (CPU tensors only ever travel)."""
         import torch.distributed as dist
+
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
@@ -33,11 +35,13 @@ class DistContext:
     def barrier(self) -> None:
         if self.world > 1:
             import torch.distributed as dist
+
             dist.barrier()
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
             import torch.distributed as dist
+
             values = values.clone()
             dist.all_reduce(values)
         return values
@@ -46,6 +50,7 @@ class DistContext:
         if self.world == 1:
             return [obj]
         import torch.distributed as dist
+
         out = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
@@ -53,5 +58,6 @@ class DistContext:
     def close(self) -> None:
         if self.owns_group:
             import torch.distributed as dist
+
             dist.destroy_process_group()
             self.owns_group = False

@@ -9,6 +9,7 @@ weight, and the prediction before and after adaptation.
 of a clean image and of its adversarial version, and the rank correlation of the maps,
 for each explainer.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,16 +21,16 @@ from atpt_plugin.aggregators import total_variation_weights
 from atpt_plugin.augmenters.mixing import top_k_mask, upsample_maps
 from atpt_plugin.objectives import entropy, select_confident
 
-EXPLAINERS = {"token-gradient rollout (A-TPT)": "token_grad_rollout",
-              "gradient rollout (Chefer)": "grad_rollout"}
+EXPLAINERS = {"token-gradient rollout (A-TPT)": "token_grad_rollout", "gradient rollout (Chefer)": "grad_rollout"}
 
 
 def _ranks(values: torch.Tensor) -> torch.Tensor:
     return values.flatten(1).argsort(1).argsort(1).float()
 
 
-def attention_stability(tta, clean: torch.Tensor, adversarial: torch.Tensor,
-                        fraction: float = 0.2) -> Dict[str, Dict[str, float]]:
+def attention_stability(
+    tta, clean: torch.Tensor, adversarial: torch.Tensor, fraction: float = 0.2
+) -> Dict[str, Dict[str, float]]:
     """Per explainer: mean IoU of the top-`fraction` patch masks and mean Spearman correlation
     between each clean map and its adversarial map (1 = unchanged by the attack)."""
     results = {}
@@ -41,16 +42,18 @@ def attention_stability(tta, clean: torch.Tensor, adversarial: torch.Tensor,
         centred_before = ranks_before - ranks_before.mean(1, keepdim=True)
         centred_after = ranks_after - ranks_after.mean(1, keepdim=True)
         spearman = (centred_before * centred_after).sum(1) / (
-            centred_before.norm(dim=1) * centred_after.norm(dim=1)).clamp_min(1e-12)
-        results[title] = {"top_mask_iou": iou.mean().item(), "spearman": spearman.mean().item(),
-                          "images": len(clean)}
+            centred_before.norm(dim=1) * centred_after.norm(dim=1)
+        ).clamp_min(1e-12)
+        results[title] = {"top_mask_iou": iou.mean().item(), "spearman": spearman.mean().item(), "images": len(clean)}
     return results
 
 
-def explain_figure(tta, clean: torch.Tensor, adversarial: torch.Tensor, label: int, path,
-                   views_shown: int = 16) -> Path:
+def explain_figure(
+    tta, clean: torch.Tensor, adversarial: torch.Tensor, label: int, path, views_shown: int = 16
+) -> Path:
     """One PNG for one image: clean vs adversarial maps, mask, views with entropy and TV weight."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -67,8 +70,9 @@ def explain_figure(tta, clean: torch.Tensor, adversarial: torch.Tensor, label: i
         after = tta(adversarial.unsqueeze(0))[0].argmax().item()
     confident = select_confident(zero_shot, tta.config.n_confident)
     weights = torch.zeros(len(views))
-    weights[confident] = total_variation_weights(tta.explain(views[confident]), tta.config.tv_temperature,
-                                                 tta.config.tv_map_size).cpu()
+    weights[confident] = total_variation_weights(
+        tta.explain(views[confident]), tta.config.tv_temperature, tta.config.tv_map_size
+    ).cpu()
     view_entropy = entropy(zero_shot).cpu()
     mask = top_k_mask(upsample_maps(maps["token-gradient rollout (A-TPT)"][1:], size), tta.config.r)[0]
 
@@ -80,8 +84,12 @@ def explain_figure(tta, clean: torch.Tensor, adversarial: torch.Tensor, label: i
 
     def show(cell, image, title, cmap=None):
         axis = figure.add_subplot(cell)
-        axis.imshow(image.detach().cpu().permute(1, 2, 0).numpy() if image.dim() == 3 else image.cpu().numpy(),
-                    cmap=cmap, vmin=0, vmax=1)
+        axis.imshow(
+            image.detach().cpu().permute(1, 2, 0).numpy() if image.dim() == 3 else image.cpu().numpy(),
+            cmap=cmap,
+            vmin=0,
+            vmax=1,
+        )
         axis.set_title(title, fontsize=8)
         axis.axis("off")
 
@@ -94,10 +102,15 @@ def explain_figure(tta, clean: torch.Tensor, adversarial: torch.Tensor, label: i
     verdict = "correct" if after == label else "wrong"
     axis = figure.add_subplot(grid[1, 2:8])
     axis.axis("off")
-    axis.text(0, 0.5, f"before adaptation (zero-shot on the adversarial image): {names[before]}\n"
-                      f"after {tta.name}: {names[after]} ({verdict}; true: {names[label]})\n"
-                      f"{len(views)} views; the {len(confident)} confident ones (lowest entropy H) first, with their TV weights",
-              fontsize=11, va="center")
+    axis.text(
+        0,
+        0.5,
+        f"before adaptation (zero-shot on the adversarial image): {names[before]}\n"
+        f"after {tta.name}: {names[after]} ({verdict}; true: {names[label]})\n"
+        f"{len(views)} views; the {len(confident)} confident ones (lowest entropy H) first, with their TV weights",
+        fontsize=11,
+        va="center",
+    )
     others = [i for i in range(len(views)) if i not in set(confident.tolist())]
     order = confident.tolist() + others  # the confident views first
     for slot, index in enumerate(order[:shown]):
@@ -115,8 +128,8 @@ def explain_figure(tta, clean: torch.Tensor, adversarial: torch.Tensor, label: i
 def _attacked(tta, images: torch.Tensor, labels: torch.Tensor, eps: float, steps: int, seed: int) -> torch.Tensor:
     """The paper's transfer attack (PGD on zero-shot CLIP) on `images`."""
     from .attacks import ZeroShotClassifier, make_attack, run_attack
-    spec = make_attack("pgd", eps=eps, steps=steps, backbone_kind=tta.backbone.kind,
-                       image_size=tta.backbone.image_size)
+
+    spec = make_attack("pgd", eps=eps, steps=steps, backbone_kind=tta.backbone.kind, image_size=tta.backbone.image_size)
     return run_attack(spec, ZeroShotClassifier.from_adapter(tta), images, labels, seed)
 
 
@@ -150,7 +163,7 @@ def run_stability(args) -> int:
     from .attacks import parse_eps
 
     tta, images, labels = _demo_inputs(args)
-    images, labels = images[:args.n_examples], labels[:args.n_examples]
+    images, labels = images[: args.n_examples], labels[: args.n_examples]
     adversarial = _attacked(tta, images, labels, parse_eps(args.eps), args.steps, args.seed)
     results = attention_stability(tta, images, adversarial)
     print("| explainer | top-20% mask IoU (clean vs adversarial) | Spearman rank correlation |")

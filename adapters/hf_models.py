@@ -5,6 +5,7 @@ tokenizer, offline from a local folder (`save_pretrained` of both) or the Huggin
 random init from the model's config, seeded like open_clip models. Missing weights give the
 same `PretrainedUnavailable` error, with the fix, as open_clip models do.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,14 +27,18 @@ def create_hf_model(spec: str, pretrained: Optional[str], seed: int = 0):
     from .models import PretrainedUnavailable
 
     if pretrained not in RANDOM + WITH_WEIGHTS:
-        raise ValueError(f"--model hf:{spec} brings its own weights: leave --pretrained at its default, or pass "
-                         f"'none' for a random init from its config (got {pretrained!r})")
+        raise ValueError(
+            f"--model hf:{spec} brings its own weights: leave --pretrained at its default, or pass "
+            f"'none' for a random init from its config (got {pretrained!r})"
+        )
     local = Path(spec).expanduser()
     if local.is_dir():
         source = str(local.resolve())
     elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise FileNotFoundError(f"--model hf:{spec}: no such folder (a local model is a folder written by "
-                                "save_pretrained of the model and its tokenizer)")
+        raise FileNotFoundError(
+            f"--model hf:{spec}: no such folder (a local model is a folder written by "
+            "save_pretrained of the model and its tokenizer)"
+        )
     else:
         source = spec
     try:
@@ -50,10 +55,13 @@ def create_hf_model(spec: str, pretrained: Optional[str], seed: int = 0):
             f"the Hugging Face model {spec!r} could not be loaded ({why}): {error}\n"
             f"Fetch it on a machine with internet access (transformers.AutoModel.from_pretrained({spec!r}) and "
             "AutoTokenizer.from_pretrained fill the Hugging Face cache; copy ~/.cache/huggingface over), or "
-            "save both with save_pretrained into a folder and pass --model hf:/path/to/folder") from None
+            "save both with save_pretrained into a folder and pass --model hf:/path/to/folder"
+        ) from None
     try:
         detect(model, has_text=True)
     except TypeError:
-        raise ValueError(f"--model hf:{spec} is a {type(model).__name__}; atpt eval takes Hugging Face CLIPModel "
-                         "or SiglipModel checkpoints") from None
+        raise ValueError(
+            f"--model hf:{spec} is a {type(model).__name__}; atpt eval takes Hugging Face CLIPModel "
+            "or SiglipModel checkpoints"
+        ) from None
     return model.eval(), tokenizer, f"{HF_PREFIX}{spec}", "none" if pretrained in RANDOM else source

@@ -6,13 +6,22 @@ its own fragility: which attacks were run, whether any targeted the defence itse
 the worst case over them. These fields go into the entry's `test_time_defence` block and
 a top-level `worst_case_acc`; `leaderboard_markdown` sorts adapters by the worst case.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
 
-DEFENCE_FIELDS = ("views_per_image", "tuning_steps", "image_forward_passes_per_image",
-                  "explained_images_per_image", "seconds_per_image", "device", "attacks", "accuracy",
-                  "transfer_only")
+DEFENCE_FIELDS = (
+    "views_per_image",
+    "tuning_steps",
+    "image_forward_passes_per_image",
+    "explained_images_per_image",
+    "seconds_per_image",
+    "device",
+    "attacks",
+    "accuracy",
+    "transfer_only",
+)
 
 
 def explained_images(config: Dict[str, object]) -> Optional[int]:
@@ -28,8 +37,9 @@ def explained_images(config: Dict[str, object]) -> Optional[int]:
     return bases + maps
 
 
-def defence_block(config: Dict[str, object], row: dict, device: str, attacks: Sequence[dict],
-                  accuracy: Dict[str, object]) -> dict:
+def defence_block(
+    config: Dict[str, object], row: dict, device: str, attacks: Sequence[dict], accuracy: Dict[str, object]
+) -> dict:
     """The `test_time_defence` block of one adapter's entry.
 
     attacks: [{"attack": label, "kind": "transfer"|"adaptive", "params": {...}}];
@@ -59,10 +69,13 @@ def leaderboard_markdown(rows: Sequence[dict], caption: str = "") -> str:
     ordered = sorted(rows, key=lambda r: (-(r.get("worst_case_acc") or 0), -(r.get("clean_acc") or 0)))
     lines: List[str] = ([caption, ""] if caption else []) + [
         "| rank | adapter | worst case (%) | clean (%) | image passes / image | seconds / image |",
-        "|---:|---|---:|---:|---:|---:|"]
+        "|---:|---|---:|---:|---:|---:|",
+    ]
     for rank, row in enumerate(ordered, 1):
         passes, seconds = row.get("image_passes_per_image"), row.get("seconds_per_image")
-        lines.append(f"| {rank} | {row['adapter']} | {percent(row.get('worst_case_acc')) or '-'} | "
-                     f"{percent(row.get('clean_acc')) or '-'} | {'-' if passes is None else f'{passes:.0f}'} | "
-                     f"{'-' if seconds is None else f'{seconds:.3g}'} |")
+        lines.append(
+            f"| {rank} | {row['adapter']} | {percent(row.get('worst_case_acc')) or '-'} | "
+            f"{percent(row.get('clean_acc')) or '-'} | {'-' if passes is None else f'{passes:.0f}'} | "
+            f"{'-' if seconds is None else f'{seconds:.3g}'} |"
+        )
     return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
 """`atpt list`: every registry with each entry's one line and the distribution it comes from."""
+
 from __future__ import annotations
 
 from typing import Dict, List, Tuple
@@ -16,26 +17,39 @@ def registries() -> Dict[str, object]:
     from .attacks import ATTACKS
     from .datasets import DATASETS
 
-    return {"adapters": ADAPTERS, "explainers": EXPLAINERS, "augmenters": AUGMENTERS, "aggregators": AGGREGATORS,
-            "objectives": OBJECTIVES, "backbones": BACKBONES, "attacks": ATTACKS, "datasets": DATASETS}
+    return {
+        "adapters": ADAPTERS,
+        "explainers": EXPLAINERS,
+        "augmenters": AUGMENTERS,
+        "aggregators": AGGREGATORS,
+        "objectives": OBJECTIVES,
+        "backbones": BACKBONES,
+        "attacks": ATTACKS,
+        "datasets": DATASETS,
+    }
 
 
 def _details(kind: str, name: str) -> Tuple[str, List[str]]:
     """(one line, further lines) for a registered name; adapters, attacks and datasets say more."""
     if kind == "adapters":
         from atpt_plugin.api import load_adapter
+
         return load_adapter(name).description, []
     if kind == "attacks":
         from atpt_plugin.registry import first_line
 
         from .attacks.base import attack_named
+
         attack = attack_named(name)
         shown = {"alpha": "eps/4", "steps": "the paper's (100 ViT, 1 ResNet)"}
         params = ", ".join(f"{k}={shown[k] if v is None else v}" for k, v in attack.defaults.items())
-        return (f"{attack.kind}, {attack.norm or 'no budget'}: {first_line(type(attack))}",
-                [f"parameters: {params}"] if params else [])
+        return (
+            f"{attack.kind}, {attack.norm or 'no budget'}: {first_line(type(attack))}",
+            [f"parameters: {params}"] if params else [],
+        )
     if kind == "datasets":
         from .datasets import dataset_info
+
         info = dataset_info(name)
         word = f", domain word {info.domain_word!r}" if info.domain_word else ""
         return f"{info.title}{word}", [f"layout: {info.layout}"]

@@ -1,4 +1,5 @@
 """The run folder's manifest (run.json) and lock: a folder holds one run, resumed, never mixed."""
+
 from __future__ import annotations
 
 import json
@@ -19,23 +20,31 @@ def check_manifest(out: Path, settings: dict, info: dict, write: bool) -> bool:
         try:
             old = json.loads(path.read_text())["settings"]
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise RunConflict(f"{path} is damaged ({type(error).__name__}: {error}); it records the settings the "
-                              f"results in {out} were made with, so they cannot be checked: restore it, or use "
-                              "another --out") from None
+            raise RunConflict(
+                f"{path} is damaged ({type(error).__name__}: {error}); it records the settings the "
+                f"results in {out} were made with, so they cannot be checked: restore it, or use "
+                "another --out"
+            ) from None
         if old != settings:
-            changed = [f"  {k}: {_short(a)} (in the folder) -> {_short(b)} (now)" for k, a, b in _changes(old, settings)]
+            changed = [
+                f"  {k}: {_short(a)} (in the folder) -> {_short(b)} (now)" for k, a, b in _changes(old, settings)
+            ]
             if len(changed) > 12:
                 changed = changed[:12] + [f"  ... and {len(changed) - 12} more"]
             raise RunConflict(
                 f"{out} holds a run with other settings; its results would mix with this one's:\n"
                 + "\n".join(changed)
-                + f"\nUse another --out, or delete {out} to start over.")
+                + f"\nUse another --out, or delete {out} to start over."
+            )
         return True
     if any(out.glob("samples*.jsonl")):
-        raise RunConflict(f"{out} has results files but no run.json; it was not made by this command "
-                          "(or run.json was deleted): use another --out")
+        raise RunConflict(
+            f"{out} has results files but no run.json; it was not made by this command "
+            "(or run.json was deleted): use another --out"
+        )
     if write:
         from .storage import atomic_write
+
         atomic_write(path, json.dumps({"settings": settings, "info": info}, indent=2, sort_keys=True).encode())
     return False
 
@@ -43,6 +52,7 @@ def check_manifest(out: Path, settings: dict, info: dict, write: bool) -> bool:
 def lock_folder(out: Path, rank: int):
     """An exclusive lock per rank on the folder: two runs never append to one results file."""
     from .storage import write_error
+
     path = out / f".lock.rank{rank}"
     try:
         handle = open(path, "w")
@@ -56,7 +66,9 @@ def lock_folder(out: Path, rank: int):
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
-        raise RunConflict(f"another `atpt eval` is writing to {out} (rank {rank}); wait for it or use another --out")
+        raise RunConflict(
+            f"another `atpt eval` is writing to {out} (rank {rank}); wait for it or use another --out"
+        ) from None
     return handle
 
 
@@ -87,13 +99,15 @@ def manifest_config(name: str, config) -> dict:
         if isinstance(value, dict) and value.get("name") is None:
             raise ValueError(
                 f"adapter {name!r} has {field}={getattr(config, field)!r}, an object of an unregistered class: "
-                "a resumable run records components by name; register it (@<KIND>.register or an entry point)")
+                "a resumable run records components by name; register it (@<KIND>.register or an entry point)"
+            )
     return record
 
 
 def versions() -> Dict[str, str]:
     """The versions a run was made with, for run.json."""
     from importlib.metadata import PackageNotFoundError, version
+
     out = {"python": platform.python_version()}
     for package in ("atpt-plugin", "torch", "open_clip_torch", "timm", "torchattacks"):
         try:

@@ -1,4 +1,5 @@
 """Models by name for `atpt eval`: open_clip names and configs, the embedded demo CLIP."""
+
 from __future__ import annotations
 
 import os
@@ -19,21 +20,21 @@ def create_model(name: str, pretrained: Optional[str], seed: int = 0):
 
     name: an open_clip model name (`open_clip.list_models()`, which includes the embedded
     `fmnist-vit-tiny`, also called `demo`), a path to a model config JSON (its file stem
-    becomes the name), or `hf:<Hugging Face id or folder>` (`hf_models.py`). pretrained: a tag ("openai"), a path to a state dict, "none" for
-    random initialisation seeded with `seed`, or None for the model's default (the shipped
-    weights of the embedded model, "openai" for the others).
+    becomes the name), or `hf:<Hugging Face id or folder>` (`hf_models.py`). pretrained: a
+    tag ("openai"), a path to a state dict, "none" for random initialisation seeded with
+    `seed`, or None for the model's default (the shipped weights of the embedded model,
+    "openai" for the others).
     """
     import open_clip
     import torch
 
     from atpt_plugin.demo_model import MODEL_NAME, checkpoint_path  # registers the embedded model's config
-
     from atpt_plugin.registry import unknown_name
 
     from .hf_models import HF_PREFIX, create_hf_model
 
     if name.startswith(HF_PREFIX):
-        return create_hf_model(name[len(HF_PREFIX):], pretrained, seed)
+        return create_hf_model(name[len(HF_PREFIX) :], pretrained, seed)
     if name in (DEMO_MODEL, MODEL_NAME):
         name = MODEL_NAME
         if pretrained in (None, ""):
@@ -62,7 +63,8 @@ def create_model(name: str, pretrained: Optional[str], seed: int = 0):
             if tag not in known:
                 raise PretrainedUnavailable(
                     f"{tag!r} is not a pretrained tag of {name}; its tags: {', '.join(known) or 'none'}; "
-                    "or pass a local file: --pretrained /path/to/open_clip_pytorch_model.bin")
+                    "or pass a local file: --pretrained /path/to/open_clip_pytorch_model.bin"
+                )
             recorded = tag
     torch.manual_seed(seed)
     try:
@@ -75,6 +77,7 @@ def create_model(name: str, pretrained: Optional[str], seed: int = 0):
                 f"the pretrained weights {tag!r} of {name} could not be fetched ({why}): {error}\n"
                 f"Fetch them on a machine with internet access (open_clip.create_model({name!r}, "
                 f"pretrained={tag!r}) fills the Hugging Face cache; copy ~/.cache/huggingface over), "
-                "or pass a local file: --pretrained /path/to/open_clip_pytorch_model.bin") from None
+                "or pass a local file: --pretrained /path/to/open_clip_pytorch_model.bin"
+            ) from None
         raise
     return model.eval(), open_clip.get_tokenizer(name), name, recorded

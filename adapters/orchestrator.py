@@ -7,6 +7,7 @@ resolved attack and the attacked zero-shot model, and the run's identity. The id
 the one cache-key schema of the adversarial cache, so the CLI and the Python API share
 cached attacks. `RunPlan.evaluation(...)` is the resumable evaluation loop of `runner.py`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,8 +29,8 @@ from .sources import DatasetSource, TensorSource
 class RunPlan:
     """What a run evaluates; `identity` says what the samples, model and attack are."""
 
-    adapters: Dict[str, nn.Module]            # wrapped, by row name
-    configs: Dict[str, Optional[dict]]        # AdapterConfig.record() per row (None: a foreign module)
+    adapters: Dict[str, nn.Module]  # wrapped, by row name
+    configs: Dict[str, Optional[dict]]  # AdapterConfig.record() per row (None: a foreign module)
     descriptions: Dict[str, str]
     source: Union[DatasetSource, TensorSource]
     dataset: Optional[EvalDataset]
@@ -48,9 +49,18 @@ class RunPlan:
         """The evaluation loop; adaptive attacks are per adapter and per image, so not cached
         (the per-sample results file resumes them)."""
         cache = AdversarialCache(None if self.spec.is_adaptive else cache_dir, self.cache_key(batch))
-        return Evaluation(self.adapters, self.source, self.spec, self.attacked, cache, seed=self.seed,
-                          attack_batch_size=batch, backbone_kind=self.backbone_kind, image_size=self.image_size,
-                          **loop)
+        return Evaluation(
+            self.adapters,
+            self.source,
+            self.spec,
+            self.attacked,
+            cache,
+            seed=self.seed,
+            attack_batch_size=batch,
+            backbone_kind=self.backbone_kind,
+            image_size=self.image_size,
+            **loop,
+        )
 
 
 def applicable_overrides(config, info: Optional[DatasetInfo]) -> Dict[str, object]:
@@ -83,11 +93,25 @@ def _named_adapters(adapters) -> Dict[str, object]:
     return named
 
 
-def plan_run(adapters, *, dataset, model: Optional[nn.Module] = None, tokenizer=None, data_dir=None,
-             split: str = "test", n_examples: Optional[int] = None, seed: int = 0, attack: str = "pgd",
-             eps: Optional[float] = None, steps: Optional[int] = None, alpha: Optional[float] = None,
-             attack_params: Optional[Mapping[str, object]] = None, overrides: Optional[Mapping[str, object]] = None,
-             dataset_settings: bool = True, device=None) -> RunPlan:
+def plan_run(
+    adapters,
+    *,
+    dataset,
+    model: Optional[nn.Module] = None,
+    tokenizer=None,
+    data_dir=None,
+    split: str = "test",
+    n_examples: Optional[int] = None,
+    seed: int = 0,
+    attack: str = "pgd",
+    eps: Optional[float] = None,
+    steps: Optional[int] = None,
+    alpha: Optional[float] = None,
+    attack_params: Optional[Mapping[str, object]] = None,
+    overrides: Optional[Mapping[str, object]] = None,
+    dataset_settings: bool = True,
+    device=None,
+) -> RunPlan:
     """A run from what the user names; every adapter given by name or as an `Adapter` gets the
     dataset's settings (domain word, ImageNet convention), `overrides` and `seed`."""
     named = _named_adapters(adapters)
@@ -97,15 +121,20 @@ def plan_run(adapters, *, dataset, model: Optional[nn.Module] = None, tokenizer=
     if isinstance(dataset, EvalDataset):
         indices = select(len(dataset), n_examples, seed)
         source, classnames, info = DatasetSource(dataset, indices), dataset.classnames, dataset.info
-        samples = {"dataset": info.key, "split": dataset.split, "dataset_fingerprint": dataset.fingerprint(),
-                   "selection": json_digest([dataset.sample_id(i) for i in indices])}
+        samples = {
+            "dataset": info.key,
+            "split": dataset.split,
+            "dataset_fingerprint": dataset.fingerprint(),
+            "selection": json_digest([dataset.sample_id(i) for i in indices]),
+        }
     elif isinstance(dataset, tuple) and len(dataset) == 2 and all(isinstance(t, torch.Tensor) for t in dataset):
         x, y = dataset if n_examples is None else (dataset[0][:n_examples], dataset[1][:n_examples])
         source, classnames, info, dataset = TensorSource(x, y), None, None, None
         samples = {"dataset": "tensors", "split": split, "dataset_fingerprint": tensor_digest(x, y), "selection": None}
     else:
-        raise TypeError(f"dataset must be a dataset name, an EvalDataset or an (x, y) pair of tensors, "
-                        f"got {type(dataset).__name__}")
+        raise TypeError(
+            f"dataset must be a dataset name, an EvalDataset or an (x, y) pair of tensors, got {type(dataset).__name__}"
+        )
 
     wrapped, configs, descriptions = {}, {}, {}
     for name, item in named.items():
@@ -130,8 +159,15 @@ def plan_run(adapters, *, dataset, model: Optional[nn.Module] = None, tokenizer=
     backbone = getattr(first, "backbone", None)
     kind = getattr(backbone, "kind", "vit")
     image_size = getattr(backbone, "image_size", 224)
-    spec = make_attack(attack, eps=eps, steps=steps, alpha=alpha, backbone_kind=kind if kind in ("vit", "resnet")
-                       else "vit", image_size=image_size, **(attack_params or {}))
+    spec = make_attack(
+        attack,
+        eps=eps,
+        steps=steps,
+        alpha=alpha,
+        backbone_kind=kind if kind in ("vit", "resnet") else "vit",
+        image_size=image_size,
+        **(attack_params or {}),
+    )
     device = torch.device(device) if device is not None else getattr(backbone, "device", torch.device("cpu"))
     for adapter in wrapped.values():
         adapter.to(device)
@@ -143,10 +179,14 @@ def plan_run(adapters, *, dataset, model: Optional[nn.Module] = None, tokenizer=
         else:
             attacked = ZeroShotClassifier.from_adapter(first)
         attacked.to(device)
-    identity = {"model_fingerprint": model_fingerprint(getattr(first, "model", first)), **samples, "seed": seed,
-                "attacked_prompt": getattr(attacked, "prompt_phrase", None),
-                "classes": None if attacked is None else json_digest(list(attacked.classnames)),
-                "image_size": image_size}
+    identity = {
+        "model_fingerprint": model_fingerprint(getattr(first, "model", first)),
+        **samples,
+        "seed": seed,
+        "attacked_prompt": getattr(attacked, "prompt_phrase", None),
+        "classes": None if attacked is None else json_digest(list(attacked.classnames)),
+        "image_size": image_size,
+    }
     return RunPlan(wrapped, configs, descriptions, source, dataset, spec, attacked, identity, image_size, kind, seed)
 
 
@@ -159,6 +199,7 @@ def _model_image_size(model: Optional[nn.Module], named: Mapping[str, object]) -
     if model is None:
         return None
     from atpt_plugin.backbones import detect
+
     return detect(model, has_text=True).image_size
 
 
@@ -167,6 +208,8 @@ def _check_classes(adapter, classnames, name) -> None:
         return
     have = [c.strip() for c in getattr(adapter, "classnames", classnames)]
     if have != [c.strip() for c in classnames]:
-        raise ValueError(f"adapter {name!r} was wrapped with {len(have)} class names that differ from the "
-                         f"dataset's {len(classnames)} (e.g. {have[:3]} vs {classnames[:3]}); wrap it with "
-                         "classnames=dataset.classnames")
+        raise ValueError(
+            f"adapter {name!r} was wrapped with {len(have)} class names that differ from the "
+            f"dataset's {len(classnames)} (e.g. {have[:3]} vs {classnames[:3]}); wrap it with "
+            "classnames=dataset.classnames"
+        )

@@ -5,6 +5,7 @@ and shared by all adapters; adaptive: made on each adapter) and its cost per ima
 of an adaptive attack carry sanity checks, listed under the table, and warnings. Notes
 (e.g. how many images could not be read) follow the table. Files are written atomically.
 """
+
 from __future__ import annotations
 
 import csv
@@ -14,11 +15,33 @@ from typing import List, Optional, Sequence
 
 from .storage import atomic_write
 
-COLUMNS = ("adapter", "n", "clean_acc", "adv_acc", "seconds_per_image", "image_passes_per_image", "attack",
-           "attack_kind", "attack_forward_per_image", "attack_backward_per_image", "attack_image_passes_per_image",
-           "attack_seconds_per_image", "warnings")
-HEADERS = ("adapter", "n", "clean acc (%)", "adv acc (%)", "s / image", "image passes / image", "attack (kind)",
-           "attack fwd / bwd per image", "attack image passes / image", "attack s / image")
+COLUMNS = (
+    "adapter",
+    "n",
+    "clean_acc",
+    "adv_acc",
+    "seconds_per_image",
+    "image_passes_per_image",
+    "attack",
+    "attack_kind",
+    "attack_forward_per_image",
+    "attack_backward_per_image",
+    "attack_image_passes_per_image",
+    "attack_seconds_per_image",
+    "warnings",
+)
+HEADERS = (
+    "adapter",
+    "n",
+    "clean acc (%)",
+    "adv acc (%)",
+    "s / image",
+    "image passes / image",
+    "attack (kind)",
+    "attack fwd / bwd per image",
+    "attack image passes / image",
+    "attack s / image",
+)
 
 
 def _percent(value: Optional[float]) -> str:
@@ -34,10 +57,18 @@ def markdown_table(rows: Sequence[dict], caption: str = "", notes: Sequence[str]
     lines.append("| " + " | ".join(HEADERS) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(HEADERS) - 1)) + "|")
     for row in rows:
-        cells = [row["adapter"], str(row["n"]), _percent(row["clean_acc"]), _percent(row["adv_acc"]),
-                 _number(row["seconds_per_image"]), _number(row["image_passes_per_image"], 4), _attack(row),
-                 _passes(row), _number(row.get("attack_image_passes_per_image"), 4),
-                 _number(row.get("attack_seconds_per_image"))]
+        cells = [
+            row["adapter"],
+            str(row["n"]),
+            _percent(row["clean_acc"]),
+            _percent(row["adv_acc"]),
+            _number(row["seconds_per_image"]),
+            _number(row["image_passes_per_image"], 4),
+            _attack(row),
+            _passes(row),
+            _number(row.get("attack_image_passes_per_image"), 4),
+            _number(row.get("attack_seconds_per_image")),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += _checks_section(rows)
     if notes:
@@ -80,8 +111,10 @@ def _checks_section(rows: Sequence[dict]) -> List[str]:
         lines.append("|---|---|---|---|---|")
         for row in checked:
             for check in row["sanity_checks"]:
-                lines.append(f"| {row['adapter']} | {check['check']} | {check['expect']} | {check['measured']} | "
-                             f"{'pass' if check['passed'] else '**FAIL**'} |")
+                lines.append(
+                    f"| {row['adapter']} | {check['check']} | {check['expect']} | {check['measured']} | "
+                    f"{'pass' if check['passed'] else '**FAIL**'} |"
+                )
     warnings = [w for row in rows for w in row.get("warnings") or []]
     if warnings:
         lines.append("")
@@ -115,8 +148,11 @@ def bar_chart(rows: Sequence[dict], path: Path, title: str = "") -> Path:
     offset = width / 2 if attacked else 0.0
     bars = [axes.bar([p - offset for p in positions], clean, width, label="clean", color="#4C72B0")]
     if attacked:
-        bars.append(axes.bar([p + offset for p in positions], [a or 0 for a in adv], width,
-                             label="adversarial", color="#DD8452"))
+        bars.append(
+            axes.bar(
+                [p + offset for p in positions], [a or 0 for a in adv], width, label="adversarial", color="#DD8452"
+            )
+        )
     for group in bars:
         axes.bar_label(group, fmt="%.1f", fontsize=7, padding=1)
     axes.set_xticks(list(positions))
@@ -124,6 +160,7 @@ def bar_chart(rows: Sequence[dict], path: Path, title: str = "") -> Path:
     axes.set_ylabel("top-1 accuracy (%)")
     axes.set_ylim(0, 105)
     import textwrap
+
     axes.set_title(textwrap.fill(title, width=int(14 * figure.get_figwidth())), fontsize=8)
     axes.legend(fontsize=8, loc="upper right")
     axes.grid(axis="y", alpha=0.3)
@@ -140,8 +177,10 @@ def skipped_note(skipped: Sequence[dict]) -> List[str]:
         return []
     count = len(skipped)
     images = "image" if count == 1 else "images"
-    return [f"{count} {images} could not be read and {'is' if count == 1 else 'are'} left out of every count "
-            f"(--on-bad-image skip; listed in summary.json under \"skipped\"), e.g. {skipped[0]['path']}."]
+    return [
+        f"{count} {images} could not be read and {'is' if count == 1 else 'are'} left out of every count "
+        f'(--on-bad-image skip; listed in summary.json under "skipped"), e.g. {skipped[0]["path"]}.'
+    ]
 
 
 def write_reports(rows: Sequence[dict], directory: Path, caption: str = "", notes: Sequence[str] = ()) -> List[Path]:

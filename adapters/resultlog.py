@@ -10,6 +10,7 @@ Two kinds of damage are told apart:
   what the run computed. With `repair=True` (`atpt eval --repair-results`) the damaged
   lines are dropped, every other record is kept, and the dropped samples are recomputed.
 """
+
 from __future__ import annotations
 
 import collections
@@ -84,11 +85,13 @@ class ResultLog:
         for item in damage:
             by_path[item.path].add(item.line)
         for path, lines in by_path.items():
-            kept = [line + b"\n" for number, line in enumerate(_read(path).split(b"\n")[:-1], 1)
-                    if number not in lines and line.strip()]
+            kept = [
+                line + b"\n"
+                for number, line in enumerate(_read(path).split(b"\n")[:-1], 1)
+                if number not in lines and line.strip()
+            ]
             atomic_write(path, b"".join(kept))
-            warn(f"dropped {len(lines)} damaged record(s) from {path} (line(s) {_numbers(lines)}); "
-                 "they are recomputed")
+            warn(f"dropped {len(lines)} damaged record(s) from {path} (line(s) {_numbers(lines)}); they are recomputed")
 
     def scan(self) -> Tuple[List[dict], List[Damage]]:
         """(whole records, damaged lines) of every rank's file; a partial last line is neither."""
@@ -139,10 +142,13 @@ def describe_damage(damage: List[Damage], kept: int) -> str:
     shown = [f"  {d.path}:{d.line}: {d.why}" for d in damage[:5]]
     if len(damage) > 5:
         shown.append(f"  ... and {len(damage) - 5} more")
-    return (f"the per-sample results are damaged: {len(damage)} line(s) are not whole records "
-            "(the files are append-only; a disk fault or an edit changed them):\n" + "\n".join(shown)
-            + f"\nRun the same command again with --repair-results to drop the damaged records and recompute "
-              f"those samples; the other {kept} records are kept.")
+    return (
+        f"the per-sample results are damaged: {len(damage)} line(s) are not whole records "
+        "(the files are append-only; a disk fault or an edit changed them):\n"
+        + "\n".join(shown)
+        + f"\nRun the same command again with --repair-results to drop the damaged records and recompute "
+        f"those samples; the other {kept} records are kept."
+    )
 
 
 def _numbers(lines) -> str:

@@ -23,6 +23,7 @@ adapter. `import_robustbench()` imports the installed robustbench 1.1.1 even whe
 own imports fail (see its docstring); `robustbench.utils.clean_accuracy(tta, x, y)`
 works on any wrapped adapter.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -46,16 +47,22 @@ from .orchestrator import plan_run
 from .resultlog import ResultLog
 from .storage import atomic_write, make_dir, warn
 
-INSTALL_HINT = ("robustbench 1.1.1 pins timm==1.0.9, which open_clip's timm>=1.0.17 excludes; install it "
-                "without its pins: pip install 'atpt-plugin[robustbench]' && pip install --no-deps robustbench==1.1.1")
+INSTALL_HINT = (
+    "robustbench 1.1.1 pins timm==1.0.9, which open_clip's timm>=1.0.17 excludes; install it "
+    "without its pins: pip install 'atpt-plugin[robustbench]' && pip install --no-deps robustbench==1.1.1"
+)
 
-FOOTNOTE = ("Test-time defence ({adapter}: each test image is adapted on its own) evaluated under a "
-            "transfer attack: {attack}, computed against zero-shot CLIP with the initial prompt, not "
-            "against the adaptive pipeline (an adaptive attack, e.g. EOT/BPDA through the adaptation, "
-            "can be stronger; Croce et al., ICML 2022). {n} test images of {dataset}.")
-ADAPTIVE_FOOTNOTE = ("Test-time defence ({adapter}: each test image is adapted on its own) evaluated under an "
-                     "adaptive attack on the whole adaptive pipeline: {attack}; {cost}. {n} test images of "
-                     "{dataset}. Sanity checks: {checks}")
+FOOTNOTE = (
+    "Test-time defence ({adapter}: each test image is adapted on its own) evaluated under a "
+    "transfer attack: {attack}, computed against zero-shot CLIP with the initial prompt, not "
+    "against the adaptive pipeline (an adaptive attack, e.g. EOT/BPDA through the adaptation, "
+    "can be stronger; Croce et al., ICML 2022). {n} test images of {dataset}."
+)
+ADAPTIVE_FOOTNOTE = (
+    "Test-time defence ({adapter}: each test image is adapted on its own) evaluated under an "
+    "adaptive attack on the whole adaptive pipeline: {attack}; {cost}. {n} test images of "
+    "{dataset}. Sanity checks: {checks}"
+)
 
 
 # ---- the real package ----------------------------------------------------------------
@@ -79,6 +86,7 @@ def import_robustbench():
     if importlib.util.find_spec("autoattack") is None and importlib.util.find_spec("pyautoattack") is not None:
         import pyautoattack
         import pyautoattack.state
+
         sys.modules["autoattack"] = pyautoattack
         sys.modules["autoattack.state"] = pyautoattack.state
         injected += ["autoattack", "autoattack.state"]
@@ -88,8 +96,9 @@ def import_robustbench():
             module = importlib.import_module("robustbench")
             importlib.import_module("robustbench.utils")
     except ModuleNotFoundError as error:
-        raise ModuleNotFoundError(f"robustbench could not be imported: {error}. {INSTALL_HINT}",
-                                  name=error.name) from error
+        raise ModuleNotFoundError(
+            f"robustbench could not be imported: {error}. {INSTALL_HINT}", name=error.name
+        ) from error
     finally:
         for name in injected:
             sys.modules.pop(name, None)
@@ -110,9 +119,25 @@ def _pkg_resources_stand_in() -> types.ModuleType:
 
 
 # ---- leaderboard entries ---------------------------------------------------------------
-MODEL_INFO_FIELDS = ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
-                     "architecture", "eps", "clean_acc", "reported", "corruptions_acc", "corruptions_acc_3d",
-                     "corruptions_mce", "corruptions_mce_3d", "autoattack_acc", "footnote")
+MODEL_INFO_FIELDS = (
+    "link",
+    "name",
+    "authors",
+    "additional_data",
+    "number_forward_passes",
+    "dataset",
+    "venue",
+    "architecture",
+    "eps",
+    "clean_acc",
+    "reported",
+    "corruptions_acc",
+    "corruptions_acc_3d",
+    "corruptions_mce",
+    "corruptions_mce_3d",
+    "autoattack_acc",
+    "footnote",
+)
 
 
 def accuracy_field(attack: AttackSpec) -> str:
@@ -124,10 +149,21 @@ def _fmt(value) -> str:
     return "?" if value is None else f"{value:.4g}"
 
 
-def model_info(*, dataset: str, attack: AttackSpec, clean_acc: float, adv_acc: Optional[float], adapter: str,
-               n_examples: int, architecture: str = "", name: str = "", venue: str = "",
-               number_forward_passes: Optional[float] = None, row: Optional[dict] = None,
-               defence: Optional[dict] = None) -> dict:
+def model_info(
+    *,
+    dataset: str,
+    attack: AttackSpec,
+    clean_acc: float,
+    adv_acc: Optional[float],
+    adapter: str,
+    n_examples: int,
+    architecture: str = "",
+    name: str = "",
+    venue: str = "",
+    number_forward_passes: Optional[float] = None,
+    row: Optional[dict] = None,
+    defence: Optional[dict] = None,
+) -> dict:
     """One leaderboard entry: RobustBench's ModelInfo fields (accuracies as percent strings),
     plus `worst_case_acc` and the `test_time_defence` block (`leaderboard.py`) when given.
 
@@ -136,21 +172,34 @@ def model_info(*, dataset: str, attack: AttackSpec, clean_acc: float, adv_acc: O
     info = {field: None for field in MODEL_INFO_FIELDS}
     if attack.is_adaptive:
         row = row or {}
-        cost = (f"{_fmt(row.get('attack_forward_per_image'))} forward and "
-                f"{_fmt(row.get('attack_backward_per_image'))} backward passes of the pipeline per image")
+        cost = (
+            f"{_fmt(row.get('attack_forward_per_image'))} forward and "
+            f"{_fmt(row.get('attack_backward_per_image'))} backward passes of the pipeline per image"
+        )
         checks = row.get("sanity_checks") or []
         failed = [c["check"] for c in checks if not c["passed"]]
-        said = ("not run" if not checks else
-                f"{len(checks) - len(failed)}/{len(checks)} passed" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
-        footnote = ADAPTIVE_FOOTNOTE.format(adapter=adapter, attack=attack.describe(), cost=cost, n=n_examples,
-                                            dataset=dataset, checks=said)
+        said = (
+            "not run"
+            if not checks
+            else f"{len(checks) - len(failed)}/{len(checks)} passed"
+            + (f"; FAILED: {', '.join(failed)}" if failed else "")
+        )
+        footnote = ADAPTIVE_FOOTNOTE.format(
+            adapter=adapter, attack=attack.describe(), cost=cost, n=n_examples, dataset=dataset, checks=said
+        )
     else:
         footnote = FOOTNOTE.format(adapter=adapter, attack=attack.describe(), n=n_examples, dataset=dataset)
     info.update(
-        name=name or adapter, venue=venue or None, additional_data=False, dataset=dataset,
-        architecture=architecture or None, eps=attack.eps, clean_acc=str(round(100 * clean_acc, 2)),
+        name=name or adapter,
+        venue=venue or None,
+        additional_data=False,
+        dataset=dataset,
+        architecture=architecture or None,
+        eps=attack.eps,
+        clean_acc=str(round(100 * clean_acc, 2)),
         number_forward_passes=None if number_forward_passes is None else int(round(number_forward_passes)),
-        footnote=footnote)
+        footnote=footnote,
+    )
     if attack.is_attack and adv_acc is not None:
         info[accuracy_field(attack)] = str(round(100 * adv_acc, 2))
     if defence is not None:
@@ -158,8 +207,18 @@ def model_info(*, dataset: str, attack: AttackSpec, clean_acc: float, adv_acc: O
     return info
 
 
-def write_row_model_info(row: dict, *, dataset: str, attack: AttackSpec, architecture: str, name: str,
-                         file_name: str, root, config: Optional[dict] = None, device: str = "") -> str:
+def write_row_model_info(
+    row: dict,
+    *,
+    dataset: str,
+    attack: AttackSpec,
+    architecture: str,
+    name: str,
+    file_name: str,
+    root,
+    config: Optional[dict] = None,
+    device: str = "",
+) -> str:
     """A results row's leaderboard entry, written under `root`; returns its path. With the
     adapter's settings (`config`, as `AdapterConfig.record()` gives them) it carries the
     test-time-defence fields, the worst case being over {clean, this attack}."""
@@ -167,11 +226,22 @@ def write_row_model_info(row: dict, *, dataset: str, attack: AttackSpec, archite
     if config is not None and attack.is_attack:
         accuracy = {"clean": row["clean_acc"], "transfer": {}, "adaptive": {}, "worst_case": row.get("worst_case_acc")}
         accuracy["adaptive" if attack.is_adaptive else "transfer"][attack.name] = row["adv_acc"]
-        defence = defence_block(config, row, device, [{"attack": attack.name, "kind": attack.kind,
-                                                        "params": attack.to_dict()}], accuracy)
-    entry = model_info(dataset=dataset, attack=attack, clean_acc=row["clean_acc"], adv_acc=row["adv_acc"],
-                       adapter=row["adapter"], n_examples=row["n"], architecture=architecture, name=name,
-                       number_forward_passes=row["image_passes_per_image"], row=row, defence=defence)
+        defence = defence_block(
+            config, row, device, [{"attack": attack.name, "kind": attack.kind, "params": attack.to_dict()}], accuracy
+        )
+    entry = model_info(
+        dataset=dataset,
+        attack=attack,
+        clean_acc=row["clean_acc"],
+        adv_acc=row["adv_acc"],
+        adapter=row["adapter"],
+        n_examples=row["n"],
+        architecture=architecture,
+        name=name,
+        number_forward_passes=row["image_passes_per_image"],
+        row=row,
+        defence=defence,
+    )
     return str(write_model_info(entry, file_name, attack.threat_model, root))
 
 
@@ -211,32 +281,53 @@ def write_worst_case_model_info(rows: List[dict], outputs: Dict[str, dict], out:
     first = next(iter(outputs.values()))
     settings = first["settings"]
     by_adapter = {label: {row["adapter"]: row for row in output["rows"]} for label, output in outputs.items()}
-    attacks = [{"attack": label, "kind": output["attack"]["kind"], "params": output["attack"]["params"]}
-               for label, output in outputs.items()]
+    attacks = [
+        {"attack": label, "kind": output["attack"]["kind"], "params": output["attack"]["params"]}
+        for label, output in outputs.items()
+    ]
     paths = []
     for row in rows:
         adapter = row["adapter"]
-        accuracy = {"clean": row["clean_acc"], "worst_case": row["worst_case_acc"],
-                    "transfer": {a["attack"]: row["adv_acc_by_attack"][a["attack"]] for a in attacks if a["kind"] == "transfer"},
-                    "adaptive": {a["attack"]: row["adv_acc_by_attack"][a["attack"]] for a in attacks if a["kind"] == "adaptive"}}
+        accuracy = {
+            "clean": row["clean_acc"],
+            "worst_case": row["worst_case_acc"],
+            "transfer": {
+                a["attack"]: row["adv_acc_by_attack"][a["attack"]] for a in attacks if a["kind"] == "transfer"
+            },
+            "adaptive": {
+                a["attack"]: row["adv_acc_by_attack"][a["attack"]] for a in attacks if a["kind"] == "adaptive"
+            },
+        }
         first_row = by_adapter[next(iter(outputs))][adapter]
         defence = defence_block(settings["adapters"][adapter], first_row, first["device"], attacks, accuracy)
         params = first["attack"]["params"]
         spec = AttackSpec(params["name"], params["norm"], params["eps"])
-        entry = model_info(dataset=settings["dataset"], attack=spec, clean_acc=row["clean_acc"], adv_acc=None,
-                           adapter=adapter, n_examples=row["n"], architecture=settings["model"],
-                           name=first["descriptions"][adapter], number_forward_passes=first_row["image_passes_per_image"],
-                           defence=defence)
-        entry["footnote"] = (f"Test-time defence ({adapter}) evaluated as the worst case over "
-                             f"{', '.join(a['attack'] for a in attacks)} on {row['n']} images of {settings['dataset']}: "
-                             "a sample counts only if it is classified correctly clean and under every attack."
-                             + ("" if not defence["transfer_only"] else " Only transfer attacks were run: not "
-                                "evaluated adaptively."))
+        entry = model_info(
+            dataset=settings["dataset"],
+            attack=spec,
+            clean_acc=row["clean_acc"],
+            adv_acc=None,
+            adapter=adapter,
+            n_examples=row["n"],
+            architecture=settings["model"],
+            name=first["descriptions"][adapter],
+            number_forward_passes=first_row["image_passes_per_image"],
+            defence=defence,
+        )
+        entry["footnote"] = (
+            f"Test-time defence ({adapter}) evaluated as the worst case over "
+            f"{', '.join(a['attack'] for a in attacks)} on {row['n']} images of {settings['dataset']}: "
+            "a sample counts only if it is classified correctly clean and under every attack."
+            + ("" if not defence["transfer_only"] else " Only transfer attacks were run: not evaluated adaptively.")
+        )
         for a in attacks:
             field = re.sub(r"[^\w]+", "_", a["attack"]).strip("_") + "_acc"
             entry[field] = percent(row["adv_acc_by_attack"][a["attack"]])
-        paths.append(write_model_info(entry, entry_name(first["prefix"] + "_worst_case", adapter),
-                                      spec.threat_model, out / "model_info"))
+        paths.append(
+            write_model_info(
+                entry, entry_name(first["prefix"] + "_worst_case", adapter), spec.threat_model, out / "model_info"
+            )
+        )
     return paths
 
 
@@ -248,20 +339,38 @@ def architecture_of(adapter) -> str:
     if hasattr(visual, "transformer"):
         size = getattr(visual, "patch_size", None)
         size = size[0] if isinstance(size, (tuple, list)) else size
-        return (f"CLIP ViT (width {visual.transformer.width}, {len(visual.transformer.resblocks)} blocks, "
-                f"patch {size})")
+        return f"CLIP ViT (width {visual.transformer.width}, {len(visual.transformer.resblocks)} blocks, patch {size})"
     return f"CLIP {type(visual).__name__}"
 
 
-def benchmark_table(adapters, n_examples: Optional[int] = 1000, dataset="pets", threat_model: str = "Linf",
-                    to_disk: bool = False, model_name: Optional[str] = None, data_dir: str = "./data",
-                    device=None, batch_size: int = 32, eps: Optional[float] = None,
-                    log_path: Optional[str] = None, *, attack: Optional[str] = None, steps: Optional[int] = None,
-                    alpha: Optional[float] = None, seed: int = 0, split: str = "test",
-                    cache_dir: Optional[str] = None, model: Optional[nn.Module] = None, tokenizer=None,
-                    architecture: Optional[str] = None, model_info_dir: str = "model_info",
-                    overrides: Optional[Mapping[str, object]] = None, progress: bool = False,
-                    sanity_checks: Union[int, SanityChecks, None] = 8, **attack_params) -> List[dict]:
+def benchmark_table(
+    adapters,
+    n_examples: Optional[int] = 1000,
+    dataset="pets",
+    threat_model: str = "Linf",
+    to_disk: bool = False,
+    model_name: Optional[str] = None,
+    data_dir: str = "./data",
+    device=None,
+    batch_size: int = 32,
+    eps: Optional[float] = None,
+    log_path: Optional[str] = None,
+    *,
+    attack: Optional[str] = None,
+    steps: Optional[int] = None,
+    alpha: Optional[float] = None,
+    seed: int = 0,
+    split: str = "test",
+    cache_dir: Optional[str] = None,
+    model: Optional[nn.Module] = None,
+    tokenizer=None,
+    architecture: Optional[str] = None,
+    model_info_dir: str = "model_info",
+    overrides: Optional[Mapping[str, object]] = None,
+    progress: bool = False,
+    sanity_checks: Union[int, SanityChecks, None] = 8,
+    **attack_params,
+) -> List[dict]:
     """Evaluate several adapters on one attack; one row dict per adapter.
 
     adapters: {name: wrapped adapter}, a list of wrapped adapters, or adapter names (then
@@ -278,11 +387,26 @@ def benchmark_table(adapters, n_examples: Optional[int] = 1000, dataset="pets", 
     sanity_checks and warnings.
     """
     if threat_model not in ("Linf", "L2"):
-        raise NotImplementedError(f"threat_model {threat_model!r}: only 'Linf' and 'L2' attacks are "
-                                  "implemented for test-time adapters")
-    plan = plan_run(adapters, dataset=dataset, model=model, tokenizer=tokenizer, data_dir=data_dir, split=split,
-                    n_examples=n_examples, seed=seed, attack=attack or ("pgd" if threat_model == "Linf" else "pgdl2"),
-                    eps=eps, steps=steps, alpha=alpha, attack_params=attack_params, overrides=overrides, device=device)
+        raise NotImplementedError(
+            f"threat_model {threat_model!r}: only 'Linf' and 'L2' attacks are implemented for test-time adapters"
+        )
+    plan = plan_run(
+        adapters,
+        dataset=dataset,
+        model=model,
+        tokenizer=tokenizer,
+        data_dir=data_dir,
+        split=split,
+        n_examples=n_examples,
+        seed=seed,
+        attack=attack or ("pgd" if threat_model == "Linf" else "pgdl2"),
+        eps=eps,
+        steps=steps,
+        alpha=alpha,
+        attack_params=attack_params,
+        overrides=overrides,
+        device=device,
+    )
     spec = plan.spec
     if spec.norm is not None and spec.norm != threat_model:
         raise ValueError(f"attack {spec.name!r} is an {spec.norm} attack, not {threat_model}")
@@ -292,27 +416,47 @@ def benchmark_table(adapters, n_examples: Optional[int] = 1000, dataset="pets", 
     if log_path:
         make_dir(log_path)
     device = next(iter(plan.adapters.values())).backbone.device if device is None else torch.device(device)
-    evaluation = plan.evaluation(batch=batch_size, cache_dir=cache_dir, log=log, device=device, progress=progress,
-                                 sanity=sanity_checks)
+    evaluation = plan.evaluation(
+        batch=batch_size, cache_dir=cache_dir, log=log, device=device, progress=progress, sanity=sanity_checks
+    )
     rows = [row.as_dict() for row in evaluation.run()]
     if to_disk:
         dataset_key = plan.identity["dataset"]
         for row in rows:
             name = model_name if (model_name and len(rows) == 1) else f"{model_name or 'model'}_{row['adapter']}"
             row["model_info"] = write_row_model_info(
-                row, dataset=dataset_key, attack=spec, name=plan.descriptions.get(row["adapter"], ""), file_name=name,
-                architecture=architecture or architecture_of(plan.adapters[row["adapter"]]), root=model_info_dir,
-                config=plan.configs[row["adapter"]], device=str(device))
+                row,
+                dataset=dataset_key,
+                attack=spec,
+                name=plan.descriptions.get(row["adapter"], ""),
+                file_name=name,
+                architecture=architecture or architecture_of(plan.adapters[row["adapter"]]),
+                root=model_info_dir,
+                config=plan.configs[row["adapter"]],
+                device=str(device),
+            )
         caption = f"{dataset_key}, {rows[0]['n'] if rows else 0} images, attack: {spec.describe()}"
         atomic_write(make_dir(model_info_dir) / "leaderboard.md", leaderboard_markdown(rows, caption).encode())
     return rows
 
 
-def benchmark(model: Union[nn.Module, Sequence[nn.Module]], n_examples: Optional[int] = 1000, dataset="pets",
-              threat_model: str = "Linf", to_disk: bool = False, model_name: Optional[str] = None,
-              data_dir: str = "./data", corruptions_data_dir: Optional[str] = None, device=None,
-              batch_size: int = 32, eps: Optional[float] = None, log_path: Optional[str] = None,
-              preprocessing=None, aa_state_path=None, **kwargs) -> Tuple[float, Optional[float]]:
+def benchmark(
+    model: Union[nn.Module, Sequence[nn.Module]],
+    n_examples: Optional[int] = 1000,
+    dataset="pets",
+    threat_model: str = "Linf",
+    to_disk: bool = False,
+    model_name: Optional[str] = None,
+    data_dir: str = "./data",
+    corruptions_data_dir: Optional[str] = None,
+    device=None,
+    batch_size: int = 32,
+    eps: Optional[float] = None,
+    log_path: Optional[str] = None,
+    preprocessing=None,
+    aa_state_path=None,
+    **kwargs,
+) -> Tuple[float, Optional[float]]:
     """(clean accuracy, adversarial accuracy) of one wrapped adapter; see the module docstring.
 
     The parameters are RobustBench's, in its order. corruptions_data_dir, preprocessing
@@ -322,18 +466,35 @@ def benchmark(model: Union[nn.Module, Sequence[nn.Module]], n_examples: Optional
     (see `benchmark_table`).
     """
     if isinstance(model, (list, tuple)):
-        raise NotImplementedError("benchmark() takes one model, as RobustBench's does; use "
-                                  "benchmark_table() for several adapters")
-    for name, value in (("corruptions_data_dir", corruptions_data_dir), ("preprocessing", preprocessing),
-                        ("aa_state_path", aa_state_path)):
+        raise NotImplementedError(
+            "benchmark() takes one model, as RobustBench's does; use benchmark_table() for several adapters"
+        )
+    for name, value in (
+        ("corruptions_data_dir", corruptions_data_dir),
+        ("preprocessing", preprocessing),
+        ("aa_state_path", aa_state_path),
+    ):
         if value is not None:
-            raise NotImplementedError(f"{name} does not apply to test-time adapters (they take [0,1] images "
-                                      "and normalise inside); leave it None")
+            raise NotImplementedError(
+                f"{name} does not apply to test-time adapters (they take [0,1] images "
+                "and normalise inside); leave it None"
+            )
     if to_disk and model_name is None:
         raise ValueError("If `to_disk` is True, `model_name` should be specified.")
-    rows = benchmark_table({getattr(model, "name", "model"): model}, n_examples=n_examples, dataset=dataset,
-                           threat_model=threat_model, to_disk=to_disk, model_name=model_name, data_dir=data_dir,
-                           device=device, batch_size=batch_size, eps=eps, log_path=log_path, **kwargs)
+    rows = benchmark_table(
+        {getattr(model, "name", "model"): model},
+        n_examples=n_examples,
+        dataset=dataset,
+        threat_model=threat_model,
+        to_disk=to_disk,
+        model_name=model_name,
+        data_dir=data_dir,
+        device=device,
+        batch_size=batch_size,
+        eps=eps,
+        log_path=log_path,
+        **kwargs,
+    )
     row = rows[0]
     print(f"Clean accuracy: {row['clean_acc']:.2%}")
     if row["adv_acc"] is not None:

@@ -1,4 +1,5 @@
 """One adapter's totals over a run, as a typed record: counts, measured cost, sanity checks."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,9 +9,24 @@ from .adaptive import CHECKS
 from .attacks import AttackSpec
 
 CHECK_FIELDS = tuple(f"check_{name}_correct" for name in CHECKS)
-FIELDS = ("n", "clean_correct", "adv_correct", "robust_correct", "seconds", "image_passes", "predictions", "attacked_images",
-          "attack_seconds", "attack_forward", "attack_backward", "attack_image_passes", "attack_zero_gradients",
-          "checks_n", "checks_adv_correct", *CHECK_FIELDS)
+FIELDS = (
+    "n",
+    "clean_correct",
+    "adv_correct",
+    "robust_correct",
+    "seconds",
+    "image_passes",
+    "predictions",
+    "attacked_images",
+    "attack_seconds",
+    "attack_forward",
+    "attack_backward",
+    "attack_image_passes",
+    "attack_zero_gradients",
+    "checks_n",
+    "checks_adv_correct",
+    *CHECK_FIELDS,
+)
 FLOAT_FIELDS = ("seconds", "attack_seconds")
 
 
@@ -28,7 +44,7 @@ class Row:
     n: int = 0
     clean_correct: int = 0
     adv_correct: int = 0
-    robust_correct: int = 0      # correct both clean and under the attack: the per-sample worst case
+    robust_correct: int = 0  # correct both clean and under the attack: the per-sample worst case
     seconds: float = 0.0
     image_passes: int = 0
     predictions: int = 0
@@ -48,7 +64,7 @@ class Row:
     check_transfer_correct: int = 0
     attack: Optional[AttackSpec] = None
     report: Optional[dict] = None
-    transfer_cost: Optional[dict] = None   # measured seconds of a shared transfer attack
+    transfer_cost: Optional[dict] = None  # measured seconds of a shared transfer attack
 
     def add(self, record: dict) -> None:
         self.n += 1
@@ -109,18 +125,26 @@ class Row:
         if spec is None or not spec.is_attack:
             return {}
         cost = spec.cost()
-        out = {"attack_forward_per_image": cost["forward"], "attack_backward_per_image": cost["backward"],
-               "attack_pass_unit": cost["unit"], "attack_shared": cost["shared"],
-               "attack_image_passes_per_image": None, "attack_seconds_per_image": None}
+        out = {
+            "attack_forward_per_image": cost["forward"],
+            "attack_backward_per_image": cost["backward"],
+            "attack_pass_unit": cost["unit"],
+            "attack_shared": cost["shared"],
+            "attack_image_passes_per_image": None,
+            "attack_seconds_per_image": None,
+        }
         if spec.is_adaptive:
             count = self.attacked_images
             if count:
-                out.update(attack_forward_per_image=self.attack_forward / count,
-                           attack_backward_per_image=self.attack_backward / count,
-                           attack_image_passes_per_image=(self.attack_image_passes / count
-                                                          if self.attack_image_passes else None),
-                           attack_seconds_per_image=self.attack_seconds / count,
-                           attack_zero_gradients=self.attack_zero_gradients)
+                out.update(
+                    attack_forward_per_image=self.attack_forward / count,
+                    attack_backward_per_image=self.attack_backward / count,
+                    attack_image_passes_per_image=(
+                        self.attack_image_passes / count if self.attack_image_passes else None
+                    ),
+                    attack_seconds_per_image=self.attack_seconds / count,
+                    attack_zero_gradients=self.attack_zero_gradients,
+                )
         else:
             if cost["forward"] is not None:
                 out["attack_image_passes_per_image"] = cost["forward"]
@@ -129,10 +153,17 @@ class Row:
         return out
 
     def as_dict(self) -> dict:
-        out = {"adapter": self.adapter, "n": self.n, "clean_acc": self.clean_acc, "adv_acc": self.adv_acc,
-               "worst_case_acc": self.worst_case_acc,
-               "clean_correct": self.clean_correct, "adv_correct": self.adv_correct if self.attacked else None,
-               "seconds_per_image": self.seconds_per_image, "image_passes_per_image": self.passes_per_image}
+        out = {
+            "adapter": self.adapter,
+            "n": self.n,
+            "clean_acc": self.clean_acc,
+            "adv_acc": self.adv_acc,
+            "worst_case_acc": self.worst_case_acc,
+            "clean_correct": self.clean_correct,
+            "adv_correct": self.adv_correct if self.attacked else None,
+            "seconds_per_image": self.seconds_per_image,
+            "image_passes_per_image": self.passes_per_image,
+        }
         if self.attack is not None:
             out.update(attack=self.attack.name, attack_kind=self.attack.kind, **self.attack_cost())
         if self.report is not None:

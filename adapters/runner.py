@@ -29,6 +29,7 @@ sample (`on_bad_image="error"`, before any adapter works on its batch), or, with
 `on_bad_image="skip"`, leaves the sample out of the attack batch, of every count and of
 the results files; `Evaluation.skipped` lists such samples (gathered over the ranks).
 """
+
 from __future__ import annotations
 
 import time
@@ -44,7 +45,6 @@ from .datasets import BadImageError
 from .distributed import DistContext
 from .resultlog import ResultLog
 from .rows import FIELDS, FLOAT_FIELDS, Row
-
 
 BAD_IMAGE_POLICIES = ("error", "skip")
 
@@ -76,12 +76,26 @@ class PassCounter:
 class Evaluation:
     """Evaluate `adapters` ({name: module mapping [0,1] images to logits}) on `source`."""
 
-    def __init__(self, adapters: Dict[str, nn.Module], source, attack: AttackSpec,
-                 attacked: Optional[ZeroShotClassifier], cache: Optional[AdversarialCache], *, seed: int = 0,
-                 attack_batch_size: int = 32, log: Optional[ResultLog] = None,
-                 dist: Optional[DistContext] = None, device=None, progress: bool = False,
-                 sanity: Optional[SanityChecks] = None, backbone_kind: str = "vit",
-                 image_size: Optional[int] = None, on_bad_image: str = "error", repair_results: bool = False):
+    def __init__(
+        self,
+        adapters: Dict[str, nn.Module],
+        source,
+        attack: AttackSpec,
+        attacked: Optional[ZeroShotClassifier],
+        cache: Optional[AdversarialCache],
+        *,
+        seed: int = 0,
+        attack_batch_size: int = 32,
+        log: Optional[ResultLog] = None,
+        dist: Optional[DistContext] = None,
+        device=None,
+        progress: bool = False,
+        sanity: Optional[SanityChecks] = None,
+        backbone_kind: str = "vit",
+        image_size: Optional[int] = None,
+        on_bad_image: str = "error",
+        repair_results: bool = False,
+    ):
         if not adapters:
             raise ValueError("no adapters to evaluate")
         if attack.is_attack and not attack.is_adaptive and attacked is None:
@@ -112,8 +126,8 @@ class Evaluation:
         self.transfer_images = 0
         self.on_bad_image = on_bad_image
         self.repair_results = repair_results
-        self.unreadable: Dict[int, dict] = {}   # position -> what this rank could not read
-        self.skipped: List[dict] = []           # every rank's, by position, after run()
+        self.unreadable: Dict[int, dict] = {}  # position -> what this rank could not read
+        self.skipped: List[dict] = []  # every rank's, by position, after run()
 
     # -- helpers
     def _batches(self) -> List[range]:
@@ -157,8 +171,11 @@ class Evaluation:
     def attack_phase(self, todo: set) -> None:
         if not self.attack.is_attack or self.attack.is_adaptive:
             return
-        batches = [b for i, b in enumerate(self._batches())
-                   if i % self.dist.world == self.dist.rank and any(p in todo for p in b)]
+        batches = [
+            b
+            for i, b in enumerate(self._batches())
+            if i % self.dist.world == self.dist.rank and any(p in todo for p in b)
+        ]
         bar = _bar(self.progress and bool(batches), len(batches), f"attack {self.attack.name}", "batch")
         for batch in batches:
             kept, images, labels = self._load(batch)
@@ -178,27 +195,37 @@ class Evaluation:
             images = images.to(self.device)
         return adapter(images).argmax(dim=-1).tolist()
 
-    def attack_adapter(self, spec: AttackSpec, adapter: nn.Module, image: torch.Tensor, label: int, position: int,
-                       counter: Optional["PassCounter"] = None) -> Tuple[torch.Tensor, AttackStats]:
+    def attack_adapter(
+        self,
+        spec: AttackSpec,
+        adapter: nn.Module,
+        image: torch.Tensor,
+        label: int,
+        position: int,
+        counter: Optional["PassCounter"] = None,
+    ) -> Tuple[torch.Tensor, AttackStats]:
         """An adaptive attack on one adapter and one image (seeded by the run's seed and the position)."""
         stats = AttackStats()
         if counter is not None:
             counter.count = 0
-        adversarial = run_adaptive(spec, adapter, image.unsqueeze(0), torch.tensor([label]),
-                                   chunk_seed(self.seed, position), stats)
+        adversarial = run_adaptive(
+            spec, adapter, image.unsqueeze(0), torch.tensor([label]), chunk_seed(self.seed, position), stats
+        )
         if counter is not None and counter.handles:
             stats.image_passes = counter.count
         return adversarial[0].cpu(), stats
 
-    def run_checks(self, adapter: nn.Module, image: torch.Tensor, label: int, position: int,
-                   transfer: Dict[int, torch.Tensor]) -> dict:
+    def run_checks(
+        self, adapter: nn.Module, image: torch.Tensor, label: int, position: int, transfer: Dict[int, torch.Tensor]
+    ) -> dict:
         """{check: the deployed adapter's prediction under that check's attack} for one sample."""
         out = {}
         for name, spec in self.checks.items():
             if name == "transfer":
                 if position not in transfer:
-                    transfer[position] = run_attack(spec, self.attacked, image.unsqueeze(0), torch.tensor([label]),
-                                                    chunk_seed(self.seed, position))[0]
+                    transfer[position] = run_attack(
+                        spec, self.attacked, image.unsqueeze(0), torch.tensor([label]), chunk_seed(self.seed, position)
+                    )[0]
                 adversarial = transfer[position]
             else:
                 adversarial, _ = self.attack_adapter(spec, adapter, image, label, position)
@@ -208,7 +235,7 @@ class Evaluation:
     def adapt_phase(self, todo: set, rows: Dict[str, Row], done: Dict) -> None:
         mine = sorted(p for p in todo if self._mine(p))
         pairs = sum((name, p) not in done for p in mine for name in self.adapters)
-        bar = _bar(self.progress, pairs, "adapt", "sample")   # advances as each adapter finishes a batch
+        bar = _bar(self.progress, pairs, "adapt", "sample")  # advances as each adapter finishes a batch
         counter = PassCounter(self.adapters)
         attacked = self.attack.is_attack
         try:
@@ -223,21 +250,32 @@ class Evaluation:
                 if attacked and not self.attack.is_adaptive and kept:
                     adversarial = self.cache.load(*self._cache_key(batch.start, kept, images, labels))
                     if adversarial is None:
-                        raise RuntimeError(f"adversarial batch at position {batch.start} is missing from the "
-                                           "cache after the attack phase")
+                        raise RuntimeError(
+                            f"adversarial batch at position {batch.start} is missing from the "
+                            "cache after the attack phase"
+                        )
                 for name, adapter in self.adapters.items():
                     todo_here = [p for p in positions if (name, p) not in done and p in row_of]
                     if not todo_here:
                         continue
                     rows_here = [row_of[p] for p in todo_here]
                     if self.attack.is_adaptive:
-                        records = [self.adapt_adaptive(name, adapter, images[i], int(labels[i]), p,
-                                                       counter, transfer_for_checks)
-                                   for p, i in zip(todo_here, rows_here)]
+                        records = [
+                            self.adapt_adaptive(
+                                name, adapter, images[i], int(labels[i]), p, counter, transfer_for_checks
+                            )
+                            for p, i in zip(todo_here, rows_here)
+                        ]
                     else:
-                        records = self.adapt_together(name, adapter, images[rows_here], labels[rows_here],
-                                                      None if adversarial is None else adversarial[rows_here],
-                                                      todo_here, counter)
+                        records = self.adapt_together(
+                            name,
+                            adapter,
+                            images[rows_here],
+                            labels[rows_here],
+                            None if adversarial is None else adversarial[rows_here],
+                            todo_here,
+                            counter,
+                        )
                     for record in records:
                         self.log.append(record)
                         rows[name].add(record)
@@ -248,8 +286,16 @@ class Evaluation:
             counter.close()
             bar.close()
 
-    def adapt_together(self, name: str, adapter: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                       adversarial: Optional[torch.Tensor], positions: List[int], counter: "PassCounter") -> List[dict]:
+    def adapt_together(
+        self,
+        name: str,
+        adapter: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        adversarial: Optional[torch.Tensor],
+        positions: List[int],
+        counter: "PassCounter",
+    ) -> List[dict]:
         """Clean and adversarial images of a batch in one adapter call (the adapter batches them,
         e.g. `image_batch`); per-sample seconds and image passes are the call's, shared evenly."""
         both = images if adversarial is None else torch.cat([images, adversarial])
@@ -258,13 +304,31 @@ class Evaluation:
         predictions = self.predict(adapter, both)
         share = len(positions)
         seconds = (time.perf_counter() - start) / share
-        return [{"position": p, "id": self.source.sample_id(p), "label": int(label), "adapter": name,
-                 "clean": predictions[i], "adv": None if adversarial is None else predictions[share + i],
-                 "seconds": round(seconds, 6), "image_passes": counter.count / share, "rank": self.dist.rank}
-                for i, (p, label) in enumerate(zip(positions, labels))]
+        return [
+            {
+                "position": p,
+                "id": self.source.sample_id(p),
+                "label": int(label),
+                "adapter": name,
+                "clean": predictions[i],
+                "adv": None if adversarial is None else predictions[share + i],
+                "seconds": round(seconds, 6),
+                "image_passes": counter.count / share,
+                "rank": self.dist.rank,
+            }
+            for i, (p, label) in enumerate(zip(positions, labels))
+        ]
 
-    def adapt_adaptive(self, name: str, adapter: nn.Module, image: torch.Tensor, label: int, position: int,
-                       counter: "PassCounter", transfer_for_checks: Dict[int, torch.Tensor]) -> dict:
+    def adapt_adaptive(
+        self,
+        name: str,
+        adapter: nn.Module,
+        image: torch.Tensor,
+        label: int,
+        position: int,
+        counter: "PassCounter",
+        transfer_for_checks: Dict[int, torch.Tensor],
+    ) -> dict:
         """One sample under an adaptive attack on this adapter, then its clean and adversarial predictions."""
         adversarial, stats = self.attack_adapter(self.attack, adapter, image, label, position, counter)
         extra = {"attack": stats.as_dict()}
@@ -275,9 +339,18 @@ class Evaluation:
         counter.count = 0
         start = time.perf_counter()
         clean, adv = self.predict(adapter, torch.stack([image, adversarial]))
-        return {"position": position, "id": self.source.sample_id(position), "label": label, "adapter": name,
-                "clean": clean, "adv": adv, "seconds": round(time.perf_counter() - start, 6),
-                "image_passes": counter.count, "rank": self.dist.rank, **extra}
+        return {
+            "position": position,
+            "id": self.source.sample_id(position),
+            "label": label,
+            "adapter": name,
+            "clean": clean,
+            "adv": adv,
+            "seconds": round(time.perf_counter() - start, 6),
+            "image_passes": counter.count,
+            "rank": self.dist.rank,
+            **extra,
+        }
 
     def run(self) -> List[Row]:
         """Attack, adapt, reduce; returns one `Row` per adapter (the same on every rank)."""
@@ -306,10 +379,15 @@ class Evaluation:
             for f, value in zip(FIELDS, values):
                 setattr(row, f, value if f in FLOAT_FIELDS else int(round(value)))
             if self.attack.is_adaptive:
-                checks, warnings = judge(self.attack, self.checks, self.sanity or SanityChecks(n=0), row.checks_n,
-                                         row.checks_adv_correct,
-                                         {k: v for k, v in row.check_counts().items() if k in self.checks},
-                                         adapter=name)
+                checks, warnings = judge(
+                    self.attack,
+                    self.checks,
+                    self.sanity or SanityChecks(n=0),
+                    row.checks_n,
+                    row.checks_adv_correct,
+                    {k: v for k, v in row.check_counts().items() if k in self.checks},
+                    adapter=name,
+                )
                 zero = zero_gradient_warning(self.attack, row.attack_zero_gradients, row.attack_backward, name)
                 row.report = {"checks": checks, "warnings": ([zero] if zero else []) + warnings}
             reduced.append(row)
@@ -326,7 +404,9 @@ class Evaluation:
 
     def _merge(self, reduced: List[Row]) -> List[dict]:
         """All records, checked: none missing (each is there once: `ResultLog.records`), equal to the sums."""
-        records = [r for r in self.log.records() if r["adapter"] in self.adapters and 0 <= r["position"] < len(self.source)]
+        records = [
+            r for r in self.log.records() if r["adapter"] in self.adapters and 0 <= r["position"] < len(self.source)
+        ]
         skipped = {item["position"] for item in self.skipped}
         expected = {(name, p) for name in self.adapters for p in range(len(self.source)) if p not in skipped}
         missing = sorted(expected - {(r["adapter"], r["position"]) for r in records})
@@ -337,10 +417,16 @@ class Evaluation:
             by_adapter[record["adapter"]].add(record)
         for row in reduced:
             merged = by_adapter[row.adapter]
-            if (merged.n, merged.clean_correct, merged.adv_correct, merged.robust_correct) != \
-                    (row.n, row.clean_correct, row.adv_correct, row.robust_correct):
-                raise RuntimeError(f"results files and reduced counts disagree for {row.adapter}: "
-                                   f"{merged.as_dict()} vs {row.as_dict()}")
+            if (merged.n, merged.clean_correct, merged.adv_correct, merged.robust_correct) != (
+                row.n,
+                row.clean_correct,
+                row.adv_correct,
+                row.robust_correct,
+            ):
+                raise RuntimeError(
+                    f"results files and reduced counts disagree for {row.adapter}: "
+                    f"{merged.as_dict()} vs {row.as_dict()}"
+                )
         return sorted(records, key=lambda r: (r["position"], r["adapter"]))
 
 

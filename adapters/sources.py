@@ -1,4 +1,5 @@
 """What an evaluation iterates: positions of a dataset selection or of in-memory tensors."""
+
 from __future__ import annotations
 
 from typing import Sequence, Tuple

@@ -7,6 +7,7 @@ a failed write stops the run with one message that names the file and says how t
 (`StorageError`) instead of a traceback. Only `os` calls are used (`os.open`, `os.write`,
 `os.fsync`, `os.replace`), so tests inject faults by patching them.
 """
+
 from __future__ import annotations
 
 import errno
@@ -28,8 +29,9 @@ def write_error(path, error: OSError) -> StorageError:
         advice = "free space on that disk and run the same command again"
     else:
         advice = "fix the cause and run the same command again"
-    failure = StorageError(f"could not write {path}: {reason}; {advice}: finished results are kept "
-                           "and the run resumes where it stopped")
+    failure = StorageError(
+        f"could not write {path}: {reason}; {advice}: finished results are kept and the run resumes where it stopped"
+    )
     failure.errno = error.errno
     return failure
 

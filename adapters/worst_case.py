@@ -8,6 +8,7 @@ the adapter classifies it correctly clean and under every attack. A killed run r
 per (sample, adapter, attack), since each attack's folder resumes on its own; the
 combination is recomputed from the records every time.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,7 @@ WORST = "worst"
 class AttackRun:
     """One attack of a worst-case run: as written, resolved name, its own settings, its folder."""
 
-    label: str                       # as the user wrote it, whitespace removed: "pgd[steps=20]"
+    label: str  # as the user wrote it, whitespace removed: "pgd[steps=20]"
     name: str
     settings: Dict[str, object]
 
@@ -42,7 +43,7 @@ def parse_attacks(text: Optional[str]) -> List[AttackRun]:
     from .attacks import resolve_attack_name
 
     if not text or not text.strip():
-        raise ValueError("--attack worst needs --attacks, e.g. --attacks \"pgd[steps=20],eot-pgd,square\"")
+        raise ValueError('--attack worst needs --attacks, e.g. --attacks "pgd[steps=20],eot-pgd,square"')
     runs = []
     for spec in split_top_level(text):
         if not spec.strip():
@@ -64,9 +65,9 @@ class AdapterOutcome:
     """One adapter's per-sample outcomes across the attacks of a worst-case run."""
 
     adapter: str
-    labels: Dict[int, int] = field(default_factory=dict)             # position -> label
-    clean: Dict[int, int] = field(default_factory=dict)              # position -> clean prediction
-    adv: Dict[str, Dict[int, int]] = field(default_factory=dict)     # attack -> position -> prediction
+    labels: Dict[int, int] = field(default_factory=dict)  # position -> label
+    clean: Dict[int, int] = field(default_factory=dict)  # position -> clean prediction
+    adv: Dict[str, Dict[int, int]] = field(default_factory=dict)  # attack -> position -> prediction
 
     def positions(self) -> List[int]:
         common = set(self.clean)
@@ -75,8 +76,7 @@ class AdapterOutcome:
         return sorted(common)
 
     def survived(self, position: int) -> List[str]:
-        return [attack for attack, predictions in self.adv.items()
-                if predictions[position] == self.labels[position]]
+        return [attack for attack, predictions in self.adv.items() if predictions[position] == self.labels[position]]
 
 
 def collect(out: Path, runs: Sequence[AttackRun]) -> Dict[str, AdapterOutcome]:
@@ -91,13 +91,15 @@ def collect(out: Path, runs: Sequence[AttackRun]) -> Dict[str, AdapterOutcome]:
             if known != record["clean"]:
                 raise RuntimeError(
                     f"{record['adapter']} predicts sample {position} clean as {known} in one attack's run and as "
-                    f"{record['clean']} in {run.label}'s: the runs do not share their settings")
+                    f"{record['clean']} in {run.label}'s: the runs do not share their settings"
+                )
             outcome.adv.setdefault(run.label, {})[position] = record["adv"]
     return outcomes
 
 
-def worst_case_rows(outcomes: Dict[str, AdapterOutcome], runs: Sequence[AttackRun],
-                    attack_rows: Dict[str, Dict[str, dict]]) -> Tuple[List[dict], List[dict]]:
+def worst_case_rows(
+    outcomes: Dict[str, AdapterOutcome], runs: Sequence[AttackRun], attack_rows: Dict[str, Dict[str, dict]]
+) -> Tuple[List[dict], List[dict]]:
     """(rows, per-sample records): per adapter the accuracy clean, under each attack and in
     the worst case (correct clean and under every attack), with each attack's warnings."""
     rows, samples = [], []
@@ -117,15 +119,30 @@ def worst_case_rows(outcomes: Dict[str, AdapterOutcome], runs: Sequence[AttackRu
             survived = outcome.survived(position)
             correct = outcome.clean[position] == outcome.labels[position] and len(survived) == len(runs)
             robust += correct
-            samples.append({"adapter": adapter, "position": position, "label": outcome.labels[position],
-                            "clean": outcome.clean[position],
-                            "adv": {run.label: outcome.adv[run.label][position] for run in runs},
-                            "survived": survived, "worst_case_correct": bool(correct)})
-        rows.append({"adapter": adapter, "n": n, "clean_acc": clean / n if n else None,
-                     "adv_acc_by_attack": per_attack, "attack_kinds": kinds,
-                     "worst_case_acc": robust / n if n else None, "worst_case_correct": robust,
-                     "transfer_only": all(kind == "transfer" for kind in kinds.values()),
-                     "warnings": warnings})
+            samples.append(
+                {
+                    "adapter": adapter,
+                    "position": position,
+                    "label": outcome.labels[position],
+                    "clean": outcome.clean[position],
+                    "adv": {run.label: outcome.adv[run.label][position] for run in runs},
+                    "survived": survived,
+                    "worst_case_correct": bool(correct),
+                }
+            )
+        rows.append(
+            {
+                "adapter": adapter,
+                "n": n,
+                "clean_acc": clean / n if n else None,
+                "adv_acc_by_attack": per_attack,
+                "attack_kinds": kinds,
+                "worst_case_acc": robust / n if n else None,
+                "worst_case_correct": robust,
+                "transfer_only": all(kind == "transfer" for kind in kinds.values()),
+                "warnings": warnings,
+            }
+        )
     return rows, samples
 
 
@@ -133,11 +150,18 @@ def markdown(rows: Sequence[dict], runs: Sequence[AttackRun], caption: str = "")
     """The worst-case table: clean, each attack, worst case (sorted by worst case), warnings."""
     labels = [run.label for run in runs]
     head = ["adapter", "n", "clean (%)", *[f"{label} (%)" for label in labels], "worst case (%)"]
-    lines = ([f"{caption}", ""] if caption else []) + ["| " + " | ".join(head) + " |",
-                                                        "|" + "---|" + "---:|" * (len(head) - 1)]
+    lines = ([f"{caption}", ""] if caption else []) + [
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" + "---:|" * (len(head) - 1),
+    ]
     for row in sorted(rows, key=lambda r: -(r["worst_case_acc"] or 0)):
-        cells = [row["adapter"], str(row["n"]), _percent(row["clean_acc"]),
-                 *[_percent(row["adv_acc_by_attack"][label]) for label in labels], f"**{_percent(row['worst_case_acc'])}**"]
+        cells = [
+            row["adapter"],
+            str(row["n"]),
+            _percent(row["clean_acc"]),
+            *[_percent(row["adv_acc_by_attack"][label]) for label in labels],
+            f"**{_percent(row['worst_case_acc'])}**",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     warnings = [f"- {w}" for row in rows for w in row["warnings"]]
     if warnings:
@@ -149,14 +173,16 @@ def _percent(value: Optional[float]) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def write(out: Path, rows: List[dict], samples: List[dict], runs: Sequence[AttackRun], caption: str,
-          extra: Dict[str, object]) -> List[Path]:
+def write(
+    out: Path, rows: List[dict], samples: List[dict], runs: Sequence[AttackRun], caption: str, extra: Dict[str, object]
+) -> List[Path]:
     """summary.json, results.md and the per-sample worst-case records (rewritten whole)."""
     make_dir(out)
     table = markdown(rows, runs, caption)
     summary = {"rows": rows, "caption": caption, "attacks": [run.label for run in runs], **extra}
     atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     atomic_write(out / "results.md", table.encode())
-    atomic_write(out / "worst_case_samples.jsonl",
-                 "".join(json.dumps(s, sort_keys=True) + "\n" for s in samples).encode())
+    atomic_write(
+        out / "worst_case_samples.jsonl", "".join(json.dumps(s, sort_keys=True) + "\n" for s in samples).encode()
+    )
     return [out / "summary.json", out / "results.md", out / "worst_case_samples.jsonl"]

@@ -5,6 +5,7 @@ prompt, build the views, encode them once, select the confident ones, tune a fre
 of the prompt context, and aggregate the tuned predictions. Image features do not depend
 on the prompt, so one image pass serves selection, tuning and the final prediction.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -35,18 +36,27 @@ class TestTimeAdapter(EpisodicAdapter):
     with the tuned prompt held fixed ("fixed_prompt", the default).
     """
 
-    def __init__(self, model: nn.Module, classnames: Sequence[str], tokenizer,
-                 config: AdapterConfig = AdapterConfig(), name: str = "atpt"):
+    def __init__(
+        self,
+        model: nn.Module,
+        classnames: Sequence[str],
+        tokenizer,
+        config: AdapterConfig = AdapterConfig(),
+        name: str = "atpt",
+    ):
         super().__init__(model, detect(model, has_text=True), config, name)
         if tokenizer is None:
-            raise ValueError("a tokenizer is needed for the class prompts: "
-                             "tokenizer=open_clip.get_tokenizer(<model name>)")
+            raise ValueError(
+                "a tokenizer is needed for the class prompts: tokenizer=open_clip.get_tokenizer(<model name>)"
+            )
         generator = torch.Generator().manual_seed(config.seed or 0)
         with torch.inference_mode(False), torch.no_grad(), evaluation_mode(model):
-            self.prompt = PromptLearner(self.backbone, classnames, tokenizer, config.context_phrase,
-                                        config.n_ctx, generator)
-            self.register_buffer("zero_shot_text", self.prompt.text_features(self.prompt.initial_context),
-                                 persistent=False)
+            self.prompt = PromptLearner(
+                self.backbone, classnames, tokenizer, config.context_phrase, config.n_ctx, generator
+            )
+            self.register_buffer(
+                "zero_shot_text", self.prompt.text_features(self.prompt.initial_context), persistent=False
+            )
         self.build_components()
         encode = self.backbone.encode_image
         self.view_encoder = torch.compile(encode, dynamic=True) if config.compile else encode
@@ -130,8 +140,10 @@ class TestTimeAdapter(EpisodicAdapter):
 
         def loss(contexts):
             logits = scale * features @ self.prompt.text_features(contexts).transpose(1, 2) + bias
-            return sum(objective(image_logits[select_confident(image_logits.detach(), config.n_confident)])
-                       for image_logits in logits)
+            return sum(
+                objective(image_logits[select_confident(image_logits.detach(), config.n_confident)])
+                for image_logits in logits
+            )
 
         if path == "none":
             contexts = adamw(initial, loss, config.steps, config.lr, config.weight_decay)

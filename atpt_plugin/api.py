@@ -7,6 +7,7 @@ this one; the group's entry point names an `Adapter` or a callable returning one
     [project.entry-points."atpt_plugin.adapters"]
     my_method = "my_package.presets:my_method"
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,7 @@ ENTRY_POINT_GROUP = ADAPTERS.group
 class Adapter:
     """A named, validated configuration; `wrap(model, ...)` makes the test-time module."""
 
-    def __init__(self, name: str, config: AdapterConfig = AdapterConfig(), description: str = "",
-                 paper: str = ""):
+    def __init__(self, name: str, config: AdapterConfig = AdapterConfig(), description: str = "", paper: str = ""):
         self.name = name
         self.config = config
         self.description = description
@@ -53,8 +53,9 @@ def _adapter(name: str) -> Adapter:
     target = entry.load()
     adapter = target if isinstance(target, Adapter) else target()
     if not isinstance(adapter, Adapter):
-        raise TypeError(f"entry point {name!r} of {entry.source} gave {type(adapter).__name__}, "
-                        "expected an atpt_plugin.Adapter")
+        raise TypeError(
+            f"entry point {name!r} of {entry.source} gave {type(adapter).__name__}, expected an atpt_plugin.Adapter"
+        )
     return adapter
 
 
@@ -90,7 +91,7 @@ def split_top_level(text: str, separator: str = ",") -> List[str]:
 
 
 def parse_setting(pair: str, where: str) -> Tuple[str, object]:
-    """"key=value" with the value read as JSON where it parses (numbers, true, [0.5, 1.0]), else a string."""
+    """ "key=value" with the value read as JSON where it parses (numbers, true, [0.5, 1.0]), else a string."""
     key, sep, value = pair.partition("=")
     if not sep or not key.strip():
         raise ValueError(f"{where} takes KEY=VALUE, got {pair!r}")
@@ -101,7 +102,7 @@ def parse_setting(pair: str, where: str) -> Tuple[str, object]:
 
 
 def parse_named_settings(spec: str, what: str = "adapter") -> Tuple[str, Dict[str, object]]:
-    """"atpt[aggregator=reliability,views=32]" -> ("atpt", {"aggregator": "reliability", "views": 32})."""
+    """ "atpt[aggregator=reliability,views=32]" -> ("atpt", {"aggregator": "reliability", "views": 32})."""
     spec = spec.strip()
     name, bracket, rest = spec.partition("[")
     if not bracket:

@@ -24,6 +24,7 @@ The model is never changed: tuned tensors are copies passed with `torch.func.fun
 gradients are taken with `torch.autograd.grad` (no `.grad` is written), train/eval flags are
 restored. Features for the reliability and MTA-style aggregators are the initial model's.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,13 +45,18 @@ from .episodic import EpisodicAdapter
 from .objectives import select_confident
 from .tuning import adamw
 
+
 def _norm_types():
     types = [nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm]
     if hasattr(nn, "RMSNorm"):
         types.append(nn.RMSNorm)
     import timm.layers as layers
-    types += [getattr(layers, n) for n in ("RmsNorm", "RmsNorm2d", "SimpleNorm", "SimpleNorm2d")
-              if isinstance(getattr(layers, n, None), type)]
+
+    types += [
+        getattr(layers, n)
+        for n in ("RmsNorm", "RmsNorm2d", "SimpleNorm", "SimpleNorm2d")
+        if isinstance(getattr(layers, n, None), type)
+    ]
     return tuple(types)
 
 
@@ -83,7 +89,7 @@ class _Forward(nn.Module):
             inserted = prompts.to(tokens.dtype).unsqueeze(0).expand(tokens.shape[0], -1, -1)
             tokens = torch.cat([tokens[:, :prefix], inserted, tokens[:, prefix:]], dim=1)
             tokens = model.norm(model.blocks(tokens))
-            tokens = torch.cat([tokens[:, :prefix], tokens[:, prefix + count:]], dim=1)
+            tokens = torch.cat([tokens[:, :prefix], tokens[:, prefix + count :]], dim=1)
         logits = model.forward_head(tokens)
         features = model.forward_head(tokens, pre_logits=True)
         return logits, F.normalize(features.float().flatten(1), dim=-1)
@@ -100,47 +106,61 @@ class ClassifierTestTimeAdapter(EpisodicAdapter):
     `image_size` overrides the view size for models created with `dynamic_img_size=True`.
     """
 
-    def __init__(self, model: nn.Module, config: AdapterConfig = AdapterConfig(), name: str = "atpt",
-                 image_size: Optional[int] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: AdapterConfig = AdapterConfig(),
+        name: str = "atpt",
+        image_size: Optional[int] = None,
+    ):
         super().__init__(model, timm_backbone(model, image_size), config, name)
         if config.compile:
-            raise ValueError("compile=True compiles the CLIP image tower's view pass; a timm classifier "
-                             "is run through torch.func.functional_call, which it does not cover: "
-                             "leave compile=False")
+            raise ValueError(
+                "compile=True compiles the CLIP image tower's view pass; a timm classifier "
+                "is run through torch.func.functional_call, which it does not cover: "
+                "leave compile=False"
+            )
         tuning, vpt_tokens = config.classifier_tuning, config.vpt_tokens
         self.tuning = tuning
         self.num_classes = getattr(model, "num_classes", 0)
         if not self.num_classes:
-            raise ValueError(f"{type(model).__name__} has no classifier head (num_classes=0): "
-                             "test-time entropy tuning needs class logits")
+            raise ValueError(
+                f"{type(model).__name__} has no classifier head (num_classes=0): "
+                "test-time entropy tuning needs class logits"
+            )
         if tuning == "norm":
             self.tuned_names = sorted(norm_parameters(model))
             if not self.tuned_names and config.steps > 0:
-                raise ValueError(f"{type(model).__name__} has no normalisation layer with affine "
-                                 "parameters to tune; use classifier_tuning='prompt' (ViTs) or steps=0")
+                raise ValueError(
+                    f"{type(model).__name__} has no normalisation layer with affine "
+                    "parameters to tune; use classifier_tuning='prompt' (ViTs) or steps=0"
+                )
             self.register_buffer("initial_prompts", None, persistent=False)
         else:
             if not isinstance(self.backbone, TimmVitBackbone):
-                raise ValueError("classifier_tuning='prompt' (VPT) inserts tokens into a ViT; "
-                                 f"{type(model).__name__} is not a timm VisionTransformer: use classifier_tuning='norm'")
+                raise ValueError(
+                    "classifier_tuning='prompt' (VPT) inserts tokens into a ViT; "
+                    f"{type(model).__name__} is not a timm VisionTransformer: use classifier_tuning='norm'"
+                )
             self.tuned_names = []
             patch = model.patch_embed.patch_size
             bound = math.sqrt(6.0 / (3 * patch[0] * patch[1] + model.embed_dim))  # VPT's init
             generator = torch.Generator().manual_seed(config.seed or 0)
             prompts = torch.empty(vpt_tokens, model.embed_dim).uniform_(-bound, bound, generator=generator)
-            self.register_buffer("initial_prompts", prompts.to(self.backbone.device, self.backbone.dtype),
-                                 persistent=False)
+            self.register_buffer(
+                "initial_prompts", prompts.to(self.backbone.device, self.backbone.dtype), persistent=False
+            )
         self.build_components()
         needs_text = self.aggregator.needs_text
         if needs_text:
             raise ValueError(
                 f"adapter {name!r} uses aggregator={config.aggregator!r}, which needs a text encoder "
                 f"({needs_text}); a timm classifier has none: use a CLIP model with classnames=..., "
-                "or another aggregator (tv, reliability, mean, single)")
+                "or another aggregator (tv, reliability, mean, single)"
+            )
 
     def extra_repr(self) -> str:
-        return (f"name={self.name!r}, classes={self.num_classes}, tuning={self.tuning!r}, "
-                f"config={self.config}")
+        return f"name={self.name!r}, classes={self.num_classes}, tuning={self.tuning!r}, config={self.config}"
 
     @property
     def num_outputs(self) -> int:
@@ -151,8 +171,9 @@ class ClassifierTestTimeAdapter(EpisodicAdapter):
         return top1_class_score(self.backbone)
 
     # the episodic loop ----------------------------------------------------------
-    def run(self, x: torch.Tensor, params: Optional[Dict[str, torch.Tensor]] = None,
-            prompts: Optional[torch.Tensor] = None):
+    def run(
+        self, x: torch.Tensor, params: Optional[Dict[str, torch.Tensor]] = None, prompts: Optional[torch.Tensor] = None
+    ):
         """(logits, features) of normalised images with `params` replacing the model's own."""
         forward = _Forward(self.model, self.backbone)
         named = {f"model.{name}": value for name, value in (params or {}).items()}
@@ -162,8 +183,9 @@ class ClassifierTestTimeAdapter(EpisodicAdapter):
 
     def adapt_images(self, images: torch.Tensor, track_input: bool = False) -> torch.Tensor:
         host = images.detach().float().cpu()  # one transfer for the per-image seeds
-        return torch.stack([self.adapt(image, self.generator_for(seen), track_input)
-                            for image, seen in zip(images, host)])
+        return torch.stack(
+            [self.adapt(image, self.generator_for(seen), track_input) for image, seen in zip(images, host)]
+        )
 
     def adapt(self, image: torch.Tensor, generator: torch.Generator, track_input: bool) -> torch.Tensor:
         """The episodic loop for one (3,H,W) image; returns (num_classes,) logits."""
@@ -227,24 +249,29 @@ class ClassifierTestTimeAdapter(EpisodicAdapter):
             if steps_done:
                 with torch.no_grad():
                     current = {name: value.detach() for name, value in params.items()}
-                    chosen = select_confident(self.run(x.detach(), current, None if prompts is None
-                                                       else prompts.detach())[0], config.n_confident)
+                    chosen = select_confident(
+                        self.run(x.detach(), current, None if prompts is None else prompts.detach())[0],
+                        config.n_confident,
+                    )
             steps_done.append(1)
             logits, _ = self.run(x[chosen], params, prompts)
             return self.objective(logits)
 
         kernels = sdpa_kernel(SDPBackend.MATH) if path != "none" else contextlib.nullcontext()
         with kernels:  # fused attention kernels have no double backward
-            flat = adamw(torch.cat([t.flatten() for t in tensors]), loss, config.steps, config.lr,
-                         config.weight_decay, path=path)
+            flat = adamw(
+                torch.cat([t.flatten() for t in tensors]), loss, config.steps, config.lr, config.weight_decay, path=path
+            )
         return split(flat)
 
 
-def wrap_classifier(model: nn.Module, config: AdapterConfig = AdapterConfig(),
-                    name: str = "atpt") -> ClassifierTestTimeAdapter:
+def wrap_classifier(
+    model: nn.Module, config: AdapterConfig = AdapterConfig(), name: str = "atpt"
+) -> ClassifierTestTimeAdapter:
     """What `Adapter.wrap(model)` returns without class names: test-time adaptation of a timm classifier."""
     if not is_timm_model(model):
         raise TypeError(
             f"without classnames the model must be a timm image classifier (timm.create_model(...)), got "
-            f"{type(model).__name__}; for a CLIP model pass classnames=[...] and tokenizer=...")
+            f"{type(model).__name__}; for a CLIP model pass classnames=[...] and tokenizer=..."
+        )
     return ClassifierTestTimeAdapter(model, config, name)

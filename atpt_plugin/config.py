@@ -3,6 +3,7 @@
 A preset is an `AdapterConfig`; a keyword override is `dataclasses.replace` on it, so
 an unknown or out-of-range setting fails here, before any model is touched.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,60 +33,60 @@ class AdapterConfig:
     """Settings of the episodic loop (docs/method.md §1-§5); defaults are A-TPT's (paper)."""
 
     # views and tuning
-    views: int = 64                      # K: the center crop plus K-1 augmented views
-    rho: float = 0.1                     # confident fraction; max(1, int(K * rho)) views kept
-    lr: float = 5e-3                     # AdamW learning rate
-    weight_decay: float = 0.01           # AdamW default
-    steps: int = 1                       # tuning steps per image; 0 = no tuning
+    views: int = 64  # K: the center crop plus K-1 augmented views
+    rho: float = 0.1  # confident fraction; max(1, int(K * rho)) views kept
+    lr: float = 5e-3  # AdamW learning rate
+    weight_decay: float = 0.01  # AdamW default
+    steps: int = 1  # tuning steps per image; 0 = no tuning
     objective: Union[str, Any] = "mean_entropy"  # or "marginal_entropy" (TPT); a name or a callable
     # prompt
     ctx_init: Optional[str] = "a photo of a"  # None: random context of n_ctx tokens
-    domain_word: Optional[str] = None    # "pet" turns "a photo of a" into "a pet photo of a"
-    n_ctx: int = 4                       # only used when ctx_init is None
+    domain_word: Optional[str] = None  # "pet" turns "a photo of a" into "a pet photo of a"
+    n_ctx: int = 4  # only used when ctx_init is None
     # explainer
     explainer: Union[str, Explainer] = AUTO  # auto: the backbone's default (ViT: token_grad_rollout)
-    token_site: str = "normed"           # "normed" (after ln_1, well conditioned) or "input" (literal)
-    rollout_layers: str = "last_two"     # "last_two" (A-TPT) or "all"
+    token_site: str = "normed"  # "normed" (after ln_1, well conditioned) or "input" (literal)
+    rollout_layers: str = "last_two"  # "last_two" (A-TPT) or "all"
     layer_weights: Tuple[float, float] = (1.0, 1.0)  # (block B-1, block B); authors' code: (0.5, 1.0)
-    row_normalize: bool = True           # authors' code row-normalises each refined block matrix
-    clip_quantile: float = 0.99          # maps are clipped at this quantile, then min-max scaled
-    gradcam_sharpen: bool = False        # authors' RN50 code: (ReLU(cam - 0.2) / max) ** 2
-    explainer_eps: float = 0.0           # added to every divisor of the maps' normalisations
-                                         # (authors' code: 1e-8); 0 divides exactly
+    row_normalize: bool = True  # authors' code row-normalises each refined block matrix
+    clip_quantile: float = 0.99  # maps are clipped at this quantile, then min-max scaled
+    gradcam_sharpen: bool = False  # authors' RN50 code: (ReLU(cam - 0.2) / max) ** 2
+    explainer_eps: float = 0.0  # added to every divisor of the maps' normalisations
+    # (authors' code: 1e-8); 0 divides exactly
     # augmenter
     augmenter: Union[str, Augmenter] = "attention_mix"
-    base_crop: str = "center"            # "center" (paper: flip + center crop) or "random_resized" (code)
-    crop_source: str = "resized"         # bases cropped from the image resized to the model size, or from
-                                         # the "original" image, antialiased (authors' code, PIL)
+    base_crop: str = "center"  # "center" (paper: flip + center crop) or "random_resized" (code)
+    crop_source: str = "resized"  # bases cropped from the image resized to the model size, or from
+    # the "original" image, antialiased (authors' code, PIL)
     input_quantization: Optional[str] = None  # "uint8_floor": x -> floor(255 x) / 255 before the views,
-                                         # the authors' PIL round trip of adversarial images
-    augmix_ops: bool = True              # False: crop + flip only (TPT's ImageNet convention)
-    mask_rule: str = "top_k"             # "top_k" (paper, ceil(r*H*W)) or "quantile" (authors' code)
-    r: float = 0.2                       # high-attention area fraction (top_k rule)
-    m_high: float = 0.2                  # augmentation weight on high-attention pixels
-    m_low: float = 0.8                   # augmentation weight on the rest
-    p_high: float = 0.2                  # quantile rule: top fraction that is "high"
-    p_low: float = 0.8                   # quantile rule: bottom fraction that is "low"
+    # the authors' PIL round trip of adversarial images
+    augmix_ops: bool = True  # False: crop + flip only (TPT's ImageNet convention)
+    mask_rule: str = "top_k"  # "top_k" (paper, ceil(r*H*W)) or "quantile" (authors' code)
+    r: float = 0.2  # high-attention area fraction (top_k rule)
+    m_high: float = 0.2  # augmentation weight on high-attention pixels
+    m_low: float = 0.8  # augmentation weight on the rest
+    p_high: float = 0.2  # quantile rule: top fraction that is "high"
+    p_low: float = 0.8  # quantile rule: bottom fraction that is "low"
     # aggregator
     aggregator: Union[str, Aggregator] = "tv"
-    tv_temperature: float = 1.0          # w = softmax(-TV / temperature)
-    tv_map_size: Optional[int] = None    # None: TV on the patch-grid map; int: upsampled first
-    reliability_k: int = 20              # R-TPT: top-k similarities per view
+    tv_temperature: float = 1.0  # w = softmax(-TV / temperature)
+    tv_map_size: Optional[int] = None  # None: TV on the patch-grid map; int: upsampled first
+    reliability_k: int = 20  # R-TPT: top-k similarities per view
     reliability_temperature: float = 0.01
-    mean_over: str = "confident"         # "confident" (the set B) or "all" views
+    mean_over: str = "confident"  # "confident" (the set B) or "all" views
     # timm classifiers (no text): what is tuned instead of the prompt context
-    classifier_tuning: str = "norm"      # "norm": LayerNorm affine (TENT); "prompt": VPT-shallow tokens
-    vpt_tokens: int = 4                  # visual prompt tokens for classifier_tuning="prompt"
+    classifier_tuning: str = "norm"  # "norm": LayerNorm affine (TENT); "prompt": VPT-shallow tokens
+    vpt_tokens: int = 4  # visual prompt tokens for classifier_tuning="prompt"
     # adaptive attacks: how logits are differentiated w.r.t. an input that requires grad
     input_gradient: str = "fixed_prompt"  # "fixed_prompt", "bpda" or "exact" (through the tuning step)
     # speed
-    precision: str = "fp32"              # "bf16" / "fp16": autocast the image-tower passes
-    compile: bool = False                # torch.compile the views' image-tower pass (see README)
-    image_batch: Optional[int] = None    # test images adapted together (independent prompts, one
-                                         # pass per stage); None: 8 on a GPU, 1 on a CPU, where
-                                         # batching is slower (docs/performance.md); results do not depend on it
+    precision: str = "fp32"  # "bf16" / "fp16": autocast the image-tower passes
+    compile: bool = False  # torch.compile the views' image-tower pass (see README)
+    image_batch: Optional[int] = None  # test images adapted together (independent prompts, one
+    # pass per stage); None: 8 on a GPU, 1 on a CPU, where
+    # batching is slower (docs/performance.md); results do not depend on it
     # reproducibility
-    seed: Optional[int] = 0              # None: fresh randomness on every call
+    seed: Optional[int] = 0  # None: fresh randomness on every call
 
     def __post_init__(self):
         for name in COMPONENTS:
@@ -116,16 +117,21 @@ class AdapterConfig:
         for name in ("lr", "tv_temperature", "reliability_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if isinstance(self.explainer_eps, bool) or not isinstance(self.explainer_eps, (int, float)) \
-                or not 0 <= self.explainer_eps < float("inf"):
-            raise ValueError(f"explainer_eps must be a finite number >= 0 (the authors' code: 1e-8), "
-                             f"got {self.explainer_eps!r}")
+        if (
+            isinstance(self.explainer_eps, bool)
+            or not isinstance(self.explainer_eps, (int, float))
+            or not 0 <= self.explainer_eps < float("inf")
+        ):
+            raise ValueError(
+                f"explainer_eps must be a finite number >= 0 (the authors' code: 1e-8), got {self.explainer_eps!r}"
+            )
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.m_high > self.m_low:
             raise ValueError(
                 f"m_high ({self.m_high}) must not exceed m_low ({self.m_low}): high-attention "
-                "pixels are the discriminative ones and must be augmented less than the rest")
+                "pixels are the discriminative ones and must be augmented less than the rest"
+            )
         if len(self.layer_weights) != 2 or min(self.layer_weights) < 0 or sum(self.layer_weights) <= 0:
             raise ValueError(f"layer_weights must be two non-negative numbers, got {self.layer_weights!r}")
         if self.tv_map_size is not None:
@@ -133,8 +139,9 @@ class AdapterConfig:
         if self.ctx_init is not None and not self.ctx_init.strip():
             raise ValueError("ctx_init must be a non-empty phrase such as 'a photo of a', or None")
         if self.domain_word and (self.ctx_init is None or "photo" not in self.ctx_init.split()):
-            raise ValueError("domain_word is inserted before the word 'photo' of ctx_init, "
-                             f"which {self.ctx_init!r} does not contain")
+            raise ValueError(
+                f"domain_word is inserted before the word 'photo' of ctx_init, which {self.ctx_init!r} does not contain"
+            )
         if self.seed is not None:
             _check_int("seed", self.seed, 0)
 
@@ -181,9 +188,10 @@ def _check_component(field: str, value) -> None:
         return
     satisfied = callable(value) if isinstance(interface, str) else isinstance(value, interface)
     if not satisfied:
-        wanted = interface if isinstance(interface, str) else f"an instance of {interface.__module__}.{interface.__name__}"
-        raise TypeError(f"{field}={value!r} is neither a registered name ({', '.join(registry.names())}) "
-                        f"nor {wanted}")
+        wanted = (
+            interface if isinstance(interface, str) else f"an instance of {interface.__module__}.{interface.__name__}"
+        )
+        raise TypeError(f"{field}={value!r} is neither a registered name ({', '.join(registry.names())}) nor {wanted}")
 
 
 def component_record(registry: Registry, value) -> Dict[str, Any]:

@@ -1,5 +1,6 @@
 """What every test-time adapter shares: input checks, the model's state, per-image seeds,
 the components (explainer, augmenter, aggregator, objective) and the views."""
+
 from __future__ import annotations
 
 import contextlib
@@ -104,19 +105,26 @@ class EpisodicAdapter(nn.Module):
         firsts = torch.stack([center_view(image, size) for image in images]).unsqueeze(1)
         if self.config.views == 1:
             return firsts
-        bases = torch.stack([self.augmenter.bases(image, self.config.views - 1, generator, size)
-                             for image, generator in zip(images, generators)])
+        bases = torch.stack(
+            [
+                self.augmenter.bases(image, self.config.views - 1, generator, size)
+                for image, generator in zip(images, generators)
+            ]
+        )
         maps = None
         if self.augmenter.needs_maps:
             maps = self.explain(bases.detach().flatten(0, 1)).unflatten(0, bases.shape[:2])
-        views = [self.augmenter.views(bases[i], None if maps is None else maps[i], generator)
-                 for i, generator in enumerate(generators)]
+        views = [
+            self.augmenter.views(bases[i], None if maps is None else maps[i], generator)
+            for i, generator in enumerate(generators)
+        ]
         return torch.cat([firsts, torch.stack(views)], dim=1)
 
     def generator_for(self, image: torch.Tensor) -> torch.Generator:
         """Randomness that depends only on the seed and the image itself, not on its batch."""
         if self.config.seed is None:
-            return torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,))))
-        digest = hashlib.blake2b(image.detach().float().cpu().numpy().tobytes(), digest_size=8,
-                                 key=self.config.seed.to_bytes(8, "little"))
+            return torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
+        digest = hashlib.blake2b(
+            image.detach().float().cpu().numpy().tobytes(), digest_size=8, key=self.config.seed.to_bytes(8, "little")
+        )
         return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little"))

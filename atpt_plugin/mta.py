@@ -16,6 +16,7 @@ Every view has its own bandwidth: h_i^2 is half the mean squared distance from v
 its k nearest other views, k = int(neighbour_fraction * (K - 1)). Defaults and the loop
 schedule follow the authors' released code (github.com/MaxZanella/MTA, mta.py, main.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,12 +29,12 @@ import torch
 class MTAConfig:
     """Published MTA settings (authors' main.py / mta.py)."""
 
-    lambda_y: float = 0.2            # entropic weight: temperature of the inlierness softmax
-    lambda_q: float = 4.0            # weight of the quadratic prediction-affinity term W y
+    lambda_y: float = 0.2  # entropic weight: temperature of the inlierness softmax
+    lambda_q: float = 4.0  # weight of the quadratic prediction-affinity term W y
     neighbour_fraction: float = 0.3  # bandwidth uses the int(0.3 * (K - 1)) nearest other views
-    outer_iters: int = 5             # alternations of the inlierness and mode blocks
-    inner_iters: int = 5             # cap on fixed-point updates inside each block
-    tol: float = 1e-6                # a block stops once an update moves its variable less (L2)
+    outer_iters: int = 5  # alternations of the inlierness and mode blocks
+    inner_iters: int = 5  # cap on fixed-point updates inside each block
+    tol: float = 1e-6  # a block stops once an update moves its variable less (L2)
 
     def __post_init__(self):
         if self.lambda_y <= 0:
@@ -49,7 +50,7 @@ class MTAConfig:
 
 
 class MTAResult(NamedTuple):
-    mode: torch.Tensor        # (d,) L2-normalised mode, in the features' dtype
+    mode: torch.Tensor  # (d,) L2-normalised mode, in the features' dtype
     inlierness: torch.Tensor  # (K,) final inlierness scores, on the simplex
 
 
@@ -82,8 +83,9 @@ def gaussian_kernel(features: torch.Tensor, mode: torch.Tensor, bandwidth: torch
     return torch.exp(-sq_dist / (2 * bandwidth.square()))
 
 
-def inlierness_update(inlierness: torch.Tensor, kernel: torch.Tensor, affinity: torch.Tensor,
-                      lambda_y: float, lambda_q: float) -> torch.Tensor:
+def inlierness_update(
+    inlierness: torch.Tensor, kernel: torch.Tensor, affinity: torch.Tensor, lambda_y: float, lambda_q: float
+) -> torch.Tensor:
     """(K,) y <- softmax((kappa + lambda_q * W y) / lambda_y).
 
     One fixed-point step on the stationarity condition of
@@ -93,8 +95,9 @@ def inlierness_update(inlierness: torch.Tensor, kernel: torch.Tensor, affinity: 
     return torch.softmax((kernel + lambda_q * (affinity @ inlierness)) / lambda_y, dim=0)
 
 
-def mode_update(features: torch.Tensor, mode: torch.Tensor, inlierness: torch.Tensor,
-                bandwidth: torch.Tensor) -> torch.Tensor:
+def mode_update(
+    features: torch.Tensor, mode: torch.Tensor, inlierness: torch.Tensor, bandwidth: torch.Tensor
+) -> torch.Tensor:
     """(d,) one inlierness-weighted MeanShift step, projected back to the unit sphere."""
     weights = inlierness * gaussian_kernel(features, mode, bandwidth)
     shifted = weights @ features / weights.sum()
@@ -104,8 +107,10 @@ def mode_update(features: torch.Tensor, mode: torch.Tensor, inlierness: torch.Te
 def mta_solve(features: torch.Tensor, probs: torch.Tensor, config: MTAConfig = MTAConfig()) -> MTAResult:
     """Run MTA and return both the mode and the final inlierness scores (see `mta_mode`)."""
     if features.ndim != 2 or probs.ndim != 2 or features.shape[0] != probs.shape[0]:
-        raise ValueError(f"expected features (K,d) and probs (K,C) with the same K, got "
-                         f"{tuple(features.shape)} and {tuple(probs.shape)}")
+        raise ValueError(
+            f"expected features (K,d) and probs (K,C) with the same K, got "
+            f"{tuple(features.shape)} and {tuple(probs.shape)}"
+        )
     if features.shape[0] < 2:
         raise ValueError("MTA needs at least two views: the bandwidth is set by neighbouring views")
     # half precision (autocast features) is too coarse for exp(-d^2 / 2h^2) and the softmax

@@ -5,6 +5,7 @@ differentiable w.r.t. the logits. Register one with `@OBJECTIVES.register("name"
 from another package, under the entry-point group `atpt_plugin.objectives`; or pass it as
 `objective=`.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,7 @@ class Objective(Component, ABC):
     registry = OBJECTIVES
 
     @abstractmethod
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        ...
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor: ...
 
 
 @OBJECTIVES.register("mean_entropy")

@@ -7,6 +7,7 @@ behaviours that make results arbitrary: self-similarity is dropped by index, not
 test `sim >= 1.0` (docs/method.md §9.8), and at least one confident view is kept (docs/method.md §9.9).
 Its literal token site makes its maps depend on the batch size and thread count (README).
 """
+
 from __future__ import annotations
 
 from .api import Adapter
@@ -16,61 +17,92 @@ ATPT_PAPER = "Attention-Guided Test-Time Prompt Tuning for VLMs (ICML 2026)"
 TPT_VIEWS = dict(augmenter="augmix", base_crop="random_resized")
 
 zeroshot = Adapter(
-    "zeroshot", AdapterConfig(views=1, steps=0, aggregator="single"),
+    "zeroshot",
+    AdapterConfig(views=1, steps=0, aggregator="single"),
     "zero-shot CLIP: hand-written prompt, center crop, no tuning",
-    "Radford et al., Learning Transferable Visual Models From Natural Language Supervision (ICML 2021)")
+    "Radford et al., Learning Transferable Visual Models From Natural Language Supervision (ICML 2021)",
+)
 tpt = Adapter(
-    "tpt", AdapterConfig(objective="marginal_entropy", aggregator="single", **TPT_VIEWS),
+    "tpt",
+    AdapterConfig(objective="marginal_entropy", aggregator="single", **TPT_VIEWS),
     "TPT: AugMix views, marginal entropy on confident views, predict on the center crop",
-    "Shu et al., Test-Time Prompt Tuning for Zero-Shot Generalization in VLMs (NeurIPS 2022)")
+    "Shu et al., Test-Time Prompt Tuning for Zero-Shot Generalization in VLMs (NeurIPS 2022)",
+)
 tpt_ens = Adapter(
-    "tpt_ens", tpt.config.replace(aggregator="mean", mean_over="all"),
+    "tpt_ens",
+    tpt.config.replace(aggregator="mean", mean_over="all"),
     "TPT-Ens: TPT's tuned prompt, uniform average over all views",
-    tpt.paper)
+    tpt.paper,
+)
 rtpt = Adapter(
-    "rtpt", AdapterConfig(aggregator="reliability", **TPT_VIEWS),
+    "rtpt",
+    AdapterConfig(aggregator="reliability", **TPT_VIEWS),
     "R-TPT: AugMix views, mean per-view entropy, reliability-weighted ensemble of all views",
-    "Sheng et al., R-TPT: Improving Adversarial Robustness of VLMs through Test-Time Prompt Tuning (CVPR 2025)")
+    "Sheng et al., R-TPT: Improving Adversarial Robustness of VLMs through Test-Time Prompt Tuning (CVPR 2025)",
+)
 mta = Adapter(
-    "mta", AdapterConfig(steps=0, augmix_ops=False, aggregator="mta", **TPT_VIEWS),
+    "mta",
+    AdapterConfig(steps=0, augmix_ops=False, aggregator="mta", **TPT_VIEWS),
     "MTA: training-free MeanShift mode of crop views with inlierness scores",
-    "Zanella & Ben Ayed, On the test-time zero-shot generalization of VLMs (CVPR 2024)")
+    "Zanella & Ben Ayed, On the test-time zero-shot generalization of VLMs (CVPR 2024)",
+)
 # Augmentation-only baselines: the same views, no tuning; what tuning adds is measured against these.
 ens = Adapter(
-    "ens", AdapterConfig(steps=0, aggregator="mean", mean_over="all", **TPT_VIEWS),
+    "ens",
+    AdapterConfig(steps=0, aggregator="mean", mean_over="all", **TPT_VIEWS),
     "augmentation only: TPT's 64 AugMix views, no tuning, uniform average of all views",
-    "baseline (no tuning) for TPT / R-TPT / A-TPT")
+    "baseline (no tuning) for TPT / R-TPT / A-TPT",
+)
 ens_reliability = Adapter(
-    "ens_reliability", AdapterConfig(steps=0, aggregator="reliability", **TPT_VIEWS),
+    "ens_reliability",
+    AdapterConfig(steps=0, aggregator="reliability", **TPT_VIEWS),
     "augmentation only: TPT's 64 AugMix views, no tuning, R-TPT's reliability weights",
-    "baseline (no tuning) for R-TPT")
+    "baseline (no tuning) for R-TPT",
+)
 zero = Adapter(
-    "zero", AdapterConfig(steps=0, aggregator="vote", **TPT_VIEWS),
+    "zero",
+    AdapterConfig(steps=0, aggregator="vote", **TPT_VIEWS),
     "ZERO: TPT's 64 AugMix views, no tuning, the confident 10% vote with their argmax",
-    "Farina et al., Frustratingly Easy Test-Time Adaptation of VLMs (NeurIPS 2024)")
+    "Farina et al., Frustratingly Easy Test-Time Adaptation of VLMs (NeurIPS 2024)",
+)
 atpt = Adapter(
-    "atpt", AdapterConfig(),
+    "atpt",
+    AdapterConfig(),
     "A-TPT (paper): token-gradient rollout, attention-guided AugMix, mean entropy, TV-weighted ensemble",
-    ATPT_PAPER)
+    ATPT_PAPER,
+)
 atpt_official = Adapter(
     "atpt_official",
-    AdapterConfig(token_site="input", layer_weights=(0.5, 1.0), explainer_eps=1e-8, gradcam_sharpen=True,
-                  base_crop="random_resized", crop_source="original", input_quantization="uint8_floor",
-                  mask_rule="quantile", aggregator="reliability"),
+    AdapterConfig(
+        token_site="input",
+        layer_weights=(0.5, 1.0),
+        explainer_eps=1e-8,
+        gradcam_sharpen=True,
+        base_crop="random_resized",
+        crop_source="original",
+        input_quantization="uint8_floor",
+        mask_rule="quantile",
+        aggregator="reliability",
+    ),
     "A-TPT as the authors' code behaves, numerics included: token weights at block inputs (maps "
     "fp32-fragile: batch and thread dependent), 0.5/1.0 layers, 1e-8 terms, antialiased crops of the "
     "original image, uint8 round trip, quantile masks, reliability ensemble; not its stale prompt "
     "(results would depend on sample order), its fp32 `sim >= 1.0` test (keeps self-similarities by "
     "accident) or zero confident views below 10 (NaN loss)",
-    ATPT_PAPER + ", public code")
+    ATPT_PAPER + ", public code",
+)
 
 # The paper's ablations: each changes exactly one component of `atpt`.
 ABLATIONS = {
-    "atpt_grad_rollout": (dict(explainer="grad_rollout"), "original gradient rollout (Chefer) instead of token-gradient"),
+    "atpt_grad_rollout": (
+        dict(explainer="grad_rollout"),
+        "original gradient rollout (Chefer) instead of token-gradient",
+    ),
     "atpt_full_augmix": (dict(augmenter="augmix"), "full-image AugMix instead of the attention-guided mix"),
     "atpt_uniform": (dict(aggregator="mean"), "uniform average of the confident views instead of TV weights"),
     "atpt_all_layers": (dict(rollout_layers="all"), "token-gradient rollout over all layers, no last-two averaging"),
 }
 atpt_grad_rollout, atpt_full_augmix, atpt_uniform, atpt_all_layers = (
     Adapter(name, atpt.config.replace(**changes), f"A-TPT ablation: {what}", ATPT_PAPER)
-    for name, (changes, what) in ABLATIONS.items())
+    for name, (changes, what) in ABLATIONS.items()
+)

@@ -6,6 +6,7 @@ feature is pooled, whether the mask is causal. A causal tower's sequence is cut 
 longest pooled (EOS) position without changing any feature (tested), which makes every text
 pass cheaper; a bidirectional one (SigLIP) keeps its fixed, padded length.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -32,8 +33,10 @@ def check_classnames(classnames) -> list:
             duplicates.append(name)
         seen.add(key)
     if duplicates:
-        raise ValueError(f"duplicate class names {sorted(set(duplicates))!r}: two classes with one "
-                         "text prompt cannot be told apart; make the names unique")
+        raise ValueError(
+            f"duplicate class names {sorted(set(duplicates))!r}: two classes with one "
+            "text prompt cannot be told apart; make the names unique"
+        )
     return [n.strip() for n in names]
 
 
@@ -48,16 +51,25 @@ def context_span(backbone: Backbone, tokenizer, context_text: str, ids: torch.Te
     empty, phrase = backbone.tokenize(tokenizer, ["", context_text])
     start, end = _common_prefix(empty, ids[0]), _common_prefix(phrase, ids[0])
     if end <= start or not (ids[:, start:end] == phrase[start:end]).all():
-        raise ValueError(f"the context {context_text!r} is not tokenised the same way at the start of every "
-                         "class prompt; use another ctx_init")
+        raise ValueError(
+            f"the context {context_text!r} is not tokenised the same way at the start of every "
+            "class prompt; use another ctx_init"
+        )
     return start, end
 
 
 class PromptLearner(nn.Module):
     """Frozen pieces of the class prompts; `text_features(ctx)` runs the text tower."""
 
-    def __init__(self, backbone: Backbone, classnames: Sequence[str], tokenizer,
-                 context_phrase: Optional[str], n_ctx: int, generator: torch.Generator):
+    def __init__(
+        self,
+        backbone: Backbone,
+        classnames: Sequence[str],
+        tokenizer,
+        context_phrase: Optional[str],
+        n_ctx: int,
+        generator: torch.Generator,
+    ):
         super().__init__()
         self.backbone = backbone
         names = check_classnames(classnames)
@@ -65,8 +77,10 @@ class PromptLearner(nn.Module):
         tokens = backbone.tokenize(tokenizer, [f"{context_text} {name}." for name in names])
         start, end = context_span(backbone, tokenizer, context_text, tokens)
         if context_phrase is None and end - start != n_ctx:
-            raise ValueError(f"the placeholder context {context_text!r} is {end - start} tokens for this "
-                             f"tokenizer, not n_ctx={n_ctx}; set ctx_init to a phrase instead")
+            raise ValueError(
+                f"the placeholder context {context_text!r} is {end - start} tokens for this "
+                f"tokenizer, not n_ctx={n_ctx}; set ctx_init to a phrase instead"
+            )
         pool = backbone.text_pool_index(tokens)
         if backbone.text_causal:
             tokens = tokens[:, : int(pool.max()) + 1]
@@ -90,9 +104,13 @@ class PromptLearner(nn.Module):
         contexts = context.unsqueeze(0) if context.dim() == 2 else context
         batch, count = contexts.shape[0], self.prefix.shape[0]
         embeddings = torch.cat(
-            [self.prefix.expand(batch, -1, -1, -1),
-             contexts.to(self.prefix.dtype).unsqueeze(1).expand(-1, count, -1, -1),
-             self.suffix.expand(batch, -1, -1, -1)], dim=2).flatten(0, 1)
+            [
+                self.prefix.expand(batch, -1, -1, -1),
+                contexts.to(self.prefix.dtype).unsqueeze(1).expand(-1, count, -1, -1),
+                self.suffix.expand(batch, -1, -1, -1),
+            ],
+            dim=2,
+        ).flatten(0, 1)
         features = self.backbone.encode_text_embeddings(embeddings, self.pool.repeat(batch))
         features = features.unflatten(0, (batch, count))
         return features[0] if context.dim() == 2 else features

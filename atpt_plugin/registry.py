@@ -10,6 +10,7 @@ An entry point names a class or a factory, and its name is what users write
 (`load_adapter("atpt", explainer="my_explainer")`). Built-ins are looked up first;
 entry points are read afresh on a miss, so a distribution installed later is seen.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -33,8 +34,8 @@ class Entry:
     name: str
     kind: str
     description: str
-    source: str               # "atpt-plugin" or the distribution that published it
-    load: Callable[[], Any]   # the class or factory (entry points import on first use)
+    source: str  # "atpt-plugin" or the distribution that published it
+    load: Callable[[], Any]  # the class or factory (entry points import on first use)
 
 
 def first_line(target: Any) -> str:
@@ -53,13 +54,16 @@ class Registry:
 
     def register(self, name: Optional[str] = None, description: Optional[str] = None):
         """Decorator: `@REGISTRY.register("name")` on a class or factory; returns it unchanged."""
+
         def decorate(target):
             key = name or target.__name__
             if key in self._builtins:
                 raise ValueError(f"{self.kind} {key!r} is registered twice")
-            self._builtins[key] = Entry(key, self.kind, description or first_line(target),
-                                        self.builtin_source, lambda: target)
+            self._builtins[key] = Entry(
+                key, self.kind, description or first_line(target), self.builtin_source, lambda: target
+            )
             return target
+
         return decorate
 
     def _installed(self) -> Dict[str, Entry]:
@@ -113,17 +117,23 @@ class Registry:
 
     def unknown(self, name: str, found: Optional[Dict[str, Entry]] = None) -> UnknownNameError:
         names = sorted(found if found is not None else self.entries())
-        return unknown_name(self.kind, name, names, f"installed {self.kind}s",
-                            f"Another package adds one under the entry-point group {self.group!r}")
+        return unknown_name(
+            self.kind,
+            name,
+            names,
+            f"installed {self.kind}s",
+            f"Another package adds one under the entry-point group {self.group!r}",
+        )
 
 
 def unknown_name(kind: str, name: str, known, listing: str, advice: str = "") -> UnknownNameError:
-    """"no <kind> named <name> (did you mean ...?); <listing>: <known>. <advice>" """
+    """ "no <kind> named <name> (did you mean ...?); <listing>: <known>. <advice>" """
     known = list(known)
     close = difflib.get_close_matches(str(name), known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return UnknownNameError(f"no {kind} named {name!r}{hint}; {listing}: {', '.join(known) or 'none'}"
-                            + (f". {advice}" if advice else ""))
+    return UnknownNameError(
+        f"no {kind} named {name!r}{hint}; {listing}: {', '.join(known) or 'none'}" + (f". {advice}" if advice else "")
+    )
 
 
 def construct(target, config):
@@ -148,8 +158,7 @@ class Component:
     def options(self) -> Dict[str, Any]:
         """Constructor-style settings: the public attributes holding plain values."""
         plain = (bool, int, float, str, type(None), tuple)
-        return {key: value for key, value in vars(self).items()
-                if not key.startswith("_") and isinstance(value, plain)}
+        return {key: value for key, value in vars(self).items() if not key.startswith("_") and isinstance(value, plain)}
 
     def record(self) -> Dict[str, Any]:
         """What a run's manifest stores; `name` is None for an unregistered class."""

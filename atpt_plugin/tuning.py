@@ -8,14 +8,24 @@ and keeps the autograd graph when asked, with three ways to differentiate the up
   (Athalye et al. 2018), with the exact update in the forward pass;
 - no graph at all when the caller does not differentiate (the defence's own use).
 """
+
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
 
-def adamw(parameter: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], steps: int, lr: float,
-          weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8, path: str = "none") -> torch.Tensor:
+
+def adamw(
+    parameter: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    betas=(0.9, 0.999),
+    eps: float = 1e-8,
+    path: str = "none",
+) -> torch.Tensor:
     """`steps` AdamW steps from a fresh state; returns the final parameter.
 
     path "none": a detached result; "exact" / "bpda": the result stays in the graph of
@@ -30,7 +40,7 @@ def adamw(parameter: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tenso
         (grad,) = torch.autograd.grad(loss_fn(current), [current], create_graph=differentiable)
         first = beta1 * first + (1 - beta1) * grad
         second = beta2 * second + (1 - beta2) * grad * grad
-        direction = (first / (1 - beta1 ** step)) / ((second / (1 - beta2 ** step)).sqrt() + eps)
+        direction = (first / (1 - beta1**step)) / ((second / (1 - beta2**step)).sqrt() + eps)
         if path == "bpda":
             surrogate = grad / grad.detach().abs().mean().clamp_min(eps)
             direction = surrogate + (direction - surrogate).detach()

@@ -9,6 +9,7 @@ the tuning step), with the sanity checks on the first --checks images. Writes <o
 (rows of both runs, the command, versions, threads) and <out>.md, and prints the table.
 The per-sample results go to <out>-<attack>/ so an interrupted run resumes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench/results/adaptive_demo")
     args = parser.parse_args(argv)
 
-    from atpt_plugin import load_adapter
     from atpt_plugin.adapters.report import markdown_table
     from atpt_plugin.adapters.robustbench import benchmark_table
+
+    from atpt_plugin import load_adapter
     from atpt_plugin.demo_model import load_demo_model, load_demo_subset
 
     torch.set_num_threads(args.threads)
@@ -50,23 +52,37 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = {}
-    for attack, params in (("pgd", dict(steps=args.transfer_steps)),
-                           ("eot-pgd", dict(steps=args.steps, eot_iter=args.eot_iter, gradient=args.gradient))):
-        adapters = {name: load_adapter(name).wrap(model, classnames=classnames, tokenizer=tokenizer)
-                    for name in names}
+    for attack, params in (
+        ("pgd", dict(steps=args.transfer_steps)),
+        ("eot-pgd", dict(steps=args.steps, eot_iter=args.eot_iter, gradient=args.gradient)),
+    ):
+        adapters = {name: load_adapter(name).wrap(model, classnames=classnames, tokenizer=tokenizer) for name in names}
         start = time.perf_counter()
-        rows = benchmark_table(adapters, dataset=(x, y), eps=args.eps / 255, attack=attack, tokenizer=tokenizer,
-                               log_path=f"{out}-{attack}", sanity_checks=args.checks if attack != "pgd" else 0,
-                               **params)
+        rows = benchmark_table(
+            adapters,
+            dataset=(x, y),
+            eps=args.eps / 255,
+            attack=attack,
+            tokenizer=tokenizer,
+            log_path=f"{out}-{attack}",
+            sanity_checks=args.checks if attack != "pgd" else 0,
+            **params,
+        )
         seconds = time.perf_counter() - start
-        caption = (f"demo CLIP (Fashion-MNIST), {args.n} shipped test images, attack {attack} "
-                   f"eps {args.eps:g}/255, {args.threads} CPU thread(s), {seconds:.0f} s")
+        caption = (
+            f"demo CLIP (Fashion-MNIST), {args.n} shipped test images, attack {attack} "
+            f"eps {args.eps:g}/255, {args.threads} CPU thread(s), {seconds:.0f} s"
+        )
         runs[attack] = {"rows": rows, "seconds": seconds, "caption": caption}
         print(markdown_table(rows, caption), flush=True)
     versions = {"python": platform.python_version(), "torch": torch.__version__}
-    result = {"command": [sys.executable, "-m", "bench.adaptive_demo", *(argv or sys.argv[1:])],
-              "args": vars(args), "versions": versions, "machine": platform.processor() or platform.machine(),
-              "runs": runs}
+    result = {
+        "command": [sys.executable, "-m", "bench.adaptive_demo", *(argv or sys.argv[1:])],
+        "args": vars(args),
+        "versions": versions,
+        "machine": platform.processor() or platform.machine(),
+        "runs": runs,
+    }
     Path(f"{out}.json").write_text(json.dumps(result, indent=2) + "\n")
     Path(f"{out}.md").write_text("\n".join(markdown_table(r["rows"], r["caption"]) for r in runs.values()))
     print(f"wrote {out}.json, {out}.md", file=sys.stderr)

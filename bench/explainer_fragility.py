@@ -8,6 +8,7 @@ instead of 1; the script prints the largest differences between those maps (on [
 how many maps moved by more than 1e-3. A trained model, because on random weights the class
 token's weight is ReLU'd away more often than not (docs/method.md §8.1).
 """
+
 from __future__ import annotations
 
 import argparse

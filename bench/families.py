@@ -11,6 +11,7 @@ HF, open_clip, HF, ...) so a change in the machine's load hits both; each model'
 (same BPE vocabulary and EOS id; the real HF tokenizer needs a download). Writes
 bench/results/families_<adapter>.json and .md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,13 +69,26 @@ def main(argv=None) -> dict:
                 seconds[name].append((time.perf_counter() - start) / len(images))
     per_image = {name: min(values) for name, values in seconds.items()}
     first = next(iter(per_image))
-    result = {"adapter": args.adapter, "views": args.views, "images": args.images, "rounds": args.rounds,
-              "threads": args.threads, "machine": platform.processor() or platform.machine(),
-              "torch": torch.__version__, "warmup_s": warmup, "per_image_s_all_rounds": seconds,
-              "per_image_s_best_round": per_image,
-              "ratio_to_first": {name: value / per_image[first] for name, value in per_image.items()}}
-    lines = [f"`{args.adapter}`, {args.views} views, {args.threads} threads, best of {args.rounds} interleaved "
-             f"rounds of {args.images} images", "", "| model | s / image | ratio |", "|---|---:|---:|"]
+    result = {
+        "adapter": args.adapter,
+        "views": args.views,
+        "images": args.images,
+        "rounds": args.rounds,
+        "threads": args.threads,
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "warmup_s": warmup,
+        "per_image_s_all_rounds": seconds,
+        "per_image_s_best_round": per_image,
+        "ratio_to_first": {name: value / per_image[first] for name, value in per_image.items()},
+    }
+    lines = [
+        f"`{args.adapter}`, {args.views} views, {args.threads} threads, best of {args.rounds} interleaved "
+        f"rounds of {args.images} images",
+        "",
+        "| model | s / image | ratio |",
+        "|---|---:|---:|",
+    ]
     lines += [f"| {name} | {value:.2f} | {result['ratio_to_first'][name]:.2f} |" for name, value in per_image.items()]
     out = Path(__file__).parent / "results" / f"families_{args.adapter}"
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))

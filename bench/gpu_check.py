@@ -12,6 +12,7 @@ Pets classes: images per second and peak memory of `atpt` and `rtpt` in fp32 and
 attack batch 1 and 64, timed as bench/run.py times it. Writes
 bench/results/gpu_check_<device>[_quick].json and .md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,11 +42,11 @@ ATTACK_BATCHES = (1, 64)
 
 @dataclass(frozen=True)
 class Settings:
-    model: str          # the timed model, random init
+    model: str  # the timed model, random init
     views: int
-    images: int         # random images per timed configuration
-    naive_images: int   # the naive computation is slow, so it gets fewer
-    check_images: int   # shipped demo test images for the correctness checks
+    images: int  # random images per timed configuration
+    naive_images: int  # the naive computation is slow, so it gets fewer
+    check_images: int  # shipped demo test images for the correctness checks
     attack_steps: int
 
 
@@ -55,8 +56,11 @@ QUICK = Settings("fmnist-vit-tiny", views=8, images=4, naive_images=2, check_ima
 
 def compare(reference: torch.Tensor, other: torch.Tensor) -> dict:
     agree = reference.argmax(-1) == other.argmax(-1)
-    return {"same_predictions": bool(agree.all()), "agreement": agree.float().mean().item(),
-            "max_abs_logit_diff": (reference - other).abs().max().item()}
+    return {
+        "same_predictions": bool(agree.all()),
+        "agreement": agree.float().mean().item(),
+        "max_abs_logit_diff": (reference - other).abs().max().item(),
+    }
 
 
 @functools.cache  # the one-at-a-time logits serve both checks
@@ -72,26 +76,38 @@ def check_devices(settings: Settings, device: torch.device) -> dict:
     """CUDA against CPU logits, one image at a time on both."""
     if device.type != "cuda":
         return {"run": False, "reason": f"no CUDA device: this run is on the {device.type}"}
-    adapters = {name: compare(demo_logits(name, settings, torch.device("cpu"), 1),
-                              demo_logits(name, settings, device, 1)) for name in ADAPTERS}
-    return {"run": True, "adapters": adapters,
-            "same_predictions": all(a["same_predictions"] for a in adapters.values())}
+    adapters = {
+        name: compare(demo_logits(name, settings, torch.device("cpu"), 1), demo_logits(name, settings, device, 1))
+        for name in ADAPTERS
+    }
+    return {
+        "run": True,
+        "adapters": adapters,
+        "same_predictions": all(a["same_predictions"] for a in adapters.values()),
+    }
 
 
 def check_image_batches(settings: Settings, device: torch.device) -> dict:
     """Each `image_batch` against one image at a time, on `device`."""
-    adapters = {name: {str(batch): compare(demo_logits(name, settings, device, 1),
-                                           demo_logits(name, settings, device, batch))
-                       for batch in IMAGE_BATCHES[1:]} for name in ADAPTERS}
-    return {"run": True, "adapters": adapters,
-            "same_predictions": all(c["same_predictions"] for a in adapters.values() for c in a.values())}
+    adapters = {
+        name: {
+            str(batch): compare(demo_logits(name, settings, device, 1), demo_logits(name, settings, device, batch))
+            for batch in IMAGE_BATCHES[1:]
+        }
+        for name in ADAPTERS
+    }
+    return {
+        "run": True,
+        "adapters": adapters,
+        "same_predictions": all(c["same_predictions"] for a in adapters.values() for c in a.values()),
+    }
 
 
 def rate(sampler: PeakSampler, run, count: int) -> dict:
     """Images per second and peak memory of `run()`, which returns its seconds for `count` images."""
     sampler.reset()
     seconds = run()
-    return {"images_per_s": count / seconds, "peak_mb": sampler.read() / 2 ** 20}
+    return {"images_per_s": count / seconds, "peak_mb": sampler.read() / 2**20}
 
 
 def adapter_row(cls, name, model, tokenizer, images, sampler, **overrides) -> dict:
@@ -102,20 +118,42 @@ def adapter_row(cls, name, model, tokenizer, images, sampler, **overrides) -> di
         tta(images[:1])  # warm-up: kernels and the allocator's first blocks
         measured = rate(sampler, lambda: timed(lambda: tta(images)), len(images))
     is_naive = cls is NaiveTestTimeAdapter  # always one image at a time
-    return {"adapter": name, "computation": "naive" if is_naive else "optimised", "precision": config.precision,
-            "image_batch": 1 if is_naive else config.image_batch, **measured}
+    return {
+        "adapter": name,
+        "computation": "naive" if is_naive else "optimised",
+        "precision": config.precision,
+        "image_batch": 1 if is_naive else config.image_batch,
+        **measured,
+    }
 
 
 def throughput(settings, model, tokenizer, images, sampler) -> list:
-    return [adapter_row(TestTimeAdapter, name, model, tokenizer, images, sampler, views=settings.views,
-                        precision=precision, image_batch=batch)
-            for name in ADAPTERS for precision in PRECISIONS for batch in IMAGE_BATCHES]
+    return [
+        adapter_row(
+            TestTimeAdapter,
+            name,
+            model,
+            tokenizer,
+            images,
+            sampler,
+            views=settings.views,
+            precision=precision,
+            image_batch=batch,
+        )
+        for name in ADAPTERS
+        for precision in PRECISIONS
+        for batch in IMAGE_BATCHES
+    ]
 
 
 def naive(settings, model, tokenizer, images, sampler) -> list:
     """fp32, one image at a time: what the authors' code computes (bench/naive.py)."""
-    return [adapter_row(NaiveTestTimeAdapter, name, model, tokenizer, images[:settings.naive_images], sampler,
-                        views=settings.views) for name in ADAPTERS]
+    return [
+        adapter_row(
+            NaiveTestTimeAdapter, name, model, tokenizer, images[: settings.naive_images], sampler, views=settings.views
+        )
+        for name in ADAPTERS
+    ]
 
 
 def attack(settings, model, tokenizer, size, device, sampler) -> list:
@@ -126,35 +164,73 @@ def attack(settings, model, tokenizer, size, device, sampler) -> list:
     def seconds(batch):
         return batch * run_attack(TestTimeAdapter, model, tokenizer, images, labels, settings.attack_steps, batch)
 
-    return [{"attack_batch": batch, "steps": settings.attack_steps,
-             **rate(sampler, functools.partial(seconds, batch), batch)} for batch in ATTACK_BATCHES]
+    return [
+        {
+            "attack_batch": batch,
+            "steps": settings.attack_steps,
+            **rate(sampler, functools.partial(seconds, batch), batch),
+        }
+        for batch in ATTACK_BATCHES
+    ]
 
 
 def markdown(results: dict) -> str:
     s = results["settings"]
-    lines = [(f"# GPU check on {results['device']} (torch {results['torch']}"
-              f"{', --quick' if results['quick'] else ''}), {results['total_s']:.0f} s"), "",
-             (f"Correctness on the demo CLIP (trained), first {s['check_images']} shipped test images, "
-              f"{s['views']} views:"), ""]
+    lines = [
+        (
+            f"# GPU check on {results['device']} (torch {results['torch']}"
+            f"{', --quick' if results['quick'] else ''}), {results['total_s']:.0f} s"
+        ),
+        "",
+        (f"Correctness on the demo CLIP (trained), first {s['check_images']} shipped test images, {s['views']} views:"),
+        "",
+    ]
     devices = results["cuda_vs_cpu"]
     if devices["run"]:
-        lines.append("- CUDA against CPU, image_batch 1: " + "; ".join(
-            f"`{name}` same predictions {c['same_predictions']} (agreement {c['agreement']:.0%}, "
-            f"max logit difference {c['max_abs_logit_diff']:.1e})" for name, c in devices["adapters"].items()))
+        lines.append(
+            "- CUDA against CPU, image_batch 1: "
+            + "; ".join(
+                f"`{name}` same predictions {c['same_predictions']} (agreement {c['agreement']:.0%}, "
+                f"max logit difference {c['max_abs_logit_diff']:.1e})"
+                for name, c in devices["adapters"].items()
+            )
+        )
     else:
         lines.append(f"- CUDA against CPU: not run ({devices['reason']})")
-    lines.append("- image_batch " + ", ".join(map(str, IMAGE_BATCHES)) + ": " + "; ".join(
-        f"`{name}` same predictions {all(c['same_predictions'] for c in batches.values())} (max logit "
-        "difference against 1: " + ", ".join(f"{b}: {c['max_abs_logit_diff']:.1e}" for b, c in batches.items()) + ")"
-        for name, batches in results["image_batch"]["adapters"].items()))
-    lines += ["", (f"Speed on a random-init {s['model']}, {s['views']} views, {len(PETS)} classes, "
-                   f"{s['images']} random images (naive: {s['naive_images']}); peak memory: {results['memory']}:"), "",
-              "| adapter | computation | precision | image_batch | images/s | peak MB |",
-              "|---|---|---|---:|---:|---:|"]
-    lines += [f"| {r['adapter']} | {r['computation']} | {r['precision']} | {r['image_batch']} | "
-              f"{r['images_per_s']:.2f} | {r['peak_mb']:.0f} |" for r in results["naive"] + results["throughput"]]
-    lines += ["", f"PGD-{s['attack_steps']} (eps 4/255) on zero-shot CLIP:", "",
-              "| attack batch | images/s | peak MB |", "|---:|---:|---:|"]
+    lines.append(
+        "- image_batch "
+        + ", ".join(map(str, IMAGE_BATCHES))
+        + ": "
+        + "; ".join(
+            f"`{name}` same predictions {all(c['same_predictions'] for c in batches.values())} (max logit "
+            "difference against 1: "
+            + ", ".join(f"{b}: {c['max_abs_logit_diff']:.1e}" for b, c in batches.items())
+            + ")"
+            for name, batches in results["image_batch"]["adapters"].items()
+        )
+    )
+    lines += [
+        "",
+        (
+            f"Speed on a random-init {s['model']}, {s['views']} views, {len(PETS)} classes, "
+            f"{s['images']} random images (naive: {s['naive_images']}); peak memory: {results['memory']}:"
+        ),
+        "",
+        "| adapter | computation | precision | image_batch | images/s | peak MB |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['adapter']} | {r['computation']} | {r['precision']} | {r['image_batch']} | "
+        f"{r['images_per_s']:.2f} | {r['peak_mb']:.0f} |"
+        for r in results["naive"] + results["throughput"]
+    ]
+    lines += [
+        "",
+        f"PGD-{s['attack_steps']} (eps 4/255) on zero-shot CLIP:",
+        "",
+        "| attack batch | images/s | peak MB |",
+        "|---:|---:|---:|",
+    ]
     lines += [f"| {r['attack_batch']} | {r['images_per_s']:.2f} | {r['peak_mb']:.0f} |" for r in results["attack"]]
     return "\n".join(lines) + "\n"
 
@@ -167,15 +243,23 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type != "cuda" and not args.quick:
-        parser.error(f"without --quick this times {FULL.model} at {FULL.views} views, hours on a "
-                     f"{device.type}: run it on a GPU, or pass --quick")
+        parser.error(
+            f"without --quick this times {FULL.model} at {FULL.views} views, hours on a "
+            f"{device.type}: run it on a GPU, or pass --quick"
+        )
     settings = QUICK if args.quick else FULL
     start = time.perf_counter()
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
-               else platform.processor() or platform.machine(),
-               "torch": torch.__version__, "quick": args.quick, "settings": asdict(settings),
-               "memory": "CUDA allocator peak" if device.type == "cuda" else "process resident set peak",
-               "cuda_vs_cpu": check_devices(settings, device), "image_batch": check_image_batches(settings, device)}
+    results = {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "quick": args.quick,
+        "settings": asdict(settings),
+        "memory": "CUDA allocator peak" if device.type == "cuda" else "process resident set peak",
+        "cuda_vs_cpu": check_devices(settings, device),
+        "image_batch": check_image_batches(settings, device),
+    }
     torch.manual_seed(0)
     model = open_clip.create_model(settings.model, pretrained=None).to(device).eval()
     tokenizer = open_clip.get_tokenizer(settings.model)

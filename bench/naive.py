@@ -9,6 +9,7 @@
 tests/test_backbones.py; its speedup is measured separately by bench/run.py.)
 With the same seed it gives the same predictions as `TestTimeAdapter` (tests/test_naive.py).
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,7 +38,7 @@ class NaiveTestTimeAdapter(TestTimeAdapter):
 
     def adapt_one(self, image: torch.Tensor, track_input: bool) -> torch.Tensor:
         views = self.make_views(image, self.generator_for(image))
-        self.encode_views(views)                                   # selection pass
-        features = self.encode_views(views)                        # tuning pass
+        self.encode_views(views)  # selection pass
+        features = self.encode_views(views)  # tuning pass
         text = self.tune(features) if self.config.steps > 0 else self.initial_text()
         return self.aggregate(views, self.encode_views(views, track_input), text)  # prediction pass

@@ -5,6 +5,7 @@
 Random-init weights would make agreement meaningless (near-tied logits), so this runs on
 the embedded demo model and its shipped test subset.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,13 @@ def main():
     for name in args.adapters.split(","):
         full, full_s = predictions(load_adapter(name), model, tokenizer, names, images)
         low, low_s = predictions(load_adapter(name, precision=args.precision), model, tokenizer, names, images)
-        rows[name] = {"agreement": (full == low).float().mean().item(),
-                      "accuracy_fp32": (full == labels).float().mean().item(),
-                      f"accuracy_{args.precision}": (low == labels).float().mean().item(),
-                      "seconds_fp32": full_s, f"seconds_{args.precision}": low_s}
+        rows[name] = {
+            "agreement": (full == low).float().mean().item(),
+            "accuracy_fp32": (full == labels).float().mean().item(),
+            f"accuracy_{args.precision}": (low == labels).float().mean().item(),
+            "seconds_fp32": full_s,
+            f"seconds_{args.precision}": low_s,
+        }
         print(name, json.dumps(rows[name]))
 
 

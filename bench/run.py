@@ -9,6 +9,7 @@ a time), "batch N" (`image_batch=N`: N images adapted together) and, with --comp
 the sequence cut after the last EOT against the full context, and PGD per image at each
 attack batch size. Writes bench/results/<tag>.json and .md; prints the tables.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,20 +25,52 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import open_clip  # noqa: E402
 import torch  # noqa: E402
 import torchattacks  # noqa: E402
+from atpt_plugin.adapters.attacks import ZeroShotClassifier  # noqa: E402
 
 from atpt_plugin import TestTimeAdapter, load_adapter  # noqa: E402
-from atpt_plugin.adapters.attacks import ZeroShotClassifier  # noqa: E402
 
 from .naive import NaiveTestTimeAdapter  # noqa: E402
 from .stages import STAGES, PeakSampler, StageRecorder, sync  # noqa: E402
 
-PETS = ["Abyssinian", "American Bulldog", "American Pit Bull Terrier", "Basset Hound", "Beagle",
-        "Bengal", "Birman", "Bombay", "Boxer", "British Shorthair", "Chihuahua", "Egyptian Mau",
-        "English Cocker Spaniel", "English Setter", "German Shorthaired", "Great Pyrenees",
-        "Havanese", "Japanese Chin", "Keeshond", "Leonberger", "Maine Coon", "Miniature Pinscher",
-        "Newfoundland", "Persian", "Pomeranian", "Pug", "Ragdoll", "Russian Blue", "Saint Bernard",
-        "Samoyed", "Scottish Terrier", "Shiba Inu", "Siamese", "Sphynx", "Staffordshire Bull Terrier",
-        "Wheaten Terrier", "Yorkshire Terrier"]
+PETS = [
+    "Abyssinian",
+    "American Bulldog",
+    "American Pit Bull Terrier",
+    "Basset Hound",
+    "Beagle",
+    "Bengal",
+    "Birman",
+    "Bombay",
+    "Boxer",
+    "British Shorthair",
+    "Chihuahua",
+    "Egyptian Mau",
+    "English Cocker Spaniel",
+    "English Setter",
+    "German Shorthaired",
+    "Great Pyrenees",
+    "Havanese",
+    "Japanese Chin",
+    "Keeshond",
+    "Leonberger",
+    "Maine Coon",
+    "Miniature Pinscher",
+    "Newfoundland",
+    "Persian",
+    "Pomeranian",
+    "Pug",
+    "Ragdoll",
+    "Russian Blue",
+    "Saint Bernard",
+    "Samoyed",
+    "Scottish Terrier",
+    "Shiba Inu",
+    "Siamese",
+    "Sphynx",
+    "Staffordshire Bull Terrier",
+    "Wheaten Terrier",
+    "Yorkshire Terrier",
+]
 
 
 def timed(function, repeat: int = 1) -> float:
@@ -54,8 +87,12 @@ def compute_floor(tta: TestTimeAdapter, images: torch.Tensor) -> float:
     at the adapters' precision."""
     views = tta.config.views
     with torch.no_grad(), tta.image_precision():
-        return timed(lambda: (tta.backbone.encode_image(images[:1].expand(views - 1, -1, -1, -1)),
-                              tta.backbone.encode_image(images[:1].expand(views, -1, -1, -1))))
+        return timed(
+            lambda: (
+                tta.backbone.encode_image(images[:1].expand(views - 1, -1, -1, -1)),
+                tta.backbone.encode_image(images[:1].expand(views, -1, -1, -1)),
+            )
+        )
 
 
 def run_adapter(cls, model, tokenizer, name, views, images, sampler, **overrides):
@@ -73,18 +110,27 @@ def run_adapter(cls, model, tokenizer, name, views, images, sampler, **overrides
         predictions = tta(images).argmax(-1).tolist()
         total = (time.perf_counter() - start) / len(images)
     per_image = {label: recorder.seconds[label] / len(images) for label in STAGES.values()}
-    return {"total_s": total, "stages_s": per_image, "first_call_s": first_call,
-            "peak_mb": {k: v / 2 ** 20 for k, v in recorder.peak_bytes.items()}, "predictions": predictions}
+    return {
+        "total_s": total,
+        "stages_s": per_image,
+        "first_call_s": first_call,
+        "peak_mb": {k: v / 2**20 for k, v in recorder.peak_bytes.items()},
+        "predictions": predictions,
+    }
 
 
 def text_pass(tta: TestTimeAdapter) -> dict:
     """One pass of all class prompts: cut after the longest EOT (ours) against the full context."""
     prompt, backbone = tta.prompt, tta.backbone
-    embeddings = torch.cat([prompt.prefix, prompt.initial_context.expand(len(prompt.prefix), -1, -1),
-                            prompt.suffix], dim=1)
+    embeddings = torch.cat(
+        [prompt.prefix, prompt.initial_context.expand(len(prompt.prefix), -1, -1), prompt.suffix], dim=1
+    )
     full_length = backbone.text_context_length
-    padding = backbone.token_embedding(torch.full((full_length - embeddings.shape[1],), backbone.text_pad_id,
-                                                  dtype=torch.long, device=embeddings.device))
+    padding = backbone.token_embedding(
+        torch.full(
+            (full_length - embeddings.shape[1],), backbone.text_pad_id, dtype=torch.long, device=embeddings.device
+        )
+    )
     full = torch.cat([embeddings, padding.expand(len(embeddings), -1, -1)], dim=1)
     with torch.no_grad():
         cut_s = timed(lambda: prompt.text_features(prompt.initial_context), repeat=5)
@@ -111,18 +157,27 @@ def bench_model(args, model_name, sampler):
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(args.images, 3, 224, 224, generator=generator).to(device)
     rows = {}
-    floor_tta = TestTimeAdapter(model, PETS, tokenizer,
-                                load_adapter("atpt", views=args.views, precision=args.precision).config)
+    floor_tta = TestTimeAdapter(
+        model, PETS, tokenizer, load_adapter("atpt", views=args.views, precision=args.precision).config
+    )
     floor = compute_floor(floor_tta, images)
     for name in args.adapters:
-        run = functools.partial(run_adapter, model=model, tokenizer=tokenizer, name=name, views=args.views,
-                                images=images, sampler=sampler, precision=args.precision)
-        configs = {"naive": lambda: run(NaiveTestTimeAdapter)} if args.naive else {}
+        run = functools.partial(
+            run_adapter,
+            model=model,
+            tokenizer=tokenizer,
+            name=name,
+            views=args.views,
+            images=images,
+            sampler=sampler,
+            precision=args.precision,
+        )
+        configs = {"naive": functools.partial(run, NaiveTestTimeAdapter)} if args.naive else {}
         for image_batch in args.image_batches:
             label = "optimised" if image_batch == 1 else f"batch {image_batch}"
             configs[label] = functools.partial(run, TestTimeAdapter, image_batch=image_batch)
         if args.compile:
-            configs["compiled"] = lambda: run(TestTimeAdapter, image_batch=1, compile=True)
+            configs["compiled"] = functools.partial(run, TestTimeAdapter, image_batch=1, compile=True)
         rows[name] = {label: measure() for label, measure in configs.items()}
         reference = rows[name][next(iter(rows[name]))]["predictions"]
         rows[name]["same_predictions"] = all(r["predictions"] == reference for r in rows[name].values())
@@ -130,11 +185,13 @@ def bench_model(args, model_name, sampler):
     labels = torch.randint(len(PETS), (max(args.attack_batches),), generator=generator).to(device)
     attack_images = torch.rand(max(args.attack_batches), 3, 224, 224, generator=generator).to(device)
     for batch in args.attack_batches:
-        attack[batch] = {"optimised": run_attack(TestTimeAdapter, model, tokenizer, attack_images, labels,
-                                                 args.attack_steps, batch)}
+        attack[batch] = {
+            "optimised": run_attack(TestTimeAdapter, model, tokenizer, attack_images, labels, args.attack_steps, batch)
+        }
         if args.naive and batch == min(args.attack_batches):
-            attack[batch]["naive"] = run_attack(NaiveTestTimeAdapter, model, tokenizer, attack_images, labels,
-                                                args.attack_steps, batch)
+            attack[batch]["naive"] = run_attack(
+                NaiveTestTimeAdapter, model, tokenizer, attack_images, labels, args.attack_steps, batch
+            )
     return {"floor_s": floor, "text_pass": text_pass(floor_tta), "adapters": rows, "attack_per_image_s": attack}
 
 
@@ -142,33 +199,45 @@ def markdown(results) -> str:
     lines = []
     for model_name, result in results["models"].items():
         floor = result["floor_s"]
-        lines += [f"### {model_name}: {results['views']} views, {len(PETS)} classes, "
-                  f"{results['device']} {results['precision']}, {results['threads']} threads",
-                  "", f"Compute floor (K-1 bases + K views, forward only): {floor:.2f} s per image", "",
-                  "| adapter | config | " + " | ".join(STAGES.values()) +
-                  " | total s | total/floor | vs naive | peak MB |",
-                  "|---|---|" + "---|" * (len(STAGES) + 4)]
+        lines += [
+            f"### {model_name}: {results['views']} views, {len(PETS)} classes, "
+            f"{results['device']} {results['precision']}, {results['threads']} threads",
+            "",
+            f"Compute floor (K-1 bases + K views, forward only): {floor:.2f} s per image",
+            "",
+            "| adapter | config | " + " | ".join(STAGES.values()) + " | total s | total/floor | vs naive | peak MB |",
+            "|---|---|" + "---|" * (len(STAGES) + 4),
+        ]
         for name, row in result["adapters"].items():
             configs = {label: r for label, r in row.items() if label != "same_predictions"}
             for config, r in configs.items():
                 stages = " | ".join(f"{r['stages_s'][s]:.2f}" for s in STAGES.values())
                 speedup = f"{configs['naive']['total_s'] / r['total_s']:.1f}x" if "naive" in configs else ""
-                lines.append(f"| {name} | {config} | {stages} | {r['total_s']:.2f} | "
-                             f"{r['total_s'] / floor:.2f} | {speedup} | {max(r['peak_mb'].values(), default=0):.0f} |")
+                lines.append(
+                    f"| {name} | {config} | {stages} | {r['total_s']:.2f} | "
+                    f"{r['total_s'] / floor:.2f} | {speedup} | {max(r['peak_mb'].values(), default=0):.0f} |"
+                )
             lines.append(f"| {name} | same predictions in every config: {row['same_predictions']} |")
             if configs.get("compiled", {}).get("first_call_s"):
-                lines.append(f"| {name} | compiled: first call (compilation, one image) "
-                             f"{configs['compiled']['first_call_s']:.1f} s |")
+                lines.append(
+                    f"| {name} | compiled: first call (compilation, one image) "
+                    f"{configs['compiled']['first_call_s']:.1f} s |"
+                )
         text = result["text_pass"]
-        lines += ["", f"Text pass, {len(PETS)} class prompts: cut after the last EOT ({text['tokens_cut']} "
-                      f"tokens) {text['cut_s'] * 1e3:.1f} ms against the full context ({text['tokens_full']} "
-                      f"tokens) {text['full_s'] * 1e3:.1f} ms, {text['full_s'] / text['cut_s']:.1f}x"]
+        lines += [
+            "",
+            f"Text pass, {len(PETS)} class prompts: cut after the last EOT ({text['tokens_cut']} "
+            f"tokens) {text['cut_s'] * 1e3:.1f} ms against the full context ({text['tokens_full']} "
+            f"tokens) {text['full_s'] * 1e3:.1f} ms, {text['full_s'] / text['cut_s']:.1f}x",
+        ]
         lines += ["", f"PGD-{results['attack_steps']} per image (eps 4/255):", ""]
         for batch, times in result["attack_per_image_s"].items():
             said = f"batch {batch}: {times['optimised']:.2f} s"
             if "naive" in times:
-                said += f" (naive, text re-encoded every step: {times['naive']:.2f} s, " \
-                        f"{times['naive'] / times['optimised']:.1f}x)"
+                said += (
+                    f" (naive, text re-encoded every step: {times['naive']:.2f} s, "
+                    f"{times['naive'] / times['optimised']:.1f}x)"
+                )
             lines.append(f"- {said}")
         lines.append("")
     return "\n".join(lines)
@@ -186,8 +255,12 @@ def main():
     parser.add_argument("--attack-steps", type=int, default=100)
     parser.add_argument("--attack-batches", default="1,8")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                        help="autocast of the adapters' image-tower passes (the attack stays fp32)")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="autocast of the adapters' image-tower passes (the attack stays fp32)",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--tag", default="", help="appended to the result files' names")
@@ -197,9 +270,15 @@ def main():
     args.attack_batches = [int(b) for b in args.attack_batches.split(",")]
     torch.set_num_threads(args.threads)
     sampler = PeakSampler(torch.device(args.device))
-    results = {"machine": platform.processor() or platform.machine(), "device": args.device,
-               "precision": args.precision, "threads": args.threads, "views": args.views,
-               "attack_steps": args.attack_steps, "models": {}}
+    results = {
+        "machine": platform.processor() or platform.machine(),
+        "device": args.device,
+        "precision": args.precision,
+        "threads": args.threads,
+        "views": args.views,
+        "attack_steps": args.attack_steps,
+        "models": {},
+    }
     for model_name in args.models.split(","):
         results["models"][model_name] = bench_model(args, model_name, sampler)
     sampler.close()

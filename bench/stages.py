@@ -6,6 +6,7 @@ the explainer pass inside `make_view_sets` counts as "explain", not "augment".
 Memory: on CUDA the allocator's peak per stage; on CPU the process's peak resident set
 size during the stage, sampled every 2 ms by a background thread.
 """
+
 from __future__ import annotations
 
 import functools
@@ -15,8 +16,13 @@ from collections import defaultdict
 
 import torch
 
-STAGES = {"make_view_sets": "augment", "explain": "explain", "encode_views": "encode views",
-          "tune": "tune", "aggregate": "aggregate"}
+STAGES = {
+    "make_view_sets": "augment",
+    "explain": "explain",
+    "encode_views": "encode views",
+    "tune": "tune",
+    "aggregate": "aggregate",
+}
 
 
 def resident_bytes() -> int:
@@ -83,6 +89,7 @@ class StageRecorder:
                 if self._stack:
                     self._stack[-1]["nested"] += elapsed
                     self._stack[-1]["peak"] = max(self._stack[-1]["peak"], peak)
+
         return wrapper
 
 

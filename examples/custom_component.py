@@ -4,6 +4,7 @@ Plugged in by object, then by name (registered here with the decorator; a packag
 publish them under the entry-point groups atpt_plugin.explainers / .aggregators instead).
 Runs on the embedded demo CLIP and its shipped Fashion-MNIST images.
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -20,7 +21,7 @@ class LastBlockAttention(Explainer):
     def __call__(self, backbone, images, score):
         with torch.no_grad():
             trace = backbone.trace(images, first_block=backbone.num_blocks - 1)
-        row = trace.blocks[-1].attn.mean(dim=1)[:, 0, trace.num_prefix_tokens:]
+        row = trace.blocks[-1].attn.mean(dim=1)[:, 0, trace.num_prefix_tokens :]
         return clip_and_rescale(row.reshape(-1, *trace.grid_size))
 
 
@@ -48,8 +49,10 @@ def main():
     }
     for title, adapter in runs.items():
         logits = adapter.wrap(model, classnames, tokenizer)(images)
-        print(f"{title:>9}: accuracy {(logits.argmax(1) == labels).float().mean():.2f}, "
-              f"config {adapter.config.explainer!r} / {adapter.config.aggregator!r}")
+        print(
+            f"{title:>9}: accuracy {(logits.argmax(1) == labels).float().mean():.2f}, "
+            f"config {adapter.config.explainer!r} / {adapter.config.aggregator!r}"
+        )
 
 
 if __name__ == "__main__":

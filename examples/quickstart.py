@@ -4,6 +4,7 @@ Runs offline on a RANDOM-INIT ViT-B-32 (no weights are downloaded), so its predi
 are chance-level: it shows the API and the cost, not accuracy. With real weights use
 open_clip.create_model("ViT-B-16", pretrained="openai") or pretrained="/path/to/weights.pt".
 """
+
 import argparse
 import os
 import time
@@ -15,8 +16,20 @@ import torch  # noqa: E402
 
 from atpt_plugin import list_adapters, load_adapter  # noqa: E402
 
-PETS = ["Abyssinian", "Bengal", "Birman", "Bombay", "British Shorthair", "Egyptian Mau",
-        "Maine Coon", "Persian", "Ragdoll", "Russian Blue", "Siamese", "Sphynx"]
+PETS = [
+    "Abyssinian",
+    "Bengal",
+    "Birman",
+    "Bombay",
+    "British Shorthair",
+    "Egyptian Mau",
+    "Maine Coon",
+    "Persian",
+    "Ragdoll",
+    "Russian Blue",
+    "Siamese",
+    "Sphynx",
+]
 
 
 def main():
@@ -32,8 +45,10 @@ def main():
     model = open_clip.create_model(args.model, pretrained=args.pretrained).eval()
     tokenizer = open_clip.get_tokenizer(args.model)
     images = torch.rand(args.images, 3, 224, 224)
-    print(f"{args.model} ({'random init' if args.pretrained is None else args.pretrained}), "
-          f"{len(PETS)} classes, {args.images} random images; available adapters: {', '.join(list_adapters())}")
+    print(
+        f"{args.model} ({'random init' if args.pretrained is None else args.pretrained}), "
+        f"{len(PETS)} classes, {args.images} random images; available adapters: {', '.join(list_adapters())}"
+    )
     for name in args.adapters.split(","):
         overrides = {} if name == "zeroshot" else {"views": args.views}
         tta = load_adapter(name, **overrides).wrap(model, classnames=PETS, tokenizer=tokenizer)

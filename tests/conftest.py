@@ -1,4 +1,5 @@
 """Tiny random-init open_clip models: every test runs offline in seconds."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,6 +1,7 @@
 """Every built-in preset's logits on tiny random-init models, recorded to catch refactors
 that change a result. `python tests/golden.py` rewrites tests/data/preset_logits.pt; do that
 only for a change that is meant to alter a preset's output, and say so in the commit."""
+
 import os
 import sys
 from pathlib import Path
@@ -10,21 +11,40 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import timm  # noqa: E402
 import torch  # noqa: E402
+from conftest import CLASSNAMES, make_tiny_resnet, make_tiny_vit  # noqa: E402
 
 from atpt_plugin import load_adapter  # noqa: E402
 from atpt_plugin.presets import ABLATIONS  # noqa: E402
-from conftest import CLASSNAMES, make_tiny_resnet, make_tiny_vit  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "data" / "preset_logits.pt"
-PRESETS = ["zeroshot", "tpt", "tpt_ens", "rtpt", "mta", "ens", "ens_reliability", "zero", "atpt", "atpt_official",
-           *ABLATIONS]
+PRESETS = [
+    "zeroshot",
+    "tpt",
+    "tpt_ens",
+    "rtpt",
+    "mta",
+    "ens",
+    "ens_reliability",
+    "zero",
+    "atpt",
+    "atpt_official",
+    *ABLATIONS,
+]
 SMALL = dict(views=16, rho=0.25)
 
 
 def tiny_timm_vit():
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                              embed_dim=32, depth=3, num_heads=2, num_classes=5).eval()
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=3,
+        num_heads=2,
+        num_classes=5,
+    ).eval()
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.2 * torch.randn_like(parameter))

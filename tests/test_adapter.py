@@ -1,12 +1,14 @@
 """The episodic loop through the public wrap contract, on tiny random-init models."""
+
 import copy
 
 import pytest
 import torch
-
-from atpt_plugin import adapter as adapter_module, load_adapter
-from atpt_plugin.objectives import mean_entropy, select_confident
 from conftest import CLASSNAMES, make_tiny_resnet, make_tiny_vit
+
+from atpt_plugin import adapter as adapter_module
+from atpt_plugin import load_adapter
+from atpt_plugin.objectives import mean_entropy, select_confident
 
 SMALL = dict(views=8, rho=0.25)
 
@@ -65,7 +67,7 @@ def test_batch_order_and_batching_do_not_matter(tiny_vit, tokenizer):
     together = tta(batch)
     order = torch.tensor([2, 0, 3, 1])
     torch.testing.assert_close(tta(batch[order]), together[order], rtol=1e-5, atol=1e-5)
-    alone = torch.cat([tta(batch[i:i + 1]) for i in range(4)])
+    alone = torch.cat([tta(batch[i : i + 1]) for i in range(4)])
     torch.testing.assert_close(alone, together, rtol=1e-5, atol=1e-5)
 
 
@@ -96,15 +98,18 @@ def test_logits_are_differentiable_when_the_caller_asks(tiny_vit, tokenizer, ima
     assert not tta(images).requires_grad
 
 
-@pytest.mark.parametrize("bad, error, message", [
-    (torch.rand(3, 32, 32), ValueError, "unsqueeze"),
-    (torch.rand(1, 1, 3, 32, 32), ValueError, "shape"),
-    (torch.rand(1, 4, 32, 32), ValueError, "1 or 3 channels"),
-    (torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8), TypeError, "/ 255"),
-    (torch.full((1, 3, 32, 32), float("nan")), ValueError, "NaN"),
-    (torch.randn(1, 3, 32, 32), ValueError, "unnormalised"),
-    ([[0.5]], TypeError, "torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        (torch.rand(3, 32, 32), ValueError, "unsqueeze"),
+        (torch.rand(1, 1, 3, 32, 32), ValueError, "shape"),
+        (torch.rand(1, 4, 32, 32), ValueError, "1 or 3 channels"),
+        (torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8), TypeError, "/ 255"),
+        (torch.full((1, 3, 32, 32), float("nan")), ValueError, "NaN"),
+        (torch.randn(1, 3, 32, 32), ValueError, "unnormalised"),
+        ([[0.5]], TypeError, "torch.Tensor"),
+    ],
+)
 def test_bad_images_are_clear_errors(tiny_vit, tokenizer, bad, error, message):
     with pytest.raises(error, match=message):
         wrap(tiny_vit, tokenizer, views=2)(bad)

@@ -1,11 +1,20 @@
 """Objectives, confident selection and aggregators against plain references."""
+
 import math
 
 import torch
 
-from atpt_plugin.aggregators import (MeanAggregator, ReliabilityAggregator, SingleViewAggregator,
-                                     TotalVariationAggregator, ViewPredictions, reliability_weights,
-                                     total_variation, total_variation_weights, weighted_log_mixture)
+from atpt_plugin.aggregators import (
+    MeanAggregator,
+    ReliabilityAggregator,
+    SingleViewAggregator,
+    TotalVariationAggregator,
+    ViewPredictions,
+    reliability_weights,
+    total_variation,
+    total_variation_weights,
+    weighted_log_mixture,
+)
 from atpt_plugin.objectives import entropy, marginal_entropy, mean_entropy, select_confident
 
 

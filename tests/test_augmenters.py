@@ -1,4 +1,5 @@
 """Base crops, attention masks and the pixel-wise mix."""
+
 import math
 
 import numpy as np
@@ -6,8 +7,13 @@ import pytest
 import torch
 
 from atpt_plugin.augmenters import AttentionMixAugmenter, AugMixAugmenter, center_view
-from atpt_plugin.augmenters.crops import (center_boxes, crop_views, random_resized_boxes, resize_shorter_side,
-                                          resized_crops)
+from atpt_plugin.augmenters.crops import (
+    center_boxes,
+    crop_views,
+    random_resized_boxes,
+    resize_shorter_side,
+    resized_crops,
+)
 from atpt_plugin.augmenters.mixing import mix, quantile_regions, top_k_mask, upsample_maps
 
 
@@ -39,6 +45,7 @@ def test_random_resized_boxes_are_inside_and_seeded():
 def pil_crops(pixels, boxes, flips, size):
     """The authors' base views: PIL crop, resize (bilinear, antialiased by PIL), mirror; in [0,1]."""
     from PIL import Image
+
     image, views = Image.fromarray(pixels.numpy()), []
     for (top, left, height, width), flip in zip(boxes.long().tolist(), flips.tolist()):
         view = image.crop((left, top, left + width, top + height)).resize((size, size), Image.BILINEAR)
@@ -68,9 +75,9 @@ def test_bases_crop_the_original_or_the_resized_image():
     for source in ("original", "resized"):
         augmenter = AugMixAugmenter("random_resized", crop_source=source)
         bases = augmenter.bases(image, 6, torch.Generator().manual_seed(3), 32)
-        if source == "original":     # boxes drawn on the 300x400 image itself
+        if source == "original":  # boxes drawn on the 300x400 image itself
             expected = resized_crops(image, *augmenter.crop_boxes((300, 400), 6, torch.Generator().manual_seed(3)), 32)
-        else:                        # boxes drawn on the image resized to 32x42
+        else:  # boxes drawn on the image resized to 32x42
             resized = resize_shorter_side(image, 32)
             expected = crop_views(resized, *augmenter.crop_boxes((32, 42), 6, torch.Generator().manual_seed(3)), 32)
         assert torch.equal(bases, expected)
@@ -97,10 +104,15 @@ def test_top_k_mask_area_is_exactly_ceil(fraction, size):
 def test_top_k_mask_breaks_ties_by_lowest_index():
     """torch.topk(sorted=False) picked [12, 14, 13, 15, 11] of zeros(20); the rule here is fixed."""
     assert top_k_mask(torch.zeros(1, 4, 5), 0.25).flatten().nonzero().flatten().tolist() == [0, 1, 2, 3, 4]
-    maps = torch.tensor([[[0.5, 0.9, 0.5], [0.5, 0.1, 0.5]],     # 2 of 6: 0.9, then the first 0.5
-                         [[0.2, 0.2, 0.2], [0.7, 0.7, 0.7]]])    # 2 of 6: the first two 0.7s
-    expected = torch.tensor([[[True, True, False], [False, False, False]],
-                             [[False, False, False], [True, True, False]]])
+    maps = torch.tensor(
+        [
+            [[0.5, 0.9, 0.5], [0.5, 0.1, 0.5]],  # 2 of 6: 0.9, then the first 0.5
+            [[0.2, 0.2, 0.2], [0.7, 0.7, 0.7]],
+        ]
+    )  # 2 of 6: the first two 0.7s
+    expected = torch.tensor(
+        [[[True, True, False], [False, False, False]], [[False, False, False], [True, True, False]]]
+    )
     assert torch.equal(top_k_mask(maps, 0.3), expected)
 
 
@@ -133,10 +145,12 @@ def test_attention_mix_weights_follow_the_mask():
 def test_views_are_seeded_and_on_device():
     image = torch.rand(3, 24, 24)
     augmenter = AugMixAugmenter()
-    first = augmenter.views(augmenter.bases(image, 5, torch.Generator().manual_seed(1), 16), None,
-                            torch.Generator().manual_seed(2))
-    again = augmenter.views(augmenter.bases(image, 5, torch.Generator().manual_seed(1), 16), None,
-                            torch.Generator().manual_seed(2))
+    first = augmenter.views(
+        augmenter.bases(image, 5, torch.Generator().manual_seed(1), 16), None, torch.Generator().manual_seed(2)
+    )
+    again = augmenter.views(
+        augmenter.bases(image, 5, torch.Generator().manual_seed(1), 16), None, torch.Generator().manual_seed(2)
+    )
     assert first.shape == (5, 3, 16, 16) and torch.equal(first, again)
     assert first.min() >= 0 and first.max() <= 1
 

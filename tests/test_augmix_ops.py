@@ -74,7 +74,9 @@ def test_dirichlet_weights_sum_to_one(monkeypatch):
     monkeypatch.setattr(A, "POINT_OPS", {name: (lambda x, levels, signs: x) for name in A.POINT_OPS})
     identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
     monkeypatch.setattr(
-        A, "AFFINE_MATRICES", {name: (lambda levels, signs, size: identity.repeat(len(levels), 1, 1)) for name in A.AFFINE_MATRICES}
+        A,
+        "AFFINE_MATRICES",
+        {name: (lambda levels, signs, size: identity.repeat(len(levels), 1, 1)) for name in A.AFFINE_MATRICES},
     )
     images = rand_images(n=6)
     for width in (1, 3, 5):
@@ -240,7 +242,13 @@ def pil_reference(name, image, amount):
 # (name, level, PIL amount for sign +1): rotate 30 degrees, shear 0.3, translate int(5 * 16 / 10) = 8 px.
 @pytest.mark.parametrize(
     ("name", "level", "amount"),
-    [("rotate", 10.0001, 30), ("shear_x", 10.0, 0.3), ("shear_y", 10.0, 0.3), ("translate_x", 5.0, 8), ("translate_y", 5.0, 8)],
+    [
+        ("rotate", 10.0001, 30),
+        ("shear_x", 10.0, 0.3),
+        ("shear_y", 10.0, 0.3),
+        ("translate_x", 5.0, 8),
+        ("translate_y", 5.0, 8),
+    ],
 )
 @pytest.mark.parametrize("sign", [1, -1])
 def test_geometric_ops_follow_pil_conventions(name, level, amount, sign):

@@ -1,10 +1,11 @@
 """The traced forward and the prompt learner reproduce open_clip's own outputs."""
+
 import pytest
 import torch
+from conftest import CLASSNAMES
 
 from atpt_plugin.backbones.openclip import OpenClipBackbone
 from atpt_plugin.prompt import PromptLearner, check_classnames
-from conftest import CLASSNAMES
 
 
 def test_vit_trace_matches_model(tiny_vit, images):
@@ -44,8 +45,7 @@ def test_prompt_features_equal_encode_text(tiny_vit, tokenizer):
 
 
 def test_random_context_has_n_ctx_tokens(tiny_vit, tokenizer):
-    prompt = PromptLearner(OpenClipBackbone(tiny_vit), CLASSNAMES, tokenizer, None, 6,
-                           torch.Generator().manual_seed(0))
+    prompt = PromptLearner(OpenClipBackbone(tiny_vit), CLASSNAMES, tokenizer, None, 6, torch.Generator().manual_seed(0))
     assert prompt.initial_context.shape == (6, 32)
     assert prompt.text_features(prompt.initial_context).shape == (4, 32)
 
@@ -58,12 +58,15 @@ def test_context_gradient_only(tiny_vit, tokenizer):
     assert all(p.grad is None for p in tiny_vit.parameters())
 
 
-@pytest.mark.parametrize("names, message", [
-    ([], "non-empty list"),
-    ("cat", "non-empty list"),
-    (["cat", "Cat "], "duplicate class names"),
-    (["cat", ""], "non-empty strings"),
-])
+@pytest.mark.parametrize(
+    "names, message",
+    [
+        ([], "non-empty list"),
+        ("cat", "non-empty list"),
+        (["cat", "Cat "], "duplicate class names"),
+        (["cat", ""], "non-empty strings"),
+    ],
+)
 def test_bad_classnames(names, message):
     with pytest.raises(ValueError, match=message):
         check_classnames(names)
@@ -77,6 +80,13 @@ def test_prompt_too_long_for_context(tiny_vit, tokenizer):
 
 def test_tokenizer_longer_than_model(tiny_vit):
     import open_clip
+
     with pytest.raises(ValueError, match="exceeds the text model"):
-        PromptLearner(OpenClipBackbone(tiny_vit), CLASSNAMES, open_clip.get_tokenizer("ViT-B-32", context_length=100),
-                      "a photo of a", 4, torch.Generator())
+        PromptLearner(
+            OpenClipBackbone(tiny_vit),
+            CLASSNAMES,
+            open_clip.get_tokenizer("ViT-B-32", context_length=100),
+            "a photo of a",
+            4,
+            torch.Generator(),
+        )

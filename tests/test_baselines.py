@@ -1,12 +1,13 @@
 """Augmentation-only baselines (ens, ens_reliability, zero) against plain references, and
 the TV aggregator over all views."""
+
 import pytest
 import torch
+from conftest import CLASSNAMES, make_tiny_vit
 
 from atpt_plugin import load_adapter
 from atpt_plugin.aggregators import reliability_weights, total_variation_weights
 from atpt_plugin.objectives import entropy
-from conftest import CLASSNAMES, make_tiny_vit
 
 SMALL = dict(views=16, rho=0.25)
 

@@ -4,11 +4,12 @@ Up to fp32 reordering: batched and one-image explainer passes differ by ~1e-7, w
 swap a few pixels at the boundary of a top-k attention mask (see test_naive.py), so
 adapters whose views depend on maps get a looser tolerance and must agree on the class.
 """
+
 import pytest
 import torch
+from conftest import CLASSNAMES, make_tiny_resnet, make_tiny_vit
 
 from atpt_plugin import load_adapter
-from conftest import CLASSNAMES, make_tiny_resnet, make_tiny_vit
 
 SMALL = dict(views=8, rho=0.25)
 
@@ -19,8 +20,9 @@ def batch(count, size, seed=0):
 
 def test_batched_text_pass_equals_one_context_at_a_time(tiny_vit, tokenizer):
     tta = load_adapter("atpt", **SMALL).wrap(tiny_vit, CLASSNAMES, tokenizer)
-    contexts = tta.prompt.initial_context + 0.1 * torch.randn(3, *tta.prompt.initial_context.shape,
-                                                              generator=torch.Generator().manual_seed(1))
+    contexts = tta.prompt.initial_context + 0.1 * torch.randn(
+        3, *tta.prompt.initial_context.shape, generator=torch.Generator().manual_seed(1)
+    )
     together = tta.prompt.text_features(contexts)
     assert together.shape == (3, len(CLASSNAMES), tta.zero_shot_text.shape[-1])
     for context, features in zip(contexts, together):
@@ -30,10 +32,10 @@ def test_batched_text_pass_equals_one_context_at_a_time(tiny_vit, tokenizer):
 @pytest.mark.parametrize("objective", ["mean_entropy", "marginal_entropy"])
 def test_batched_tuning_keeps_each_context_independent(tiny_vit, tokenizer, objective):
     """Several AdamW steps: a shared loss sum must not leak one image's gradient into another's context."""
-    tta = load_adapter("atpt", **SMALL, steps=3, lr=0.05, objective=objective).wrap(
-        tiny_vit, CLASSNAMES, tokenizer)
+    tta = load_adapter("atpt", **SMALL, steps=3, lr=0.05, objective=objective).wrap(tiny_vit, CLASSNAMES, tokenizer)
     features = torch.nn.functional.normalize(
-        torch.randn(3, 8, tta.zero_shot_text.shape[-1], generator=torch.Generator().manual_seed(2)), dim=-1)
+        torch.randn(3, 8, tta.zero_shot_text.shape[-1], generator=torch.Generator().manual_seed(2)), dim=-1
+    )
     together = tta.tune(features)
     alone = torch.stack([tta.tune(image_features) for image_features in features])
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
@@ -60,7 +62,8 @@ def test_image_batch_does_not_change_results(name, make, size, tokenizer):
 def test_the_explainer_sees_all_images_bases_in_one_pass(tiny_vit, tokenizer, image_batch, passes):
     """None (the default) is one image at a time on a CPU, where batching measured slower."""
     tta = load_adapter("atpt", **SMALL, image_batch=image_batch, aggregator="mean").wrap(
-        tiny_vit, CLASSNAMES, tokenizer)
+        tiny_vit, CLASSNAMES, tokenizer
+    )
     seen = []
     explain = tta.explain
     tta.explain = lambda bases, *args: seen.append(len(bases)) or explain(bases, *args)
@@ -75,7 +78,7 @@ def test_differentiable_tuning_goes_one_image_at_a_time(tiny_vit, tokenizer):
     together = tta(images)
     (grad,) = torch.autograd.grad(together.sum(), [images])
     for i in range(2):
-        image = images[i:i + 1].detach().clone().requires_grad_(True)
+        image = images[i : i + 1].detach().clone().requires_grad_(True)
         alone = tta(image)
         torch.testing.assert_close(alone[0], together[i], rtol=1e-5, atol=1e-5)
         (alone_grad,) = torch.autograd.grad(alone.sum(), [image])

@@ -1,4 +1,5 @@
 """Settings, overrides and entry-point discovery (through importlib.metadata for real)."""
+
 import sys
 import textwrap
 
@@ -17,9 +18,20 @@ def test_paper_defaults():
 
 
 def test_overrides_reach_every_setting():
-    adapter = load_adapter("atpt", views=32, rho=0.25, lr=1e-2, steps=2, r=0.3, m_high=0.1,
-                           m_low=0.9, explainer="grad_rollout", augmenter="augmix",
-                           aggregator="mean", seed=7)
+    adapter = load_adapter(
+        "atpt",
+        views=32,
+        rho=0.25,
+        lr=1e-2,
+        steps=2,
+        r=0.3,
+        m_high=0.1,
+        m_low=0.9,
+        explainer="grad_rollout",
+        augmenter="augmix",
+        aggregator="mean",
+        seed=7,
+    )
     config = adapter.config
     assert (config.views, config.rho, config.lr, config.steps, config.r) == (32, 0.25, 1e-2, 2, 0.3)
     assert (config.m_high, config.m_low, config.explainer) == (0.1, 0.9, "grad_rollout")
@@ -27,24 +39,27 @@ def test_overrides_reach_every_setting():
     assert load_adapter("atpt").config.views == 64, "overrides must not leak into the preset"
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(view=8), "did you mean 'views'"),
-    (dict(rho=0.0), "rho must be in"),
-    (dict(rho=1.5), "rho must be in"),
-    (dict(views=0), "views must be an integer"),
-    (dict(lr=-1.0), "lr must be > 0"),
-    (dict(m_high=0.9, m_low=0.1), "must not exceed m_low"),
-    (dict(explainer="nope"), "no explainer named 'nope'; installed explainers: .*token_grad_rollout"),
-    (dict(aggregator="max"), "no aggregator named 'max'.*atpt_plugin.aggregators"),
-    (dict(objective="mean_entrop"), "did you mean 'mean_entropy'"),
-    (dict(augmenter=object()), "augmenter=.* is neither a registered name"),
-    (dict(steps=1.5), "steps must be an integer"),
-    (dict(domain_word="pet", ctx_init="a picture of a"), "domain_word"),
-    (dict(explainer_eps=-1e-8), "explainer_eps must be a finite number >= 0"),
-    (dict(explainer_eps=float("nan")), "explainer_eps must be"),
-    (dict(crop_source="pil"), "crop_source='pil' is not one of: resized, original"),
-    (dict(input_quantization="uint8"), "input_quantization='uint8' is not one of: None, uint8_floor"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(view=8), "did you mean 'views'"),
+        (dict(rho=0.0), "rho must be in"),
+        (dict(rho=1.5), "rho must be in"),
+        (dict(views=0), "views must be an integer"),
+        (dict(lr=-1.0), "lr must be > 0"),
+        (dict(m_high=0.9, m_low=0.1), "must not exceed m_low"),
+        (dict(explainer="nope"), "no explainer named 'nope'; installed explainers: .*token_grad_rollout"),
+        (dict(aggregator="max"), "no aggregator named 'max'.*atpt_plugin.aggregators"),
+        (dict(objective="mean_entrop"), "did you mean 'mean_entropy'"),
+        (dict(augmenter=object()), "augmenter=.* is neither a registered name"),
+        (dict(steps=1.5), "steps must be an integer"),
+        (dict(domain_word="pet", ctx_init="a picture of a"), "domain_word"),
+        (dict(explainer_eps=-1e-8), "explainer_eps must be a finite number >= 0"),
+        (dict(explainer_eps=float("nan")), "explainer_eps must be"),
+        (dict(crop_source="pil"), "crop_source='pil' is not one of: resized, original"),
+        (dict(input_quantization="uint8"), "input_quantization='uint8' is not one of: None, uint8_floor"),
+    ],
+)
 def test_bad_settings_are_clear_errors(overrides, message):
     with pytest.raises((ValueError, TypeError), match=message):
         load_adapter("atpt", **overrides)
@@ -66,10 +81,12 @@ def test_unknown_adapter_lists_known_names():
 
 def test_adapter_from_another_distribution(tmp_path, monkeypatch):
     """A second distribution on sys.path publishes an adapter; discovery goes through importlib.metadata."""
-    (tmp_path / "extra_tta.py").write_text(textwrap.dedent("""
+    (tmp_path / "extra_tta.py").write_text(
+        textwrap.dedent("""
         from atpt_plugin import Adapter, AdapterConfig
         fast = Adapter("fast_tta", AdapterConfig(views=8, aggregator="mean"), "a third-party preset")
-    """))
+    """)
+    )
     info = tmp_path / "extra_tta-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: extra-tta\nVersion: 0.1\n")

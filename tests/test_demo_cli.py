@@ -1,13 +1,14 @@
 """The embedded demo's code paths: the eval command, the explain figure, the stability check."""
+
 import json
 
 import pytest
 import torch
+from atpt_plugin.adapters import cli
+from atpt_plugin.adapters.explain import attention_stability, explain_figure
 from matplotlib.figure import Figure
 
 from atpt_plugin import load_adapter
-from atpt_plugin.adapters import cli
-from atpt_plugin.adapters.explain import attention_stability, explain_figure
 from atpt_plugin.demo_model import load_demo_model, load_demo_subset
 
 
@@ -44,9 +45,28 @@ def test_stability_is_one_for_identical_images(demo):
 
 def test_eval_on_the_embedded_default(tmp_path):
     out = tmp_path / "run"
-    code = cli.main(["eval", "--adapters", "zeroshot,atpt", "--set", "views=8", "--attack", "pgd",
-                     "--eps", "4", "--attack-steps", "2", "--n-examples", "4", "--out", str(out),
-                     "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    code = cli.main(
+        [
+            "eval",
+            "--adapters",
+            "zeroshot,atpt",
+            "--set",
+            "views=8",
+            "--attack",
+            "pgd",
+            "--eps",
+            "4",
+            "--attack-steps",
+            "2",
+            "--n-examples",
+            "4",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and {r["adapter"] for r in rows} == {"zeroshot", "atpt"}
@@ -63,6 +83,7 @@ def test_explain_command_writes_a_png(tmp_path):
 
 def test_demo_subset_refuses_another_model_size():
     from atpt_plugin.adapters.datasets import load_dataset
+
     with pytest.raises(ValueError, match="--model demo"):
         load_dataset("demo", None, image_size=224)
     assert torch.equal(load_dataset("demo", None, image_size=32)[3][0], load_demo_subset(4)[0][3])

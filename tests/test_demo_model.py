@@ -5,6 +5,7 @@ The subset is disjoint from training by construction: `train.py` trains on the o
 subset file records its split and its indices into the test split, checked here (and
 against the real test files when the Debian package dataset-fashion-mnist is installed).
 """
+
 import json
 import os
 import subprocess
@@ -60,9 +61,27 @@ def test_missing_data_says_how_to_get_it(tmp_path):
 def test_training_script_runs_and_writes_a_loadable_checkpoint(tmp_path):
     synthetic_fashion_mnist(tmp_path)
     out, subset = tmp_path / "tiny.pt", tmp_path / "subset.npz"
-    cmd = [sys.executable, "-m", "atpt_plugin.demo_model.train", "--data-dir", str(tmp_path),
-           "--steps", "2", "--batch-size", "16", "--warmup", "1", "--threads", "1",
-           "--output", str(out), "--subset-output", str(subset), "--subset-per-class", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "atpt_plugin.demo_model.train",
+        "--data-dir",
+        str(tmp_path),
+        "--steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--output",
+        str(out),
+        "--subset-output",
+        str(subset),
+        "--subset-per-class",
+        "2",
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -70,11 +89,11 @@ def test_training_script_runs_and_writes_a_loadable_checkpoint(tmp_path):
 
     state = torch.load(out, weights_only=True)
     assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
-    model = open_clip.create_model(demo.MODEL_NAME, pretrained=str(out))   # loads into fp32
+    model = open_clip.create_model(demo.MODEL_NAME, pretrained=str(out))  # loads into fp32
     assert next(model.parameters()).dtype == torch.float32
     assert torch.equal(model.visual.conv1.weight, state["visual.conv1.weight"].float())
     fresh = open_clip.create_model(demo.MODEL_NAME)
-    assert not torch.equal(fresh.visual.conv1.weight, model.visual.conv1.weight)   # trained weights
+    assert not torch.equal(fresh.visual.conv1.weight, model.visual.conv1.weight)  # trained weights
 
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["steps"] == 2 and record["train_images"] == 48 and record["test_images"] == 30
@@ -102,12 +121,12 @@ def test_config_is_registered_with_open_clip():
     model = open_clip.create_model(demo.MODEL_NAME)
     grid = model.visual.grid_size
     assert grid[0] >= 8 and grid[1] >= 8
-    assert OpenClipBackbone(model).kind == "vit"   # class token, standard blocks
+    assert OpenClipBackbone(model).kind == "vit"  # class token, standard blocks
 
 
 def test_shipped_checkpoint_is_small_and_loads_through_open_clip(demo_model):
     path = demo.checkpoint_path()
-    assert path.stat().st_size < 10 * 2 ** 20
+    assert path.stat().st_size < 10 * 2**20
     model = open_clip.create_model(demo.MODEL_NAME, pretrained=str(path))
     state = torch.load(path, weights_only=True)
     for name, value in model.state_dict().items():
@@ -122,7 +141,7 @@ def test_shipped_subset_shape_labels_and_provenance():
     size = demo.image_size()
     assert images.shape == (1000, 3, size, size) and images.dtype == torch.float32
     assert 0 <= images.min() and images.max() <= 1
-    assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])   # grey
+    assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])  # grey
     assert torch.bincount(labels, minlength=10).tolist() == [100] * 10
     assert torch.bincount(demo.load_demo_subset(200)[1], minlength=10).tolist() == [20] * 10
     assert demo.subset_path().stat().st_size < 1_000_000

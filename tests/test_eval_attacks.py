@@ -1,14 +1,14 @@
 """Threat models: the attacked zero-shot model, eps units, attacks by name, the adversarial cache."""
+
 import pytest
 import torch
+from atpt_plugin.adapters.attacks import ATTACKS, ZeroShotClassifier, chunk_seed, make_attack, parse_eps, run_attack
+from atpt_plugin.adapters.cache import AdversarialCache, CacheMismatchError, model_fingerprint, tensor_digest
+from conftest import CLASSNAMES, make_tiny_resnet, make_tiny_vit
 
 from atpt_plugin import AdapterConfig
 from atpt_plugin.adapter import TestTimeAdapter as Wrapped  # not collected as a test class
-from atpt_plugin.adapters.attacks import ATTACKS, ZeroShotClassifier, chunk_seed, make_attack, parse_eps, run_attack
-from atpt_plugin.adapters.cache import AdversarialCache, CacheMismatchError, model_fingerprint, tensor_digest
 from atpt_plugin.registry import UnknownNameError
-from conftest import CLASSNAMES, make_tiny_resnet, make_tiny_vit
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,15 +25,18 @@ def test_zero_shot_classifier_equals_the_zeroshot_adapter_batched(tiny_vit, toke
         torch.testing.assert_close(zero_shot(x), reference(x), rtol=1e-5, atol=1e-5)
     x.requires_grad_(True)
     (grad,) = torch.autograd.grad(zero_shot(x).logsumexp(-1).sum(), x)
-    assert grad.shape == x.shape and grad.abs().sum() > 0                     # differentiable w.r.t. the input
+    assert grad.shape == x.shape and grad.abs().sum() > 0  # differentiable w.r.t. the input
     with_domain = ZeroShotClassifier.build(tiny_vit, CLASSNAMES, tokenizer, domain_word="pet")
     assert with_domain.prompt_phrase == "a pet photo of a" and zero_shot.prompt_phrase == "a photo of a"
 
 
 def test_paper_protocol_defaults_per_backbone():
     vit = make_attack("pgd")
-    assert (vit.norm, vit.eps, vit.param_dict) == ("Linf", 4 / 255, {"alpha": 1 / 255, "random_start": True,
-                                                                      "steps": 100})
+    assert (vit.norm, vit.eps, vit.param_dict) == (
+        "Linf",
+        4 / 255,
+        {"alpha": 1 / 255, "random_start": True, "steps": 100},
+    )
     resnet = make_attack("PGD", backbone_kind="resnet")
     assert resnet.eps == 1 / 255 and resnet.param_dict["steps"] == 1 and resnet.param_dict["alpha"] == 0.25 / 255
     assert vit.describe() == "pgd (Linf, eps=4/255, alpha=1/255, random_start=True, steps=100)"
@@ -61,8 +64,11 @@ def test_eps_units_are_unambiguous():
 
 
 def test_unknown_attack_and_parameter_list_the_valid_ones():
-    with pytest.raises(UnknownNameError, match=r"no attack named 'pgdd'.*installed attacks: autoattack, cw, eot-pgd, "
-                                               r"fgsm, none, pgd, pgdl2, square. .*atpt_plugin.attacks"):
+    with pytest.raises(
+        UnknownNameError,
+        match=r"no attack named 'pgdd'.*installed attacks: autoattack, cw, eot-pgd, "
+        r"fgsm, none, pgd, pgdl2, square. .*atpt_plugin.attacks",
+    ):
         make_attack("pgdd")
     with pytest.raises(ValueError, match="no parameter 'kappa'; its parameters: eps, steps, alpha, random_start"):
         make_attack("pgd", kappa=1)
@@ -70,8 +76,9 @@ def test_unknown_attack_and_parameter_list_the_valid_ones():
     assert make_attack("autoattack", norm="L2").norm == "L2"
 
 
-@pytest.mark.parametrize("name, params", [("pgd", dict(steps=3)), ("fgsm", {}), ("pgdl2", dict(steps=3)),
-                                          ("cw", dict(steps=3))])
+@pytest.mark.parametrize(
+    "name, params", [("pgd", dict(steps=3)), ("fgsm", {}), ("pgdl2", dict(steps=3)), ("cw", dict(steps=3))]
+)
 def test_attacks_by_name_respect_their_budget(zero_shot, name, params):
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 1, 2])
@@ -83,7 +90,7 @@ def test_attacks_by_name_respect_their_budget(zero_shot, name, params):
         assert delta.abs().max() <= spec.eps + 1e-6
     elif spec.eps is not None:
         assert delta.norm(dim=1).max() <= spec.eps + 1e-4
-    assert torch.equal(adversarial, run_attack(spec, zero_shot, x, y, seed=5))    # seeded
+    assert torch.equal(adversarial, run_attack(spec, zero_shot, x, y, seed=5))  # seeded
     if spec.param_dict.get("random_start"):
         assert not torch.equal(adversarial, run_attack(spec, zero_shot, x, y, seed=6))
 
@@ -105,7 +112,7 @@ def test_autoattack_by_name_skips_misclassified_images(zero_shot):
     with torch.no_grad():
         wrong = (zero_shot(x).argmax(1) + 1) % len(CLASSNAMES)
     adversarial = run_attack(make_attack("autoattack"), zero_shot, x, wrong, seed=0)
-    assert torch.equal(adversarial, x)     # AutoAttack only attacks correctly classified images
+    assert torch.equal(adversarial, x)  # AutoAttack only attacks correctly classified images
 
 
 def test_attack_on_a_resnet_tower(tokenizer):
@@ -126,14 +133,14 @@ def test_cache_checks_its_key_ids_and_clean_images(tmp_path):
     cache.save(0, ["a.jpg", "b.jpg"], digest, clean * 0.5)
     again = AdversarialCache(tmp_path, key)
     assert torch.equal(again.load(0, ["a.jpg", "b.jpg"], digest), clean * 0.5)
-    assert again.load(2, ["c.jpg", "d.jpg"], digest) is None                      # not made yet
+    assert again.load(2, ["c.jpg", "d.jpg"], digest) is None  # not made yet
     with pytest.raises(CacheMismatchError, match="other clean images"):
         again.load(0, ["a.jpg", "b.jpg"], tensor_digest(clean + 0.1, labels))
     with pytest.raises(CacheMismatchError, match="dataset selection changed"):
         again.load(0, ["b.jpg", "a.jpg"], digest)
-    other = AdversarialCache(tmp_path, {**key, "seed": 1})                       # another key: another folder
+    other = AdversarialCache(tmp_path, {**key, "seed": 1})  # another key: another folder
     assert other.directory != again.directory and other.load(0, ["a.jpg", "b.jpg"], digest) is None
-    (again.directory / "key.json").write_text('{"dataset": "dtd"}')             # a tampered folder
+    (again.directory / "key.json").write_text('{"dataset": "dtd"}')  # a tampered folder
     with pytest.raises(CacheMismatchError, match="different key.*dataset"):
         AdversarialCache(tmp_path, key)
 
@@ -146,9 +153,10 @@ def test_fingerprints_and_chunk_seeds():
 
 
 def test_evaluation_adapts_a_batch_in_one_call_and_equals_one_image_at_a_time(tiny_vit, tokenizer, zero_shot):
-    from atpt_plugin import load_adapter
     from atpt_plugin.adapters.runner import Evaluation
     from atpt_plugin.adapters.sources import TensorSource
+
+    from atpt_plugin import load_adapter
 
     x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     y = torch.tensor([0, 1, 2, 3, 0])
@@ -158,10 +166,11 @@ def test_evaluation_adapts_a_batch_in_one_call_and_equals_one_image_at_a_time(ti
     calls = []
     batched.register_forward_pre_hook(lambda module, inputs: calls.append(len(inputs[0])))
     spec = make_attack("pgd", eps=8 / 255, steps=2)
-    evaluation = Evaluation({"batched": batched, "alone": alone}, TensorSource(x, y), spec, zero_shot, None,
-                            attack_batch_size=4)
+    evaluation = Evaluation(
+        {"batched": batched, "alone": alone}, TensorSource(x, y), spec, zero_shot, None, attack_batch_size=4
+    )
     rows = {row.adapter: row for row in evaluation.run()}
-    assert calls == [8, 2]                                    # clean + adversarial images of each batch
+    assert calls == [8, 2]  # clean + adversarial images of each batch
     found = {(r["adapter"], r["position"]): (r["clean"], r["adv"]) for r in evaluation.log.records()}
     assert len(found) == 10 and all(found["batched", p] == found["alone", p] for p in range(5))
     assert rows["batched"].clean_correct == rows["alone"].clean_correct and rows["batched"].n == 5

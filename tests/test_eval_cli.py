@@ -1,4 +1,5 @@
 """`atpt eval` end to end on a tiny on-disk dataset: outputs, resume after a kill, 2 processes, bad input."""
+
 import json
 import os
 import signal
@@ -9,15 +10,16 @@ from collections import Counter
 
 import pytest
 import torch
-from PIL import Image
-
 from atpt_plugin.adapters import cli
+from PIL import Image
 
 ADAPTERS = "atpt,zeroshot"
 N_IMAGES = 7
-TINY_CONFIG = {"embed_dim": 32,
-               "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
-               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +42,39 @@ def workspace(tmp_path_factory):
 
 
 def eval_args(root, out, *extra):
-    return ["eval", "--model", str(root / "tiny-vit-eval.json"), "--pretrained", "none", "--dataset", "pets",
-            "--data-root", str(root / "data"), "--adapters", ADAPTERS, "--set", "views=4", "--set", "rho=0.25",
-            "--attack", "pgd", "--eps", "4", "--attack-steps", "2", "--n-examples", str(N_IMAGES), "--attack-batch-size", "3",
-            "--out", str(root / out), "--cache-dir", str(root / f"cache-{out}"), "--no-progress", *extra]
+    return [
+        "eval",
+        "--model",
+        str(root / "tiny-vit-eval.json"),
+        "--pretrained",
+        "none",
+        "--dataset",
+        "pets",
+        "--data-root",
+        str(root / "data"),
+        "--adapters",
+        ADAPTERS,
+        "--set",
+        "views=4",
+        "--set",
+        "rho=0.25",
+        "--attack",
+        "pgd",
+        "--eps",
+        "4",
+        "--attack-steps",
+        "2",
+        "--n-examples",
+        str(N_IMAGES),
+        "--attack-batch-size",
+        "3",
+        "--out",
+        str(root / out),
+        "--cache-dir",
+        str(root / f"cache-{out}"),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def child_env():
@@ -51,8 +82,14 @@ def child_env():
 
 
 def run_cli(root, args, timeout=600):
-    done = subprocess.run([sys.executable, "-m", "atpt_plugin.adapters.cli", *args], cwd=root, env=child_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, "-m", "atpt_plugin.adapters.cli", *args],
+        cwd=root,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -117,9 +154,9 @@ def test_end_to_end_outputs(workspace, reference):
 @pytest.mark.slow
 def test_cli_predictions_equal_the_library_called_directly(workspace, reference):
     import open_clip
+    from atpt_plugin.adapters.datasets import load_dataset
 
     from atpt_plugin import load_adapter
-    from atpt_plugin.adapters.datasets import load_dataset
 
     open_clip.add_model_config(workspace / "tiny-vit-eval.json")
     torch.manual_seed(0)
@@ -127,7 +164,8 @@ def test_cli_predictions_equal_the_library_called_directly(workspace, reference)
     dataset = load_dataset("pets", workspace / "data", image_size=32)
     index = {dataset.sample_id(i): i for i in range(len(dataset))}
     tta = load_adapter("atpt", views=4, rho=0.25, seed=0, domain_word="pet").wrap(
-        model, classnames=dataset.classnames, tokenizer=open_clip.get_tokenizer("tiny-vit-eval"))
+        model, classnames=dataset.classnames, tokenizer=open_clip.get_tokenizer("tiny-vit-eval")
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -156,8 +194,13 @@ sys.exit(main(sys.argv[1:]))
 @pytest.mark.slow
 def test_resume_after_a_kill_loses_and_repeats_nothing(workspace, reference):
     out = workspace / "killed"
-    child = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, *eval_args(workspace, "killed")], cwd=workspace,
-                             env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CHILD, *eval_args(workspace, "killed")],
+        cwd=workspace,
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     total = N_IMAGES * len(ADAPTERS.split(","))
     deadline = time.monotonic() + 300
     try:
@@ -173,14 +216,14 @@ def test_resume_after_a_kill_loses_and_repeats_nothing(workspace, reference):
             child.kill()
     assert child.returncode == -signal.SIGKILL, child.stderr.read().decode()[-2000:]
     written = (out / "samples.jsonl").read_bytes()
-    assert 3 <= written.count(b"\n") < total                  # killed mid-way
-    with open(out / "samples.jsonl", "ab") as handle:          # and as if killed in the middle of a write
+    assert 3 <= written.count(b"\n") < total  # killed mid-way
+    with open(out / "samples.jsonl", "ab") as handle:  # and as if killed in the middle of a write
         handle.write(b'{"adapter": "atpt", "adv": 0, "cle')
     done = run_cli(workspace, eval_args(workspace, "killed"))
     assert "resuming" in done.stderr
-    resumed = predictions(out)                                 # every sample exactly once
+    resumed = predictions(out)  # every sample exactly once
     assert resumed == predictions(reference[0])
-    assert (out / "samples.jsonl").read_bytes().startswith(written[: written.rfind(b"\n") + 1])   # append-only
+    assert (out / "samples.jsonl").read_bytes().startswith(written[: written.rfind(b"\n") + 1])  # append-only
     assert accuracies(out) == accuracies(reference[0])
 
 
@@ -191,8 +234,8 @@ def test_two_processes_with_gloo_equal_one(workspace, reference):
     assert "2 process(es)" in done.stderr
     assert (out / "samples.rank1.jsonl").is_file()
     found = records(out)
-    assert all(r["rank"] == r["position"] % 2 for r in found)          # sharded without padding
-    assert predictions(out) == predictions(reference[0])             # no duplicates, none missing, equal
+    assert all(r["rank"] == r["position"] % 2 for r in found)  # sharded without padding
+    assert predictions(out) == predictions(reference[0])  # no duplicates, none missing, equal
     assert accuracies(out) == accuracies(reference[0])
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
 
@@ -205,7 +248,7 @@ def test_other_arguments_into_the_same_folder_are_refused(workspace, reference, 
     message = capsys.readouterr().err
     assert "holds a run with other settings" in message and "attack.eps" in message and "another --out" in message
     assert (reference[0] / "samples.jsonl").read_bytes() == before
-    held = cli.lock_folder(reference[0], 0)           # a run still writing to the folder
+    held = cli.lock_folder(reference[0], 0)  # a run still writing to the folder
     try:
         assert cli.main(eval_args(workspace, "ref")) == 2
         assert "another `atpt eval` is writing to" in capsys.readouterr().err
@@ -220,17 +263,27 @@ def test_list_shows_adapters_datasets_and_attacks(capsys):
     assert "atpt " in text and "split_zhou_OxfordPets.json" in text and "pgd" in text and "autoattack" in text
 
 
-@pytest.mark.parametrize("change, expected", [
-    (("--adapters", "atpt,nope"), "no adapter named 'nope'.*installed adapters: .*atpt"),
-    (("--adapters", "atpt[vews=8]"), "adapter variant 'atpt\\[vews=8\\]': unknown adapter setting 'vews' \\(did you mean 'views'"),
-    (("--adapters", "atpt[views=8"), "unbalanced brackets"),
-    (("--dataset", "petz"), "no dataset named 'petz' \\(did you mean 'pets'\\?\\); installed datasets: aircraft, "),
-    (("--attack", "pgdd"), "no attack named 'pgdd'.*installed attacks: autoattack, cw, eot-pgd, fgsm, none, pgd, pgdl2, square"),
-    (("--eps", "0.0157"), "ambiguous: L-inf budgets on the command line are in 1/255 units"),
-    (("--model", "ViT-B-99"), "no model named 'ViT-B-99'.*open_clip models: "),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (("--adapters", "atpt,nope"), "no adapter named 'nope'.*installed adapters: .*atpt"),
+        (
+            ("--adapters", "atpt[vews=8]"),
+            "adapter variant 'atpt\\[vews=8\\]': unknown adapter setting 'vews' \\(did you mean 'views'",
+        ),
+        (("--adapters", "atpt[views=8"), "unbalanced brackets"),
+        (("--dataset", "petz"), "no dataset named 'petz' \\(did you mean 'pets'\\?\\); installed datasets: aircraft, "),
+        (
+            ("--attack", "pgdd"),
+            "no attack named 'pgdd'.*installed attacks: autoattack, cw, eot-pgd, fgsm, none, pgd, pgdl2, square",
+        ),
+        (("--eps", "0.0157"), "ambiguous: L-inf budgets on the command line are in 1/255 units"),
+        (("--model", "ViT-B-99"), "no model named 'ViT-B-99'.*open_clip models: "),
+    ],
+)
 def test_bad_input_lists_the_valid_choices(workspace, capsys, change, expected):
     import re
+
     args = eval_args(workspace, "never")
     args[args.index(change[0]) + 1] = change[1]
     assert cli.main(args) == 2
@@ -270,5 +323,7 @@ def test_adapter_variants_are_rows_of_their_own_and_resume(workspace, one_thread
     plain = eval_args(workspace, "variants-set", "--set", "aggregator=mean", "--set", "layer_weights=[0.5,1.0]")
     assert cli.main(plain) == 0
     variant = {r["position"]: (r["clean"], r["adv"]) for r in first if r["adapter"].startswith("atpt[")}
-    with_set = {r["position"]: (r["clean"], r["adv"]) for r in records(workspace / "variants-set") if r["adapter"] == "atpt"}
+    with_set = {
+        r["position"]: (r["clean"], r["adv"]) for r in records(workspace / "variants-set") if r["adapter"] == "atpt"
+    }
     assert variant == with_set

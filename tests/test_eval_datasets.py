@@ -1,14 +1,22 @@
 """Tiny fake trees of every supported dataset layout, read back with names, labels and errors."""
+
 import json
 
 import pytest
 import torch
+from atpt_plugin.adapters.datasets import (
+    DATASETS,
+    DatasetLayoutError,
+    dataset_info,
+    describe_layout,
+    imagenet_classnames,
+    imagenet_wnids,
+    load_dataset,
+    select,
+)
 from PIL import Image
 
 from atpt_plugin.registry import UnknownNameError
-from atpt_plugin.adapters.datasets import (DATASETS, DatasetLayoutError, dataset_info,
-                                           describe_layout, imagenet_classnames, imagenet_wnids, load_dataset,
-                                           select)
 
 SPLIT_KEYS = [key for key in DATASETS.names() if dataset_info(key).kind == "split_json"]
 
@@ -40,7 +48,7 @@ def make_split_tree(root, key, folder=None):
 def test_coop_split_layouts(tmp_path, key):
     make_split_tree(tmp_path, key)
     data = load_dataset(key, tmp_path, image_size=16)
-    assert data.classnames == ["class one", "class two", "third class"]   # underscores read as spaces
+    assert data.classnames == ["class one", "class two", "third class"]  # underscores read as spaces
     assert len(data) == 6 and [data.label(i) for i in range(6)] == [0, 0, 1, 1, 2, 2]
     image, label = data[3]
     assert image.shape == (3, 16, 16) and image.dtype == torch.float32 and label == 1
@@ -51,18 +59,28 @@ def test_coop_split_layouts(tmp_path, key):
 
 def test_tpt_folder_names_and_dataset_folder_as_root(tmp_path):
     base = make_split_tree(tmp_path, "pets", folder="OxfordPets")
-    assert len(load_dataset("OxfordPets", tmp_path)) == 6              # TPT's folder name, title as name
-    assert len(load_dataset("pets", base)) == 6                         # the dataset folder itself
+    assert len(load_dataset("OxfordPets", tmp_path)) == 6  # TPT's folder name, title as name
+    assert len(load_dataset("pets", base)) == 6  # the dataset folder itself
 
 
 def test_domain_words_of_the_authors_code():
-    words = {key: dataset_info(key).domain_word for key in
-             ("pets", "flower102", "caltech101", "dtd", "aircraft", "ucf101", "cars", "eurosat")}
-    assert words == {"pets": "pet", "flower102": "flower", "caltech101": "object", "dtd": "texture",
-                     "aircraft": "aircraft", "ucf101": "action", "cars": "car", "eurosat": "satellite-map"}
+    words = {
+        key: dataset_info(key).domain_word
+        for key in ("pets", "flower102", "caltech101", "dtd", "aircraft", "ucf101", "cars", "eurosat")
+    }
+    assert words == {
+        "pets": "pet",
+        "flower102": "flower",
+        "caltech101": "object",
+        "dtd": "texture",
+        "aircraft": "aircraft",
+        "ucf101": "action",
+        "cars": "car",
+        "eurosat": "satellite-map",
+    }
     assert dataset_info("food101").domain_word is None and dataset_info("imagenet").domain_word is None
     assert dataset_info("pets").adapter_overrides() == {"domain_word": "pet"}
-    assert dataset_info("imagenet_a").adapter_overrides() == {"augmix_ops": False}   # TPT: no AugMix ops
+    assert dataset_info("imagenet_a").adapter_overrides() == {"augmix_ops": False}  # TPT: no AugMix ops
 
 
 def test_fgvc_aircraft_layout(tmp_path):
@@ -95,6 +113,7 @@ def test_imagenet_layouts_coop_and_tpt(tmp_path):
 @pytest.mark.parametrize("key, variant", [("imagenet_a", "a"), ("imagenet_r", "r")])
 def test_imagenet_a_and_r_use_their_200_class_subsets(tmp_path, key, variant):
     from importlib import resources
+
     subset = (resources.files("timm.data._info") / f"imagenet_{variant}_synsets.txt").read_text().split()
     folder = dataset_info(key).dirs[0]
     for wnid in (subset[3], subset[150]):
@@ -103,7 +122,7 @@ def test_imagenet_a_and_r_use_their_200_class_subsets(tmp_path, key, variant):
     assert len(data.classnames) == 200 and [data.label(i) for i in range(2)] == [3, 150]
     full = dict(zip(imagenet_wnids(), imagenet_classnames()))
     assert data.classnames[3] == full[subset[3]]
-    write_image(tmp_path / folder / imagenet_wnids()[0] / "x.jpg")   # not one of the 200 (tench)
+    write_image(tmp_path / folder / imagenet_wnids()[0] / "x.jpg")  # not one of the 200 (tench)
     if imagenet_wnids()[0] not in subset:
         with pytest.raises(DatasetLayoutError, match="not a class of"):
             load_dataset(key, tmp_path)
@@ -126,7 +145,7 @@ def test_image_folder(tmp_path):
     (tmp_path / "tabby cat" / "notes.txt").write_text("not an image")
     data = load_dataset("imagefolder", tmp_path, image_size=None)
     assert data.classnames == ["golden retriever", "tabby cat"] and len(data) == 4
-    assert data[0][0].shape == (3, 14, 20)                               # image_size=None: original size
+    assert data[0][0].shape == (3, 14, 20)  # image_size=None: original size
 
 
 def test_errors_name_the_expected_layout(tmp_path):
@@ -146,7 +165,8 @@ def test_errors_name_the_expected_layout(tmp_path):
     with pytest.raises(DatasetLayoutError, match="no 'test' split"):
         load_dataset("dtd", tmp_path)
     (base / "split_zhou_DescribableTextures.json").write_text(
-        json.dumps({"test": [["x/a.jpg", 0, "banded"], ["x/b.jpg", 2, "woven"]]}))
+        json.dumps({"test": [["x/a.jpg", 0, "banded"], ["x/b.jpg", 2, "woven"]]})
+    )
     with pytest.raises(DatasetLayoutError, match="labels without a name: \\[1\\]"):
         load_dataset("dtd", tmp_path)
     (base / "split_zhou_DescribableTextures.json").write_text(json.dumps({"test": [["x/a.jpg", 0, "banded"]]}))
@@ -159,8 +179,11 @@ def test_errors_name_the_expected_layout(tmp_path):
 
 
 def test_unknown_dataset_lists_the_valid_ones():
-    with pytest.raises(UnknownNameError, match="no dataset named 'petz' \\(did you mean 'pets'\\?\\); installed "
-                                               "datasets: aircraft, caltech101, .*imagefolder.*atpt_plugin.datasets"):
+    with pytest.raises(
+        UnknownNameError,
+        match="no dataset named 'petz' \\(did you mean 'pets'\\?\\); installed "
+        "datasets: aircraft, caltech101, .*imagefolder.*atpt_plugin.datasets",
+    ):
         dataset_info("petz")
     assert dataset_info("Flowers").key == "flower102" and dataset_info("ImageNet-A").key == "imagenet_a"
 

@@ -6,6 +6,7 @@ the per-sample records equal those of an uninterrupted run (wall-clock fields as
 Runs use the embedded demo model by its name (`--model fmnist-vit-tiny`) on 12 images,
 3 attack steps, batches of 4: three attack batches, 24 (sample, adapter) records.
 """
+
 import errno
 import json
 import os
@@ -18,16 +19,29 @@ import time
 
 import pytest
 import torch
-from PIL import Image
-
 from atpt_plugin.adapters import cli
+from PIL import Image
 
 pytestmark = pytest.mark.slow  # kills and reruns `atpt eval` subprocesses
 
 N = 12
 ADAPTERS = ("zeroshot", "rtpt")
-RUN = ["eval", "--model", "fmnist-vit-tiny", "--adapters", ",".join(ADAPTERS), "--set", "views=8",
-       "--n-examples", str(N), "--attack-steps", "3", "--attack-batch-size", "4", "--no-progress"]
+RUN = [
+    "eval",
+    "--model",
+    "fmnist-vit-tiny",
+    "--adapters",
+    ",".join(ADAPTERS),
+    "--set",
+    "views=8",
+    "--n-examples",
+    str(N),
+    "--attack-steps",
+    "3",
+    "--attack-batch-size",
+    "4",
+    "--no-progress",
+]
 WALL_CLOCK = {"seconds", "checks_seconds", "seconds_per_image", "attack_seconds_per_image", "model_info"}
 
 
@@ -148,28 +162,47 @@ def test_kills_at_random_points_resume_to_the_uninterrupted_result(tmp_path, ref
     out, cache = tmp_path / "out", tmp_path / "cache"
     args = run_args(out, cache)
     (tmp_path / "killer.py").write_text(KILLER)
-    plan = [("attack", rng.randint(1, 2)),          # mid attack phase
-            ("batch-", 1),                          # mid-write of a cache entry
-            ("attack", 1),
-            ("adapt", rng.randint(1, 6)),           # mid-batch of adaptation
-            ("samples.jsonl", rng.randint(2, 5)),   # mid-write of a results line
-            ("adapt", rng.randint(1, 6))]
+    plan = [
+        ("attack", rng.randint(1, 2)),  # mid attack phase
+        ("batch-", 1),  # mid-write of a cache entry
+        ("attack", 1),
+        ("adapt", rng.randint(1, 6)),  # mid-batch of adaptation
+        ("samples.jsonl", rng.randint(2, 5)),  # mid-write of a results line
+        ("adapt", rng.randint(1, 6)),
+    ]
     for point, after in plan:
-        done = subprocess.run([sys.executable, str(tmp_path / "killer.py"), point, str(after), *args],
-                              cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, str(tmp_path / "killer.py"), point, str(after), *args],
+            cwd=tmp_path,
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == -signal.SIGKILL, (point, after, done.stderr[-2000:])
         if point == "samples.jsonl":
-            assert not (out / "samples.jsonl").read_bytes().endswith(b"\n")   # a half-written line is left
+            assert not (out / "samples.jsonl").read_bytes().endswith(b"\n")  # a half-written line is left
         if point == "batch-":
-            assert any(cache.glob("*/.batch-*.tmp"))                          # a half-written temporary
-    delay = rng.uniform(2.0, 6.0)                  # and one kill at a random moment, from outside
-    child = subprocess.Popen([sys.executable, "-m", "atpt_plugin.adapters.cli", *args], cwd=tmp_path,
-                             env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            assert any(cache.glob("*/.batch-*.tmp"))  # a half-written temporary
+    delay = rng.uniform(2.0, 6.0)  # and one kill at a random moment, from outside
+    child = subprocess.Popen(
+        [sys.executable, "-m", "atpt_plugin.adapters.cli", *args],
+        cwd=tmp_path,
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(delay)
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=60)
-    done = subprocess.run([sys.executable, "-m", "atpt_plugin.adapters.cli", *args], cwd=tmp_path,
-                          env=child_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "atpt_plugin.adapters.cli", *args],
+        cwd=tmp_path,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming" in done.stderr and "Traceback" not in done.stderr
     assert_equal_to(out, reference[0])
@@ -182,20 +215,20 @@ def test_corrupt_cache_entries_are_reported_recomputed_and_replaced(tmp_path, re
     entries = sorted(folder.glob("batch-*.pt"))
     assert len(entries) == 3
     truncated, flipped = entries[0], entries[2]
-    truncated.write_bytes(truncated.read_bytes()[:3000])            # a killed copy
+    truncated.write_bytes(truncated.read_bytes()[:3000])  # a killed copy
     data = bytearray(flipped.read_bytes())
-    data[-2000] ^= 0xFF                                              # one bad byte, still a readable file
+    data[-2000] ^= 0xFF  # one bad byte, still a readable file
     flipped.write_bytes(bytes(data))
-    (folder / "key.json").write_text('{"model": ')                   # the folder's key file, cut short
+    (folder / "key.json").write_text('{"model": ')  # the folder's key file, cut short
     code, err = run_here(run_args(tmp_path / "out", cache), capsys)
     assert code == 0 and "Traceback" not in err
     warnings = [line for line in err.splitlines() if line.startswith("atpt: warning:")]
-    assert len(warnings) == 3, err                                   # one line per damaged file
+    assert len(warnings) == 3, err  # one line per damaged file
     assert any(str(truncated) in w and "unreadable" in w for w in warnings)
     assert any(str(flipped) in w and "checksum" in w for w in warnings)
     assert any(str(folder / "key.json") in w for w in warnings)
     assert_equal_to(tmp_path / "out", ref)
-    code, err = run_here(run_args(tmp_path / "again", cache), capsys)    # replaced: read back cleanly
+    code, err = run_here(run_args(tmp_path / "again", cache), capsys)  # replaced: read back cleanly
     assert code == 0 and "warning" not in err
     assert_equal_to(tmp_path / "again", ref)
 
@@ -215,9 +248,9 @@ def image_folder(tmp_path):
         Image.fromarray(pixels).save(folder / f"img_{i}.jpg", quality=90)
     dataset = load_dataset("imagefolder", root, image_size=32)
     order = select(len(dataset), None, 0)
-    bad = [order[5], order[9]]                     # positions 5 and 9: the second and third batch of 4
+    bad = [order[5], order[9]]  # positions 5 and 9: the second and third batch of 4
     first = root / dataset.samples[bad[0]][0]
-    first.write_bytes(first.read_bytes()[:300])    # a truncated JPEG
+    first.write_bytes(first.read_bytes()[:300])  # a truncated JPEG
     (root / dataset.samples[bad[1]][0]).write_bytes(b"not an image at all")
     return root, dataset, bad
 
@@ -236,26 +269,44 @@ def test_bad_image_error_names_the_file_and_the_sample(image_folder):
 
 def test_bad_images_stop_the_run_or_are_skipped_and_listed(tmp_path, image_folder, capsys):
     root, dataset, bad = image_folder
-    args = ["eval", "--model", "fmnist-vit-tiny", "--dataset", "imagefolder", "--data-root", str(root),
-            "--adapters", "zeroshot", "--attack", "none", "--attack-batch-size", "4", "--no-progress",
-            "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    args = [
+        "eval",
+        "--model",
+        "fmnist-vit-tiny",
+        "--dataset",
+        "imagefolder",
+        "--data-root",
+        str(root),
+        "--adapters",
+        "zeroshot",
+        "--attack",
+        "none",
+        "--attack-batch-size",
+        "4",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "out"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     code, err = run_here(args, capsys)
     assert code == 2
-    assert_one_clear_error(err, str(root / dataset.samples[bad[0]][0]), "sample 5 of the run",
-                           "--on-bad-image skip")
+    assert_one_clear_error(err, str(root / dataset.samples[bad[0]][0]), "sample 5 of the run", "--on-bad-image skip")
     before = (tmp_path / "out" / "samples.jsonl").read_bytes()
-    assert before.count(b"\n") == 4                                   # the first batch is finished and kept
+    assert before.count(b"\n") == 4  # the first batch is finished and kept
     code, err = run_here([*args, "--on-bad-image", "skip"], capsys)
     assert code == 0 and "Traceback" not in err
     out = tmp_path / "out"
-    assert (out / "samples.jsonl").read_bytes().startswith(before)    # nothing finished is recomputed
+    assert (out / "samples.jsonl").read_bytes().startswith(before)  # nothing finished is recomputed
     records = sample_records(out)
     assert sorted(p for _, p in records) == [p for p in range(12) if p not in (5, 9)]
     content = json.loads((out / "summary.json").read_text())
-    assert [(s["position"], s["index"], s["path"]) for s in content["skipped"]] == \
-        [(5, bad[0], str(root / dataset.samples[bad[0]][0])), (9, bad[1], str(root / dataset.samples[bad[1]][0]))]
+    assert [(s["position"], s["index"], s["path"]) for s in content["skipped"]] == [
+        (5, bad[0], str(root / dataset.samples[bad[0]][0])),
+        (9, bad[1], str(root / dataset.samples[bad[1]][0])),
+    ]
     row = content["rows"][0]
-    assert row["n"] == 10                                              # neither right nor wrong
+    assert row["n"] == 10  # neither right nor wrong
     assert row["clean_correct"] == sum(r["clean"] == r["label"] for r in records.values())
     assert "2 images could not be read" in (out / "results.md").read_text()
 
@@ -266,15 +317,20 @@ def test_damaged_middle_lines_are_reported_and_repaired_on_request(tmp_path, ref
     out = tmp_path / "out"
     shutil.copytree(ref, out)
     lines = (out / "samples.jsonl").read_bytes().splitlines(keepends=True)
-    lines[4] = b'{"adapter": "rtpt", "clean": 3, \x00\x00\x00 garbage}\n'   # bytes damaged on disk
-    lines[9] = lines[9][: len(lines[9]) // 2] + b"\n"                        # a line cut short
+    lines[4] = b'{"adapter": "rtpt", "clean": 3, \x00\x00\x00 garbage}\n'  # bytes damaged on disk
+    lines[9] = lines[9][: len(lines[9]) // 2] + b"\n"  # a line cut short
     damaged = b"".join(lines)
     (out / "samples.jsonl").write_bytes(damaged)
     code, err = run_here(run_args(out, cache), capsys)
     assert code == 2
-    assert_one_clear_error(err, "samples.jsonl:5:", "samples.jsonl:10:", "--repair-results",
-                           f"the other {N * len(ADAPTERS) - 2} records are kept")
-    assert (out / "samples.jsonl").read_bytes() == damaged                   # untouched without the flag
+    assert_one_clear_error(
+        err,
+        "samples.jsonl:5:",
+        "samples.jsonl:10:",
+        "--repair-results",
+        f"the other {N * len(ADAPTERS) - 2} records are kept",
+    )
+    assert (out / "samples.jsonl").read_bytes() == damaged  # untouched without the flag
     code, err = run_here(run_args(out, cache, "--repair-results"), capsys)
     assert code == 0 and "Traceback" not in err
     assert "dropped 2 damaged record(s)" in err and "line(s) 5, 10" in err
@@ -317,18 +373,22 @@ class FaultyDisk:
         monkeypatch.setattr(os, "fsync", fsync)
 
 
-@pytest.mark.parametrize("name, after, fault, message", [
-    ("batch-", 2, "ENOSPC", "No space left on device"),          # a cache entry, in the attack phase
-    ("samples.jsonl", 4, "ENOSPC", "No space left on device"),   # a results line, mid-run
-    ("summary.json", 1, "ENOSPC", "No space left on device"),    # the summary, at the end
-    ("results.png", 1, "EIO", "Input/output error"),             # any write error, here a failing fsync
-])
-def test_write_errors_stop_the_run_clearly_and_the_rerun_resumes(tmp_path, reference, capsys, monkeypatch,
-                                                                 name, after, fault, message):
+@pytest.mark.parametrize(
+    "name, after, fault, message",
+    [
+        ("batch-", 2, "ENOSPC", "No space left on device"),  # a cache entry, in the attack phase
+        ("samples.jsonl", 4, "ENOSPC", "No space left on device"),  # a results line, mid-run
+        ("summary.json", 1, "ENOSPC", "No space left on device"),  # the summary, at the end
+        ("results.png", 1, "EIO", "Input/output error"),  # any write error, here a failing fsync
+    ],
+)
+def test_write_errors_stop_the_run_clearly_and_the_rerun_resumes(
+    tmp_path, reference, capsys, monkeypatch, name, after, fault, message
+):
     ref, ref_cache = reference
     cache = tmp_path / "cache"
     if name != "batch-":
-        shutil.copytree(ref_cache, cache)                          # spare the attack where it is not the point
+        shutil.copytree(ref_cache, cache)  # spare the attack where it is not the point
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
         FaultyDisk(patch, name, after, fault)
@@ -337,8 +397,8 @@ def test_write_errors_stop_the_run_clearly_and_the_rerun_resumes(tmp_path, refer
     assert_one_clear_error(err, "could not write", name, message, "run the same command again")
     if name == "samples.jsonl":
         written = (out / "samples.jsonl").read_bytes()
-        assert written.count(b"\n") == after - 1 and written.endswith(b"\n")   # whole lines only
-    assert not list(out.glob(".*.tmp")) and not list(cache.glob("*/.*.tmp"))   # no temporary left behind
+        assert written.count(b"\n") == after - 1 and written.endswith(b"\n")  # whole lines only
+    assert not list(out.glob(".*.tmp")) and not list(cache.glob("*/.*.tmp"))  # no temporary left behind
     code, err = run_here(run_args(out, cache), capsys)
     assert code == 0 and "resuming" in err
     assert_equal_to(out, ref)

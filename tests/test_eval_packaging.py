@@ -1,4 +1,5 @@
 """`adapters/` installs as `atpt_plugin.adapters`, never as a top-level `adapters` module."""
+
 import json
 import os
 import subprocess
@@ -27,8 +28,9 @@ print(json.dumps({"file": atpt_plugin.adapters.__file__, "top_level": importlib.
 
 
 def probe(cwd, **env):
-    done = subprocess.run([sys.executable, "-c", PROBE], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=cwd, capture_output=True, text=True, env={**os.environ, **env}, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -39,7 +41,9 @@ def test_every_package_is_listed_and_adapters_is_mapped():
     tool = config["tool"]["setuptools"]
     assert tool["package-dir"] == {"atpt_plugin.adapters": "adapters"}
     on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "atpt_plugin").rglob("__init__.py")}
-    assert on_disk <= set(tool["packages"]), f"add {sorted(on_disk - set(tool['packages']))} to [tool.setuptools] packages"
+    assert on_disk <= set(tool["packages"]), (
+        f"add {sorted(on_disk - set(tool['packages']))} to [tool.setuptools] packages"
+    )
     assert "adapters" not in tool["packages"] and "atpt_plugin.adapters" in tool["packages"]
     assert config["project"]["scripts"]["atpt"] == "atpt_plugin.adapters.cli:main"
 
@@ -57,21 +61,29 @@ def test_installed_distribution_imports_the_mapped_package(tmp_path):
 
 def test_wheel_holds_atpt_plugin_adapters_and_no_top_level_adapters(tmp_path):
     """A normal (non-editable) install: build the wheel, install it into a folder, import from there."""
-    setuptools_version = tuple(int(p) for p in metadata.version("setuptools").split(".")[:2]) \
-        if _has("setuptools") else (0, 0)
+    setuptools_version = (
+        tuple(int(p) for p in metadata.version("setuptools").split(".")[:2]) if _has("setuptools") else (0, 0)
+    )
     # offline with the environment's setuptools where it is recent enough, else pip's isolated build
     isolation = ["--no-build-isolation"] if setuptools_version >= (77, 0) else []
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q",
-                            "-w", str(tmp_path / "wheel"), str(ROOT)], capture_output=True, text=True, timeout=600)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(tmp_path / "wheel"), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = (tmp_path / "wheel").glob("atpt_plugin-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "atpt_plugin/adapters/__init__.py" in names and "atpt_plugin/adapters/cli.py" in names
-    assert all(n.startswith(("atpt_plugin/", "atpt_plugin-")) for n in names), \
-        sorted({n.split("/")[0] for n in names})
+    assert all(n.startswith(("atpt_plugin/", "atpt_plugin-")) for n in names), sorted({n.split("/")[0] for n in names})
     target = tmp_path / "site"
-    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
-                                str(wheel)], capture_output=True, text=True, timeout=600)
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert installed.returncode == 0, installed.stderr[-3000:]
     assert not (target / "adapters").exists()
     found = probe(tmp_path, PYTHONPATH=str(target))

@@ -1,4 +1,5 @@
 """Explainers against plain references built from open_clip's own forward."""
+
 import numpy as np
 import pytest
 import torch
@@ -6,10 +7,16 @@ import torch
 from atpt_plugin.backbones.openclip import OpenClipBackbone
 from atpt_plugin.config import AdapterConfig
 from atpt_plugin.explainers import build_explainer, clip_and_rescale, top1_logit_score
-from atpt_plugin.explainers.gradcam import gradcam, sharpen
 from atpt_plugin.explainers.base import rescale
-from atpt_plugin.explainers.rollout import (RolloutExplainer, last_two_rollout, refine, rollout, token_scores,
-                                            token_weights)
+from atpt_plugin.explainers.gradcam import gradcam, sharpen
+from atpt_plugin.explainers.rollout import (
+    RolloutExplainer,
+    last_two_rollout,
+    refine,
+    rollout,
+    token_scores,
+    token_weights,
+)
 
 
 def plain_attention(mha, x):
@@ -30,6 +37,7 @@ def reference_capture(model, images):
     """
     records, handles = [], []
     for block in model.visual.transformer.resblocks:
+
         def pre_hook(module, args):
             args[0].retain_grad()
             records.append({"tokens": args[0]})
@@ -44,8 +52,12 @@ def reference_capture(model, images):
             probs.retain_grad()
             records[-1]["attn"] = probs
             return out, None
-        handles += [block.register_forward_pre_hook(pre_hook), block.ln_1.register_forward_hook(ln_hook),
-                    block.attn.register_forward_hook(attn_hook, with_kwargs=True)]
+
+        handles += [
+            block.register_forward_pre_hook(pre_hook),
+            block.ln_1.register_forward_hook(ln_hook),
+            block.attn.register_forward_hook(attn_hook, with_kwargs=True),
+        ]
     try:
         embeddings = model.encode_image(OpenClipBackbone(model).normalize(images))
     finally:
@@ -57,8 +69,9 @@ def reference_capture(model, images):
 def score_for(model, tokenizer):
     backbone = OpenClipBackbone(model)
     with torch.no_grad():
-        text = model.encode_text(tokenizer(["a photo of a cat.", "a photo of a dog.", "a photo of a car."]),
-                                 normalize=True)
+        text = model.encode_text(
+            tokenizer(["a photo of a cat.", "a photo of a dog.", "a photo of a car."]), normalize=True
+        )
     return top1_logit_score(text, backbone.logit_scale)
 
 
@@ -168,14 +181,18 @@ def test_literal_token_site(tiny_vit, tokenizer, images):
 def test_explainers_take_no_parameter_gradients(tiny_vit, tokenizer, images):
     score = score_for(tiny_vit, tokenizer)
     for name in ("token_grad_rollout", "grad_rollout", "attention_rollout"):
-        maps = build_explainer(AdapterConfig(explainer=name), OpenClipBackbone(tiny_vit))(OpenClipBackbone(tiny_vit), images, score)
+        maps = build_explainer(AdapterConfig(explainer=name), OpenClipBackbone(tiny_vit))(
+            OpenClipBackbone(tiny_vit), images, score
+        )
         assert maps.shape == (3, 4, 4) and maps.min() >= 0 and maps.max() <= 1
     assert all(p.grad is None for p in tiny_vit.parameters())
 
 
 def test_chefer_gradient_rollout(tiny_vit, tokenizer, images):
     score = score_for(tiny_vit, tokenizer)
-    ours = build_explainer(AdapterConfig(explainer="grad_rollout"), OpenClipBackbone(tiny_vit))(OpenClipBackbone(tiny_vit), images, score)
+    ours = build_explainer(AdapterConfig(explainer="grad_rollout"), OpenClipBackbone(tiny_vit))(
+        OpenClipBackbone(tiny_vit), images, score
+    )
     embeddings, records = reference_capture(tiny_vit, images)
     score(embeddings).backward()
     for b in range(images.shape[0]):
@@ -189,7 +206,8 @@ def test_chefer_gradient_rollout(tiny_vit, tokenizer, images):
 
 def test_attention_rollout(tiny_vit, tokenizer, images):
     ours = build_explainer(AdapterConfig(explainer="attention_rollout"), OpenClipBackbone(tiny_vit))(
-        OpenClipBackbone(tiny_vit), images, score_for(tiny_vit, tokenizer))
+        OpenClipBackbone(tiny_vit), images, score_for(tiny_vit, tokenizer)
+    )
     _, records = reference_capture(tiny_vit, images)
     for b in range(images.shape[0]):
         relevance = torch.eye(17)
@@ -206,7 +224,7 @@ def test_batched_equals_one_at_a_time(tiny_vit, tokenizer):
     explainer = build_explainer(AdapterConfig(), backbone)
     batch = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     together = explainer(backbone, batch, score)
-    alone = torch.cat([explainer(backbone, batch[i:i + 1], score) for i in range(6)])
+    alone = torch.cat([explainer(backbone, batch[i : i + 1], score) for i in range(6)])
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
 
 
@@ -243,29 +261,31 @@ def test_explainer_tower_mismatch_is_an_error(tiny_vit):
 
 def test_eps_terms_on_known_values():
     """The authors' 1e-8 terms (explainer_eps), on numbers small enough for them to matter."""
-    scores = torch.tensor([[-1.0, 1e-8, 3e-8]])               # CLS ReLU'd away, patches ~1e-8
+    scores = torch.tensor([[-1.0, 1e-8, 3e-8]])  # CLS ReLU'd away, patches ~1e-8
     torch.testing.assert_close(token_weights(scores), torch.tensor([[0.0, 0.25, 0.75]]))
     torch.testing.assert_close(token_weights(scores, 1e-8), torch.tensor([[0.0, 0.2, 0.6]]))  # / (4e-8 + 1e-8)
 
     # one head attending uniformly: Ahat_ij = (w_j / 3 + delta_ij) / (1 + sum(w) / 3)
     attention = torch.full((1, 1, 3, 3), 1 / 3)
     previous = refine(attention * torch.tensor([0.25, 0.25, 0.5]), True)
-    torch.testing.assert_close(previous[0], torch.tensor([[0.8125, 0.0625, 0.125], [0.0625, 0.8125, 0.125],
-                                                          [0.0625, 0.0625, 0.875]]))
+    torch.testing.assert_close(
+        previous[0], torch.tensor([[0.8125, 0.0625, 0.125], [0.0625, 0.8125, 0.125], [0.0625, 0.0625, 0.875]])
+    )
     exact = refine(attention * token_weights(scores)[:, None, None, :], True)
-    torch.testing.assert_close(exact[0], torch.tensor([[0.75, 0.0625, 0.1875], [0.0, 0.8125, 0.1875],
-                                                       [0.0, 0.0625, 0.9375]]))
+    torch.testing.assert_close(
+        exact[0], torch.tensor([[0.75, 0.0625, 0.1875], [0.0, 0.8125, 0.1875], [0.0, 0.0625, 0.9375]])
+    )
     with_eps = refine(attention * token_weights(scores, 1e-8)[:, None, None, :], True, 1e-8)
     torch.testing.assert_close(with_eps[0], torch.tensor([[3.0, 0.2, 0.6], [0.0, 3.2, 0.6], [0.0, 0.2, 3.6]]) / 3.8)
 
     explainer = RolloutExplainer(layer_weights=(0.5, 1.0), eps=1e-8)
-    for last in (exact, with_eps):          # rows sum to one, so the average's rows do too
+    for last in (exact, with_eps):  # rows sum to one, so the average's rows do too
         expected = (last[0] @ ((0.5 * previous[0] + last[0]) / 1.5))[0]
         torch.testing.assert_close(explainer.relevance_row([previous, last])[0], expected)
     moved = explainer.relevance_row([previous, with_eps]) - explainer.relevance_row([previous, exact])
     assert moved.abs().max() > 0.01, "the eps in the token-weight sum moves the rollout"
 
-    near_flat = torch.tensor([[[0.0, 1e-8], [5e-9, 0.0]]])     # span 1e-8: the eps halves the map
+    near_flat = torch.tensor([[[0.0, 1e-8], [5e-9, 0.0]]])  # span 1e-8: the eps halves the map
     torch.testing.assert_close(rescale(near_flat, torch.ones(1)), torch.tensor([[[0.0, 1.0], [0.5, 0.0]]]))
     torch.testing.assert_close(rescale(near_flat, torch.ones(1), 1e-8), torch.tensor([[[0.0, 0.5], [0.25, 0.0]]]))
     assert torch.equal(rescale(torch.ones(1, 2, 2), torch.ones(1), 1e-8), torch.zeros(1, 2, 2))
@@ -309,13 +329,16 @@ def test_each_step_matches_a_plain_reference(site, eps, tiny_vit, tokenizer, ima
         torch.testing.assert_close(block.token_scores, reference, rtol=0, atol=1e-4 * float(scale))
         assert (block.token_scores < 0).any(), "scores are returned before the ReLU"
     for b in range(images.shape[0]):
-        refined = [plain_refine(record["attn"][b].detach(), plain_weights(block.token_scores[b], eps), True, eps)
-                   for block, record in zip(internals.blocks, records[-2:])]
+        refined = [
+            plain_refine(record["attn"][b].detach(), plain_weights(block.token_scores[b], eps), True, eps)
+            for block, record in zip(internals.blocks, records[-2:])
+        ]
         for ours, expected in zip(internals.blocks, refined):
             torch.testing.assert_close(ours.refined[b].double(), expected, rtol=1e-5, atol=1e-6)
         previous, last = (block.refined[b].double() for block in internals.blocks)
-        torch.testing.assert_close(internals.row[b].double(), plain_last_two(previous, last, (0.5, 1.0), eps)[0],
-                                   rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            internals.row[b].double(), plain_last_two(previous, last, (0.5, 1.0), eps)[0], rtol=1e-5, atol=1e-7
+        )
         threshold, expected_map = plain_post_process(internals.row[b, 1:], 0.99, eps)
         assert abs(float(internals.threshold[b]) - threshold) <= 1e-6 * abs(threshold)
         np.testing.assert_allclose(internals.maps[b].numpy().ravel(), expected_map, rtol=1e-4, atol=1e-5)

@@ -8,7 +8,9 @@ model's own logits (SigLIP's bias included), every preset runs and leaves the mo
 bit-identical, results do not depend on the batch, and the adaptive-attack gradient paths
 give input gradients. Tiny random-init configurations built here; no downloads.
 """
+
 import copy
+import functools
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,13 +20,13 @@ import pytest  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from conftest import CLASSNAMES  # noqa: E402
 from timm.models import register_model  # noqa: E402
 
 from atpt_plugin import load_adapter  # noqa: E402
 from atpt_plugin.augmenters import center_view  # noqa: E402
 from atpt_plugin.backbones import detect  # noqa: E402
 from atpt_plugin.prompt import PromptLearner  # noqa: E402
-from conftest import CLASSNAMES  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -36,6 +38,8 @@ SMALL = dict(views=8, rho=0.25)
 def small(name: str):
     """The preset with fewer views (zero-shot keeps its single view)."""
     return load_adapter(name) if name == "zeroshot" else load_adapter(name, **SMALL)
+
+
 TRUNK = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2)
 TEXT = dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2)
 PROMPTS = [f"a photo of a {name}." for name in CLASSNAMES]
@@ -60,16 +64,28 @@ def word_tokenizer(bos: bool):
     model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     model.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     model.post_processor = tokenizers.processors.TemplateProcessing(
-        single="<bos> $A <eos>" if bos else "$A <eos>", special_tokens=[("<bos>", 98), ("<eos>", 99)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<bos>", eos_token="<eos>",
-                                                pad_token="<pad>", unk_token="<unk>")
+        single="<bos> $A <eos>" if bos else "$A <eos>", special_tokens=[("<bos>", 98), ("<eos>", 99)]
+    )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=model, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def hf_configs():
-    text = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=16, bos_token_id=98, eos_token_id=99, pad_token_id=0)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=32, patch_size=8)
+    text = dict(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=98,
+        eos_token_id=99,
+        pad_token_id=0,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
     return text, vision
 
 
@@ -89,20 +105,27 @@ def make_hf_siglip():
 
 def make_open_clip_siglip():
     text = dict(TEXT, context_length=16, no_causal_mask=True, proj_bias=True, pool_type="last")
-    vision = dict(timm_model_name="atpt_tiny_siglip", timm_model_pretrained=False, timm_pool="map",
-                  timm_proj="none", image_size=32)
+    vision = dict(
+        timm_model_name="atpt_tiny_siglip",
+        timm_model_pretrained=False,
+        timm_pool="map",
+        timm_proj="none",
+        image_size=32,
+    )
     return open_clip.CustomTextCLIP(embed_dim=32, vision_cfg=vision, text_cfg=text, init_logit_bias=-10)
 
 
 def make_open_clip_eva():
-    vision = dict(timm_model_name="atpt_tiny_eva", timm_model_pretrained=False, timm_pool="token",
-                  timm_proj=None, image_size=32)
+    vision = dict(
+        timm_model_name="atpt_tiny_eva", timm_model_pretrained=False, timm_pool="token", timm_proj=None, image_size=32
+    )
     return open_clip.CustomTextCLIP(embed_dim=16, vision_cfg=vision, text_cfg=TEXT)
 
 
 def make_open_clip_convnext():
-    vision = dict(timm_model_name="test_convnext", timm_model_pretrained=False, timm_pool="",
-                  timm_proj="linear", image_size=64)
+    vision = dict(
+        timm_model_name="test_convnext", timm_model_pretrained=False, timm_pool="", timm_proj="linear", image_size=64
+    )
     return open_clip.CLIP(embed_dim=16, vision_cfg=vision, text_cfg=TEXT)
 
 
@@ -110,8 +133,12 @@ def make_open_clip_convnext():
 FAMILIES = {
     "hf_clip": (make_hf_clip, lambda: word_tokenizer(bos=True), 32, "vit"),
     "hf_siglip": (make_hf_siglip, lambda: word_tokenizer(bos=False), 32, "vit"),
-    "open_clip_siglip": (make_open_clip_siglip, lambda: open_clip.get_tokenizer("ViT-B-32", context_length=16),
-                         32, "vit"),
+    "open_clip_siglip": (
+        make_open_clip_siglip,
+        lambda: open_clip.get_tokenizer("ViT-B-32", context_length=16),
+        32,
+        "vit",
+    ),
     "open_clip_eva": (make_open_clip_eva, lambda: open_clip.get_tokenizer("ViT-B-32"), 32, "vit"),
     "open_clip_convnext": (make_open_clip_convnext, lambda: open_clip.get_tokenizer("ViT-B-32"), 64, "resnet"),
 }
@@ -165,12 +192,14 @@ def reference_logits(model, x, ids):
 
 
 def snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            [m.training for m in model.modules()],
-            [p.requires_grad for p in model.parameters()],
-            [getattr(m, "fused_attn", None) for m in model.modules()],
-            [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()],
-            getattr(getattr(model, "config", None), "_attn_implementation", None))
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [m.training for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+        [getattr(m, "fused_attn", None) for m in model.modules()],
+        [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()],
+        getattr(getattr(model, "config", None), "_attn_implementation", None),
+    )
 
 
 def assert_unchanged(model, before):
@@ -182,6 +211,7 @@ def assert_unchanged(model, before):
 
 
 # the traced forward and the text side against the model's own ------------------------
+
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_detected_backbone_and_traced_forward_equal_the_model(family):
@@ -251,12 +281,17 @@ def test_a_tensor_returning_tokenizer_works_with_hf_models_too():
     for family in ("hf_clip", "hf_siglip"):
         model, tokenizer, _ = build(family)
         backbone = detect(model, has_text=True)
-        plain = lambda texts: tokenizer(texts, padding="max_length", max_length=16, return_tensors="pt").input_ids  # noqa: E731
-        ours = [PromptLearner(backbone, CLASSNAMES, tok, "a photo of a", 4, torch.Generator())
-                for tok in (tokenizer, plain)]
+        plain = functools.partial(_padded_ids, tokenizer)
+        ours = [
+            PromptLearner(backbone, CLASSNAMES, tok, "a photo of a", 4, torch.Generator()) for tok in (tokenizer, plain)
+        ]
         with torch.no_grad():
-            torch.testing.assert_close(ours[0].text_features(ours[0].initial_context),
-                                       ours[1].text_features(ours[1].initial_context), rtol=0, atol=0)
+            torch.testing.assert_close(
+                ours[0].text_features(ours[0].initial_context),
+                ours[1].text_features(ours[1].initial_context),
+                rtol=0,
+                atol=0,
+            )
 
 
 def test_siglip_text_keeps_its_padded_length_and_clip_is_cut():
@@ -270,6 +305,7 @@ def test_siglip_text_keeps_its_padded_length_and_clip_is_cut():
 
 
 # the presets on every family --------------------------------------------------------
+
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("family", FAMILIES)
@@ -305,6 +341,7 @@ def test_adaptive_attack_gradient_paths(family, path):
 
 # what is refused, and how ------------------------------------------------------------
 
+
 def test_siglip2_is_refused_clearly():
     text, vision = hf_configs()
     model = transformers.Siglip2Model(transformers.Siglip2Config(text_config=text, vision_config=vision))
@@ -315,8 +352,9 @@ def test_siglip2_is_refused_clearly():
 def test_an_unexplainable_tower_still_runs_the_adapters_without_an_explainer():
     """An open_clip timm trunk no explainer reads (relative-position ViT): A-TPT says what is
     missing; zero-shot, MTA and R-TPT (no maps) still run."""
-    vision = dict(timm_model_name="test_vit_relpos", timm_model_pretrained=False, timm_pool="",
-                  timm_proj="linear", image_size=160)
+    vision = dict(
+        timm_model_name="test_vit_relpos", timm_model_pretrained=False, timm_pool="", timm_proj="linear", image_size=160
+    )
     torch.manual_seed(0)
     model = open_clip.CLIP(embed_dim=16, vision_cfg=vision, text_cfg=TEXT).eval()
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
@@ -326,3 +364,8 @@ def test_an_unexplainable_tower_still_runs_the_adapters_without_an_explainer():
     for name in ("zeroshot", "mta", "rtpt"):
         logits = small(name).wrap(model, CLASSNAMES, tokenizer)(x)
         assert logits.shape == (1, len(CLASSNAMES)) and torch.isfinite(logits).all()
+
+
+def _padded_ids(tokenizer, texts):
+    """A plain callable returning ids padded to a fixed length, as a model's own tokenizer pads them."""
+    return tokenizer(texts, padding="max_length", max_length=16, return_tensors="pt").input_ids

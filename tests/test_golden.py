@@ -1,7 +1,7 @@
 """Refactors change no result: every preset's logits equal those recorded before them."""
+
 import pytest
 import torch
-
 from golden import GOLDEN, preset_outputs
 
 

@@ -1,4 +1,5 @@
 """`python -m bench.gpu_check --quick` runs on a CPU and writes every section, so the GPU command cannot rot."""
+
 import itertools
 import json
 import sys

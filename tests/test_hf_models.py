@@ -1,10 +1,10 @@
 """`atpt eval --model hf:<hub id or folder>`: Hugging Face models offline from a local folder,
 random init from their config, clear errors when they cannot be had, and a run end to end."""
+
 import json
 
 import pytest
 import torch
-
 from atpt_plugin.adapters import cli
 
 transformers = pytest.importorskip("transformers")
@@ -56,9 +56,32 @@ def test_what_cannot_be_had_is_a_clear_error(tmp_path):
 def test_eval_runs_a_hugging_face_model_end_to_end(saved, tmp_path, capsys):
     folder, _ = saved
     out = tmp_path / "run"
-    status = cli.main(["eval", "--model", f"hf:{folder}", "--adapters", "zeroshot,atpt", "--set", "views=4",
-                       "--set", "rho=0.25", "--attack", "pgd", "--eps", "4", "--steps", "1", "--n-examples", "2",
-                       "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    status = cli.main(
+        [
+            "eval",
+            "--model",
+            f"hf:{folder}",
+            "--adapters",
+            "zeroshot,atpt",
+            "--set",
+            "views=4",
+            "--set",
+            "rho=0.25",
+            "--attack",
+            "pgd",
+            "--eps",
+            "4",
+            "--steps",
+            "1",
+            "--n-examples",
+            "2",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--no-progress",
+        ]
+    )
     assert status == 0, capsys.readouterr().err
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["settings"]["model"] == f"hf:{folder}"

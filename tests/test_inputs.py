@@ -1,11 +1,12 @@
 """Input quantisation: the authors' uint8 round trip of adversarial images (docs/method.md §9.6)."""
+
 import numpy as np
 import torch
+from conftest import CLASSNAMES
 from torchvision.transforms import functional as TF
 
 from atpt_plugin import load_adapter
 from atpt_plugin.inputs import quantize_images
-from conftest import CLASSNAMES
 
 
 def test_uint8_floor_truncates():
@@ -27,8 +28,12 @@ def test_images_on_the_grid_keep_their_level():
     (written as k / 255: k * (1 / 255) can differ from it in the last bit)."""
     k = torch.arange(256)
     canonical = k.float() / 255
-    for on_grid in (canonical, k.float() * (1 / 255), torch.from_numpy(k.numpy() / 255.0).float(),
-                    TF.to_tensor(k.to(torch.uint8).numpy().reshape(16, 16, 1))[0].flatten()):
+    for on_grid in (
+        canonical,
+        k.float() * (1 / 255),
+        torch.from_numpy(k.numpy() / 255.0).float(),
+        TF.to_tensor(k.to(torch.uint8).numpy().reshape(16, 16, 1))[0].flatten(),
+    ):
         assert torch.equal(quantize_images(on_grid, "uint8_floor"), canonical)
 
 

@@ -1,4 +1,5 @@
 """MTA updates against plain per-view loops, and properties of the solved mode."""
+
 import math
 from dataclasses import replace
 
@@ -35,6 +36,7 @@ def make_views(num_views=16, dim=32, num_classes=10, outliers=3, seed=0, dtype=t
 
 # ---- plain references: explicit Python loops over views --------------------------------
 
+
 def ref_bandwidth(x, fraction):
     n = len(x)
     k = max(1, int(fraction * (n - 1)))
@@ -46,8 +48,9 @@ def ref_bandwidth(x, fraction):
 
 
 def ref_kernel(x, m, h):
-    return torch.tensor([math.exp(-float(((x[i] - m) ** 2).sum()) / (2 * float(h[i]) ** 2))
-                         for i in range(len(x))], dtype=x.dtype)
+    return torch.tensor(
+        [math.exp(-float(((x[i] - m) ** 2).sum()) / (2 * float(h[i]) ** 2)) for i in range(len(x))], dtype=x.dtype
+    )
 
 
 def ref_inlierness(y, kernel, probs, lambda_y, lambda_q):
@@ -99,6 +102,7 @@ def ref_mta(x, probs, cfg):
 
 # ---- each update against its reference -------------------------------------------------
 
+
 def test_published_defaults():
     cfg = MTAConfig()
     assert (cfg.lambda_y, cfg.lambda_q, cfg.neighbour_fraction) == (0.2, 4.0, 0.3)
@@ -141,8 +145,14 @@ def test_mode_update_matches_loop_reference():
     assert not torch.allclose(got, x[0])
 
 
-@pytest.mark.parametrize("cfg", [MTAConfig(), MTAConfig(outer_iters=2, inner_iters=1),
-                                 MTAConfig(lambda_y=1.0, lambda_q=0.5, neighbour_fraction=0.5)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        MTAConfig(),
+        MTAConfig(outer_iters=2, inner_iters=1),
+        MTAConfig(lambda_y=1.0, lambda_q=0.5, neighbour_fraction=0.5),
+    ],
+)
 def test_solver_matches_loop_reference(cfg):
     x, probs = make_views(seed=5)
     mode, y = mta_solve(x, probs, cfg)
@@ -152,6 +162,7 @@ def test_solver_matches_loop_reference(cfg):
 
 
 # ---- properties of the solution ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("seed", [0, 6, 7])
 def test_converged_mode_is_a_fixed_point(seed):
@@ -169,8 +180,7 @@ def test_mode_is_invariant_to_permuting_augmented_views(dtype, atol, cfg):
     shuffled = 1 + torch.randperm(23, generator=torch.Generator().manual_seed(8))
     perm = torch.cat([torch.zeros(1, dtype=torch.long), shuffled])
     assert not torch.equal(perm, torch.arange(24))
-    torch.testing.assert_close(mta_mode(x[perm], probs[perm], cfg), mta_mode(x, probs, cfg),
-                               atol=atol, rtol=0)
+    torch.testing.assert_close(mta_mode(x[perm], probs[perm], cfg), mta_mode(x, probs, cfg), atol=atol, rtol=0)
 
 
 def test_mode_depends_on_which_view_is_the_original():
@@ -191,8 +201,7 @@ def test_identical_views_give_that_view():
     torch.testing.assert_close(mode32, x[2].float(), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("cfg", [MTAConfig(), MTAConfig(outer_iters=40, inner_iters=40),
-                                 MTAConfig(lambda_y=0.01)])
+@pytest.mark.parametrize("cfg", [MTAConfig(), MTAConfig(outer_iters=40, inner_iters=40), MTAConfig(lambda_y=0.01)])
 @pytest.mark.parametrize("seed", [0, 10])
 def test_inlierness_is_on_the_simplex(cfg, seed):
     x, probs = make_views(num_views=32, seed=seed, dtype=torch.float32)

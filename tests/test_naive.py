@@ -5,14 +5,15 @@ maps differ by ~1e-7, and a top-k mask of the upsampled map can then swap a few 
 boundary (near-ties between interpolated values). So adapters whose views depend on maps are
 compared with a looser tolerance; the others must agree to 1e-4.
 """
+
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import CLASSNAMES, make_tiny_resnet, make_tiny_vit
 
 from atpt_plugin import load_adapter
-from conftest import CLASSNAMES, make_tiny_resnet, make_tiny_vit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.naive import NaiveTestTimeAdapter  # noqa: E402

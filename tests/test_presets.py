@@ -1,14 +1,26 @@
 """Baselines and ablations: each differs from its neighbours exactly where it should."""
+
 import pytest
 import torch
+from conftest import CLASSNAMES, make_tiny_resnet, make_tiny_vit
 
 from atpt_plugin import list_adapters, load_adapter
 from atpt_plugin.mta import mta_mode
 from atpt_plugin.presets import ABLATIONS
-from conftest import CLASSNAMES, make_tiny_resnet, make_tiny_vit
 
-PRESETS = ["zeroshot", "tpt", "tpt_ens", "rtpt", "mta", "ens", "ens_reliability", "zero", "atpt", "atpt_official",
-           *ABLATIONS]
+PRESETS = [
+    "zeroshot",
+    "tpt",
+    "tpt_ens",
+    "rtpt",
+    "mta",
+    "ens",
+    "ens_reliability",
+    "zero",
+    "atpt",
+    "atpt_official",
+    *ABLATIONS,
+]
 SMALL = dict(views=8, rho=0.25)
 
 
@@ -66,7 +78,11 @@ def test_tpt_uses_marginal_entropy_rtpt_reliability(tokenizer):
     assert load_adapter("tpt").config.objective == "marginal_entropy"
     rtpt = load_adapter("rtpt").config
     assert (rtpt.objective, rtpt.aggregator, rtpt.reliability_k, rtpt.reliability_temperature) == (
-        "mean_entropy", "reliability", 20, 0.01)
+        "mean_entropy",
+        "reliability",
+        20,
+        0.01,
+    )
 
 
 def test_mta_scores_the_mode_of_the_zero_shot_views(tiny_vit, tokenizer, images):
@@ -92,5 +108,14 @@ def test_overrides_reproduce_each_named_ablation(ablation, tiny_vit, tokenizer, 
 def test_official_differs_from_paper_only_in_the_listed_discrepancies():
     paper, official = load_adapter("atpt").config, load_adapter("atpt_official").config
     differing = {f for f in paper.__dataclass_fields__ if getattr(paper, f) != getattr(official, f)}
-    assert differing == {"token_site", "layer_weights", "explainer_eps", "gradcam_sharpen", "base_crop",
-                         "crop_source", "input_quantization", "mask_rule", "aggregator"}
+    assert differing == {
+        "token_site",
+        "layer_weights",
+        "explainer_eps",
+        "gradcam_sharpen",
+        "base_crop",
+        "crop_source",
+        "input_quantization",
+        "mask_rule",
+        "aggregator",
+    }

@@ -5,6 +5,7 @@ adaptation of a timm classifier (runs, resets, leaves the model as it was).
 Tiny random-init models only (no downloads). Their weights are perturbed beyond timm's
 init (which makes attention and logits almost uniform) so the maps have structure.
 """
+
 import copy
 import os
 
@@ -35,8 +36,10 @@ VARIANTS = {  # the issue's four: class token, distillation token, registers, av
 MORE_VARIANTS = {  # further options of the family the trace must reproduce
     "avgmax_no_class_token": ("vit_tiny_patch16_224", dict(global_pool="avgmax", class_token=False)),
     "max_with_prefix": ("vit_tiny_patch16_224", dict(global_pool="max", reg_tokens=2, pool_include_prefix=True)),
-    "deit3_style": ("vit_tiny_patch16_224", dict(init_values=0.1, no_embed_class=True, qk_norm=True,
-                                                 pre_norm=True, reg_tokens=1)),
+    "deit3_style": (
+        "vit_tiny_patch16_224",
+        dict(init_values=0.1, no_embed_class=True, qk_norm=True, pre_norm=True, reg_tokens=1),
+    ),
     "post_norm": ("vit_tiny_patch16_224", dict(block_fn=ResPostBlock, init_values=0.5)),
     "dynamic": ("vit_tiny_patch16_224", dict(dynamic_img_size=True)),
     "siglip_map": ("vit_tiny_patch16_224", dict(global_pool="map", class_token=False)),
@@ -97,6 +100,7 @@ def unfused_capture(model, x):
         def hook(tensor):
             tensor.retain_grad()
             store.append(tensor)
+
         return hook
 
     for block in reference.blocks:
@@ -155,6 +159,7 @@ def explain(model, x, name, backbone=None):
 
 # the traced forward -------------------------------------------------------------
 
+
 @pytest.mark.parametrize("variant", list(VARIANTS) + list(MORE_VARIANTS))
 def test_trace_reproduces_timm(variant):
     model = make_vit(variant)
@@ -203,8 +208,9 @@ def open_clip_with_timm_tower(timm_name: str, image_size: int):
 
     torch.manual_seed(0)
     text = dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)
-    vision = dict(timm_model_name=timm_name, timm_model_pretrained=False, timm_pool="",
-                  timm_proj="linear", image_size=image_size)
+    vision = dict(
+        timm_model_name=timm_name, timm_model_pretrained=False, timm_pool="", timm_proj="linear", image_size=image_size
+    )
     return open_clip.CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text).eval()
 
 
@@ -213,8 +219,12 @@ def test_projection_reproduces_open_clip_timm_tower():
     import open_clip
 
     clip = open_clip_with_timm_tower("vit_tiny_patch16_224", 224)
-    backbone = TimmVitBackbone(clip.visual.trunk, projection=clip.visual.head,
-                               mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD)
+    backbone = TimmVitBackbone(
+        clip.visual.trunk,
+        projection=clip.visual.head,
+        mean=open_clip.OPENAI_DATASET_MEAN,
+        std=open_clip.OPENAI_DATASET_STD,
+    )
     x = images(2, 224)
     trace = backbone.trace(x, first_block=backbone.num_blocks - 2)
     with torch.no_grad():
@@ -224,6 +234,7 @@ def test_projection_reproduces_open_clip_timm_tower():
 
 # explainers -----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("explainer", EXPLAINERS)
 @pytest.mark.parametrize("variant", list(VARIANTS) + ["siglip_map"])
 def test_rollout_matches_unfused_reference(variant, explainer):
@@ -231,8 +242,9 @@ def test_rollout_matches_unfused_reference(variant, explainer):
     backbone = TimmVitBackbone(model)
     x = images(3)
     ours = explain(model, x, explainer, backbone)
-    torch.testing.assert_close(ours, reference_maps(variant, model, backbone.normalize(x), explainer),
-                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        ours, reference_maps(variant, model, backbone.normalize(x), explainer), rtol=0, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("explainer", EXPLAINERS)
@@ -278,12 +290,15 @@ def test_unsupported_timm_models_fail_clearly():
 
 # the model is left as it was ------------------------------------------------------
 
+
 def snapshot(model):
-    return ({n: p.detach().clone() for n, p in model.named_parameters()},
-            {n: b.clone() for n, b in model.named_buffers()},
-            {n: p.requires_grad for n, p in model.named_parameters()},
-            {n: m.training for n, m in model.named_modules()},
-            {n: m.fused_attn for n, m in model.named_modules() if hasattr(m, "fused_attn")})
+    return (
+        {n: p.detach().clone() for n, p in model.named_parameters()},
+        {n: b.clone() for n, b in model.named_buffers()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+        {n: m.training for n, m in model.named_modules()},
+        {n: m.fused_attn for n, m in model.named_modules() if hasattr(m, "fused_attn")},
+    )
 
 
 def assert_unchanged(model, before):
@@ -297,7 +312,7 @@ def assert_unchanged(model, before):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_explaining_and_adapting_leave_the_model_unchanged(variant):
     model = make_vit(variant)
-    model.train()                              # the caller's modes and flags, unusual on purpose
+    model.train()  # the caller's modes and flags, unusual on purpose
     model.blocks[1].attn.fused_attn = False
     model.blocks[0].norm1.weight.requires_grad_(False)
     before = snapshot(model)
@@ -318,22 +333,23 @@ def test_adapting_a_conv_net_leaves_it_unchanged():
     adapter = ClassifierTestTimeAdapter(model, AdapterConfig(views=8), image_size=64)
     logits = adapter(images(2, 64))
     assert logits.shape == (2, 5) and torch.isfinite(logits).all()
-    assert_unchanged(model, before)             # BatchNorm running statistics included
+    assert_unchanged(model, before)  # BatchNorm running statistics included
     with pytest.raises(ValueError, match="not a timm VisionTransformer"):
         ClassifierTestTimeAdapter(model, AdapterConfig(views=8, classifier_tuning="prompt"), image_size=64)
 
 
 # test-time adaptation of a classifier ---------------------------------------------
 
+
 @pytest.mark.parametrize("tuning", ["norm", "prompt"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_classifier_adapts_resets_and_ignores_batch_order(variant, tuning):
     model = make_vit(variant)
     adapter = ClassifierTestTimeAdapter(model, AdapterConfig(views=16, classifier_tuning=tuning))
-    x = images(3, 40)                          # any size: views are resized and cropped
+    x = images(3, 40)  # any size: views are resized and cropped
     first = adapter(x)
     assert first.shape == (3, 5) and torch.isfinite(first).all()
-    assert torch.equal(adapter(x), first)      # reset per sample: nothing carried over
+    assert torch.equal(adapter(x), first)  # reset per sample: nothing carried over
     assert torch.equal(adapter(x.flip(0)).flip(0), first)
     assert torch.equal(adapter(x[1:2]), first[1:2])
     untuned = ClassifierTestTimeAdapter(model, AdapterConfig(views=16, steps=0, classifier_tuning=tuning))(x)
@@ -416,8 +432,9 @@ def test_seeding_is_the_clip_adapters():
 def test_norm_parameters_cover_every_layernorm():
     model = make_vit("avg_pool")
     found = norm_parameters(model)
-    expected = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)
-                for p in ("weight", "bias")}
+    expected = {
+        f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm) for p in ("weight", "bias")
+    }
     assert set(found) == expected and "fc_norm.weight" in found
     with pytest.raises(ValueError, match="no classifier head"):
         ClassifierTestTimeAdapter(timm.create_model("vit_tiny_patch16_224", **{**TINY, "num_classes": 0}))
@@ -428,8 +445,9 @@ def test_open_clip_with_a_timm_tower_is_adapted():
     import open_clip
 
     clip = open_clip_with_timm_tower("test_vit", 64)
-    tta = presets.atpt.with_overrides(views=8).wrap(clip, classnames=["cat", "dog"],
-                                             tokenizer=open_clip.get_tokenizer("ViT-B-32"))
+    tta = presets.atpt.with_overrides(views=8).wrap(
+        clip, classnames=["cat", "dog"], tokenizer=open_clip.get_tokenizer("ViT-B-32")
+    )
     assert tta.backbone.kind == "vit" and tta.backbone.num_blocks == len(clip.visual.trunk.blocks)
     maps = tta.explain(images(3, 64))
     assert maps.shape == (3, 4, 4) and maps.max() == 1

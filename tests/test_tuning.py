@@ -1,10 +1,11 @@
 """The written-out AdamW equals torch.optim.AdamW, and its gradient paths reach the input."""
+
 import pytest
 import torch
+from conftest import CLASSNAMES
 
 from atpt_plugin import load_adapter
 from atpt_plugin.tuning import adamw
-from conftest import CLASSNAMES
 
 
 def quadratic(target):

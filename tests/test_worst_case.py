@@ -1,5 +1,6 @@
 """Worst case over attacks: the per-sample AND of clean and every attack's outcome, resumable
 per (sample, adapter, attack), with test-time-defence leaderboard entries."""
+
 import dataclasses
 import json
 import random
@@ -9,26 +10,53 @@ import sys
 import time
 
 import pytest
-
 from atpt_plugin.adapters import cli
 from atpt_plugin.adapters.leaderboard import DEFENCE_FIELDS
 from atpt_plugin.adapters.worst_case import AdapterOutcome, AttackRun, parse_attacks, worst_case_rows
 
 ATTACKS = "pgd[steps=2],eot-pgd[steps=1,eot_iter=1],square[n_queries=4]"
-RUN = ["eval", "--model", "fmnist-vit-tiny", "--adapters", "zeroshot,ens", "--set", "views=4", "--n-examples", "6",
-       "--attack", "worst", "--attacks", ATTACKS, "--eps", "8", "--attack-batch-size", "3", "--sanity-checks", "0",
-       "--no-progress"]
-WALL_CLOCK = {"seconds_per_image", "seconds", "attack_seconds_per_image", "model_info", "finished", "started",
-              "checks_seconds"}
+RUN = [
+    "eval",
+    "--model",
+    "fmnist-vit-tiny",
+    "--adapters",
+    "zeroshot,ens",
+    "--set",
+    "views=4",
+    "--n-examples",
+    "6",
+    "--attack",
+    "worst",
+    "--attacks",
+    ATTACKS,
+    "--eps",
+    "8",
+    "--attack-batch-size",
+    "3",
+    "--sanity-checks",
+    "0",
+    "--no-progress",
+]
+WALL_CLOCK = {
+    "seconds_per_image",
+    "seconds",
+    "attack_seconds_per_image",
+    "model_info",
+    "finished",
+    "started",
+    "checks_seconds",
+}
 
 
 def test_worst_case_is_the_per_sample_and_of_clean_and_every_attack():
     """Outcomes forced by hand, against a plain reference written here."""
     runs = [AttackRun("a", "pgd", {}), AttackRun("b", "square", {})]
     labels = {0: 1, 1: 2, 2: 0, 3: 1, 4: 2}
-    clean = {0: 1, 1: 2, 2: 1, 3: 1, 4: 2}            # sample 2 wrong clean
-    adv = {"a": {0: 1, 1: 0, 2: 0, 3: 1, 4: 2},        # sample 1 falls to a
-           "b": {0: 1, 1: 2, 2: 0, 3: 0, 4: 2}}        # sample 3 falls to b
+    clean = {0: 1, 1: 2, 2: 1, 3: 1, 4: 2}  # sample 2 wrong clean
+    adv = {
+        "a": {0: 1, 1: 0, 2: 0, 3: 1, 4: 2},  # sample 1 falls to a
+        "b": {0: 1, 1: 2, 2: 0, 3: 0, 4: 2},
+    }  # sample 3 falls to b
     outcome = AdapterOutcome("m", labels, clean, adv)
     rows, samples = worst_case_rows({"m": outcome}, runs, {"a": {}, "b": {}})
     expected = [p for p in labels if clean[p] == labels[p] and all(adv[r][p] == labels[p] for r in adv)]
@@ -40,13 +68,16 @@ def test_worst_case_is_the_per_sample_and_of_clean_and_every_attack():
     assert [s["position"] for s in samples if s["worst_case_correct"]] == expected
 
 
-@pytest.mark.parametrize("text, message", [
-    ("pgd", "at least two attacks"),
-    ("pgd,pgd", "names an attack twice"),
-    ("pgd,none", "clean accuracy is part of every worst case"),
-    ("pgd,nope", "no attack named 'nope'"),
-    ("pgd[steps=2,square", "unbalanced brackets"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("pgd", "at least two attacks"),
+        ("pgd,pgd", "names an attack twice"),
+        ("pgd,none", "clean accuracy is part of every worst case"),
+        ("pgd,nope", "no attack named 'nope'"),
+        ("pgd[steps=2,square", "unbalanced brackets"),
+    ],
+)
 def test_bad_attack_lists_are_clear_errors(text, message):
     with pytest.raises(ValueError, match=message):
         parse_attacks(text)
@@ -67,22 +98,33 @@ def test_worst_case_run_resumes_after_kills_to_the_uninterrupted_result(tmp_path
     summary = json.loads((reference / "summary.json").read_text())
     rows = {row["adapter"]: row for row in summary["rows"]}
     per_sample = [json.loads(line) for line in (reference / "worst_case_samples.jsonl").read_text().splitlines()]
-    for adapter, row in rows.items():     # the summary is the AND of the attack folders' own records
+    for adapter, row in rows.items():  # the summary is the AND of the attack folders' own records
         mine = [s for s in per_sample if s["adapter"] == adapter]
-        assert row["worst_case_correct"] == sum(s["clean"] == s["label"] and
-                                                all(p == s["label"] for p in s["adv"].values()) for s in mine)
+        assert row["worst_case_correct"] == sum(
+            s["clean"] == s["label"] and all(p == s["label"] for p in s["adv"].values()) for s in mine
+        )
         assert row["transfer_only"] is False
     entry = json.loads(next((reference / "model_info").rglob("*worst_case_ens.json")).read_text())
     from atpt_plugin.adapters.robustbench import import_robustbench
+
     import_robustbench()
     from robustbench.utils import ModelInfo
+
     assert {f.name for f in dataclasses.fields(ModelInfo)} <= set(entry)
     assert set(DEFENCE_FIELDS) <= set(entry["test_time_defence"]) and entry["worst_case_acc"] is not None
     assert entry["test_time_defence"]["views_per_image"] == 4 and entry["test_time_defence"]["tuning_steps"] == 0
 
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "atpt_plugin.adapters.cli", *RUN, "--out", str(out),
-               "--cache-dir", str(tmp_path / "cache-killed")]
+    command = [
+        sys.executable,
+        "-m",
+        "atpt_plugin.adapters.cli",
+        *RUN,
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache-killed"),
+    ]
     env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     delays = random.Random(15)
     for _ in range(3):
@@ -93,7 +135,7 @@ def test_worst_case_run_resumes_after_kills_to_the_uninterrupted_result(tmp_path
     assert cli.main([*RUN, "--out", str(out), "--cache-dir", str(tmp_path / "cache-killed")]) == 0
     assert strip(json.loads((out / "summary.json").read_text())["rows"]) == strip(summary["rows"])
     assert (out / "worst_case_samples.jsonl").read_text() == (reference / "worst_case_samples.jsonl").read_text()
-    for folder in (out / "attacks").iterdir():     # nothing computed twice in any attack's records
+    for folder in (out / "attacks").iterdir():  # nothing computed twice in any attack's records
         lines = (folder / "samples.jsonl").read_text().splitlines()
         keys = [(json.loads(line)["adapter"], json.loads(line)["position"]) for line in lines]
         assert len(keys) == len(set(keys)) == 12
@@ -101,18 +143,35 @@ def test_worst_case_run_resumes_after_kills_to_the_uninterrupted_result(tmp_path
 
 def test_single_attack_rows_and_benchmark_table_carry_the_worst_case(tmp_path, one_thread):
     from atpt_plugin.adapters import benchmark_table
+
     from atpt_plugin.demo_model import load_demo_model
+
     model, tokenizer, _ = load_demo_model()
-    rows = benchmark_table(["zeroshot", "ens"], n_examples=6, dataset="demo", model=model, tokenizer=tokenizer,
-                           eps=8 / 255, steps=2, to_disk=True, model_info_dir=tmp_path / "info", overrides={"views": 4},
-                           cache_dir=tmp_path / "cache", log_path=tmp_path / "log")
+    rows = benchmark_table(
+        ["zeroshot", "ens"],
+        n_examples=6,
+        dataset="demo",
+        model=model,
+        tokenizer=tokenizer,
+        eps=8 / 255,
+        steps=2,
+        to_disk=True,
+        model_info_dir=tmp_path / "info",
+        overrides={"views": 4},
+        cache_dir=tmp_path / "cache",
+        log_path=tmp_path / "log",
+    )
     records = [json.loads(line) for line in (tmp_path / "log" / "samples.jsonl").read_text().splitlines()]
     for row in rows:
         mine = [r for r in records if r["adapter"] == row["adapter"]]
         assert row["worst_case_acc"] == pytest.approx(
-            sum(r["clean"] == r["label"] == r["adv"] for r in mine) / len(mine))
+            sum(r["clean"] == r["label"] == r["adv"] for r in mine) / len(mine)
+        )
     board = (tmp_path / "info" / "leaderboard.md").read_text()
     order = sorted(rows, key=lambda r: (-r["worst_case_acc"], -r["clean_acc"]))
     assert board.index(f"| 1 | {order[0]['adapter']} |") < board.index(f"| 2 | {order[1]['adapter']} |")
     entry = json.loads(next((tmp_path / "info").rglob("*_ens.json")).read_text())
-    assert entry["test_time_defence"]["transfer_only"] is True and "pgd" in entry["test_time_defence"]["accuracy"]["transfer"]
+    assert (
+        entry["test_time_defence"]["transfer_only"] is True
+        and "pgd" in entry["test_time_defence"]["accuracy"]["transfer"]
+    )

@@ -9,14 +9,49 @@ computed once, batched on the device, and cached per (model, dataset, attack, se
 (`cache.py`): six adapters compared on one set cost one attack. Adaptive attacks
 (`pipeline.py`) attack each wrapped adapter itself, per image, inside the evaluation loop.
 """
-from .base import (ATTACKS, DEFAULT_L2_EPS, PAPER_EPS, PAPER_STEPS, Attack, AttackSpec, chunk_seed, make_attack,
-                   resolve_attack_name, run_attack)
+
+from .base import (
+    ATTACKS,
+    DEFAULT_L2_EPS,
+    PAPER_EPS,
+    PAPER_STEPS,
+    Attack,
+    AttackSpec,
+    chunk_seed,
+    make_attack,
+    resolve_attack_name,
+    run_attack,
+)
 from .eps import check_eps, format_eps, parse_eps
 from .pipeline import AttackStats, EotPgd, Square, attack_loss, attack_view, eot_pgd
 from .transfer import CW, FGSM, PGD, PGDL2, AutoAttack, NoAttack
 from .zeroshot import ZeroShotClassifier
 
-__all__ = ["ATTACKS", "DEFAULT_L2_EPS", "PAPER_EPS", "PAPER_STEPS", "Attack", "AttackSpec", "AttackStats", "AutoAttack",
-           "CW", "EotPgd", "FGSM", "NoAttack", "PGD", "PGDL2", "Square", "ZeroShotClassifier", "attack_loss",
-           "attack_view", "check_eps", "chunk_seed", "eot_pgd", "format_eps", "make_attack", "parse_eps",
-           "resolve_attack_name", "run_attack"]
+__all__ = [
+    "ATTACKS",
+    "DEFAULT_L2_EPS",
+    "PAPER_EPS",
+    "PAPER_STEPS",
+    "Attack",
+    "AttackSpec",
+    "AttackStats",
+    "AutoAttack",
+    "CW",
+    "EotPgd",
+    "FGSM",
+    "NoAttack",
+    "PGD",
+    "PGDL2",
+    "Square",
+    "ZeroShotClassifier",
+    "attack_loss",
+    "attack_view",
+    "check_eps",
+    "chunk_seed",
+    "eot_pgd",
+    "format_eps",
+    "make_attack",
+    "parse_eps",
+    "resolve_attack_name",
+    "run_attack",
+]

@@ -8,6 +8,7 @@ checks of `adapters/adaptive.py`). `make_attack` resolves a name and the common 
 parameters (eps, alpha, steps) into an `AttackSpec`, the plain record a run stores.
 Another package adds an attack under the entry-point group `atpt_plugin.attacks`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,7 +25,7 @@ from .eps import check_eps, format_eps
 
 ATTACKS = Registry("attack", "atpt_plugin.attacks")
 
-PAPER_EPS = {"vit": 4 / 255, "resnet": 1 / 255}      # docs/method.md §6
+PAPER_EPS = {"vit": 4 / 255, "resnet": 1 / 255}  # docs/method.md §6
 PAPER_STEPS = {"vit": 100, "resnet": 1}
 DEFAULT_L2_EPS = 0.5
 
@@ -45,12 +46,12 @@ class Attack:
       fraction ("fewer_steps": "steps"): more of it must not leave more images correct.
     """
 
-    kind: str = "transfer"       # "transfer" (zero-shot CLIP, shared), "adaptive" (per adapter) or "none"
+    kind: str = "transfer"  # "transfer" (zero-shot CLIP, shared), "adaptive" (per adapter) or "none"
     norm: Optional[str] = "Linf"
     defaults: Dict[str, object] = {}
     aliases: Tuple[str, ...] = ()
     budget_checks: Dict[str, str] = {}
-    unbounded_threat: str = "none"   # the threat model's name when there is no norm budget
+    unbounded_threat: str = "none"  # the threat model's name when there is no norm budget
 
     def norm_of(self, params: Dict[str, object]) -> Optional[str]:
         return self.norm
@@ -63,11 +64,14 @@ class Attack:
         return {"forward": steps, "backward": steps, "unit": "zero-shot center view", "shared": True}
 
     def build(self, model: nn.Module, spec: "AttackSpec", n_classes: int, seed: int):
-        raise ValueError(f"attack {spec.name!r} is {self.kind}: it builds no transfer attack"
-                         + (" (adaptive attacks run per adapter: adaptive.run_adaptive)" if self.kind == "adaptive" else ""))
+        raise ValueError(
+            f"attack {spec.name!r} is {self.kind}: it builds no transfer attack"
+            + (" (adaptive attacks run per adapter: adaptive.run_adaptive)" if self.kind == "adaptive" else "")
+        )
 
-    def run(self, spec: "AttackSpec", adapter: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int,
-            stats) -> torch.Tensor:
+    def run(
+        self, spec: "AttackSpec", adapter: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int, stats
+    ) -> torch.Tensor:
         raise ValueError(f"attack {spec.name!r} is {self.kind}, not adaptive")
 
 
@@ -116,7 +120,7 @@ class AttackSpec:
 
     @property
     def kind(self) -> str:
-        """"transfer" (made on zero-shot CLIP, shared by all adapters), "adaptive" (per adapter) or "none"."""
+        """ "transfer" (made on zero-shot CLIP, shared by all adapters), "adaptive" (per adapter) or "none"."""
         return self.attack.kind
 
     @property
@@ -158,9 +162,15 @@ class AttackSpec:
         return self.attack.build(model, self, n_classes, seed)
 
 
-def make_attack(name: str = "pgd", eps: Optional[float] = None, steps: Optional[int] = None,
-                alpha: Optional[float] = None, backbone_kind: str = "vit", image_size: Optional[int] = None,
-                **params) -> AttackSpec:
+def make_attack(
+    name: str = "pgd",
+    eps: Optional[float] = None,
+    steps: Optional[int] = None,
+    alpha: Optional[float] = None,
+    backbone_kind: str = "vit",
+    image_size: Optional[int] = None,
+    **params,
+) -> AttackSpec:
     """Resolve an attack by name. Defaults: the paper's protocol for the backbone kind.
 
     eps / alpha: [0,1] pixel units (4/255), L2 norm for L2 attacks. None: L-inf attacks
@@ -191,8 +201,9 @@ def make_attack(name: str = "pgd", eps: Optional[float] = None, steps: Optional[
     if "alpha" in resolved:
         alpha = eps / 4 if alpha is None else alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= eps:
-            raise ValueError(f"alpha (the step size) must be in (0, eps={format_eps(eps, norm)}], in the unit "
-                             f"of eps; got {alpha!r}")
+            raise ValueError(
+                f"alpha (the step size) must be in (0, eps={format_eps(eps, norm)}], in the unit of eps; got {alpha!r}"
+            )
         resolved["alpha"] = float(alpha)
     elif alpha is not None:
         raise ValueError(f"attack {key!r} takes no alpha")
@@ -224,11 +235,12 @@ def check_choice(params: Dict[str, object], name: str, choices) -> None:
 
 def chunk_seed(seed: int, start: int) -> int:
     digest = hashlib.blake2b(f"{seed}:{start}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % (2 ** 63)
+    return int.from_bytes(digest, "little") % (2**63)
 
 
-def run_attack(spec: AttackSpec, classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-               seed: int) -> torch.Tensor:
+def run_attack(
+    spec: AttackSpec, classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int
+) -> torch.Tensor:
     """Adversarial versions of a batch by a transfer attack on the zero-shot classifier, made
     on its device and returned on the CPU.
 
@@ -242,8 +254,12 @@ def run_attack(spec: AttackSpec, classifier: nn.Module, images: torch.Tensor, la
     devices = [device.index or 0] if device.type == "cuda" else []
     # evaluation_mode: torchattacks would leave a model it found in training mode (as a fresh
     # classifier module is) in training mode, recursively, wrapped CLIP included
-    with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad(), \
-            evaluation_mode(classifier):
+    with (
+        torch.random.fork_rng(devices=devices),
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        evaluation_mode(classifier),
+    ):
         torch.manual_seed(seed)
         adversarial = attack(images.to(device), labels.to(device))
     return adversarial.detach().float().cpu()

@@ -6,6 +6,7 @@ L-inf budget is in 1/255 units, as in the paper and the authors' code (`--eps 4`
 4/255); `4/255` may be written out. L2 budgets are L2 norms of [0,1] images in both.
 Values that cannot be meant are rejected with the reading that was probably intended.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,7 +52,8 @@ def parse_eps(text, norm: str = "Linf") -> float:
                 f"--eps {raw} is ambiguous: L-inf budgets on the command line are in 1/255 units "
                 f"(--eps 4 means 4/255), so {raw} would be {raw}/255 = {value / 255:.2g}. "
                 f"For {format_eps(value)} write --eps {value * 255:g} or --eps {value * 255:g}/255; "
-                f"for a budget below 1/255 write it as a fraction, e.g. --eps {raw}/255")
+                f"for a budget below 1/255 write it as a fraction, e.g. --eps {raw}/255"
+            )
         value = value / 255
     return value
 
@@ -64,13 +66,17 @@ def check_eps(eps: float, norm: str, image_size: Optional[int] = None) -> float:
         if eps >= 1:
             raise ValueError(
                 f"eps={eps:g} is not in [0,1] pixel units: in Python eps is a fraction of the "
-                f"pixel range, as in torchattacks and RobustBench; for {eps:g}/255 pass eps={eps:g}/255")
+                f"pixel range, as in torchattacks and RobustBench; for {eps:g}/255 pass eps={eps:g}/255"
+            )
         if eps >= 0.5:
-            raise ValueError(f"eps={eps:g} (L-inf) lets the attacker turn every image into plain gray; "
-                             "did you mean eps=" f"{eps:g}/255?")
+            raise ValueError(
+                f"eps={eps:g} (L-inf) lets the attacker turn every image into plain gray; did you mean eps={eps:g}/255?"
+            )
     elif image_size is not None:
         limit = 0.5 * math.sqrt(3 * image_size * image_size)
         if eps >= limit:
-            raise ValueError(f"L2 eps={eps:g} reaches {limit:.1f}, the distance at which any "
-                             f"{image_size}x{image_size} image can become plain gray")
+            raise ValueError(
+                f"L2 eps={eps:g} reaches {limit:.1f}, the distance at which any "
+                f"{image_size}x{image_size} image can become plain gray"
+            )
     return float(eps)

@@ -23,6 +23,7 @@ The deployed adapter (its own configuration and seed) then predicts on the adver
 image, as in the transfer setting. `adapters/adaptive.py` seeds and times the run and
 holds the sanity checks.
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,7 +52,7 @@ def attack_view(adapter: nn.Module, gradient: Optional[str] = None) -> nn.Module
     overrides = {"seed": None}
     if gradient is not None:
         overrides["input_gradient"] = gradient
-    view = copy.copy(adapter)   # shares _modules, _parameters, _buffers: the same weights and prompt
+    view = copy.copy(adapter)  # shares _modules, _parameters, _buffers: the same weights and prompt
     object.__setattr__(view, "config", config.replace(**overrides))
     return view
 
@@ -65,11 +66,16 @@ class AttackStats:
     backward: int = 0
     image_passes: Optional[int] = None
     seconds: float = 0.0
-    zero_gradients: int = 0      # backward passes whose input gradient was exactly zero (or absent)
+    zero_gradients: int = 0  # backward passes whose input gradient was exactly zero (or absent)
 
     def as_dict(self) -> dict:
-        return {"forward": self.forward, "backward": self.backward, "image_passes": self.image_passes,
-                "seconds": round(self.seconds, 6), "zero_gradients": self.zero_gradients}
+        return {
+            "forward": self.forward,
+            "backward": self.backward,
+            "image_passes": self.image_passes,
+            "seconds": round(self.seconds, 6),
+            "zero_gradients": self.zero_gradients,
+        }
 
 
 class _Counted(nn.Module):
@@ -92,12 +98,22 @@ def attack_loss(logits: torch.Tensor, labels: torch.Tensor, loss: str = "ce") ->
         return F.cross_entropy(logits, labels, reduction="sum")
     true = logits.gather(1, labels[:, None]).squeeze(1)
     others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).amax(1)
-    return (others - true).sum()     # margin: > 0 once misclassified
+    return (others - true).sum()  # margin: > 0 once misclassified
 
 
-def eot_pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, alpha: float, steps: int,
-            eot_iter: int = 1, random_start: bool = True, loss: str = "ce", norm: str = "Linf",
-            stats: Optional[AttackStats] = None) -> torch.Tensor:
+def eot_pgd(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    eot_iter: int = 1,
+    random_start: bool = True,
+    loss: str = "ce",
+    norm: str = "Linf",
+    stats: Optional[AttackStats] = None,
+) -> torch.Tensor:
     """L-inf PGD whose every step uses the gradient summed over `eot_iter` forward passes.
 
     `model` is called `steps * eot_iter` times on the whole batch, each time with gradients
@@ -137,7 +153,10 @@ def eot_pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: f
 
 @ATTACKS.register("eot-pgd")
 class EotPgd(Attack):
-    """L-inf PGD on each adapter's whole pipeline, gradients averaged over eot_iter fresh draws of its random views per step; gradient path bpda, exact or fixed_prompt"""
+    """L-inf PGD on each adapter's whole pipeline, gradients averaged over eot_iter view draws per step.
+
+    The gradient path through the tuning step is `gradient`: bpda, exact or fixed_prompt.
+    """
 
     kind = "adaptive"
     defaults = {"steps": 20, "alpha": None, "eot_iter": 4, "gradient": "bpda", "loss": "ce", "random_start": True}
@@ -157,13 +176,24 @@ class EotPgd(Attack):
     def run(self, spec, adapter, images, labels, seed, stats):
         p = spec.param_dict
         model = attack_view(adapter, gradient=p["gradient"])
-        return eot_pgd(model, images, labels, spec.eps, p["alpha"], p["steps"], p["eot_iter"],
-                       p["random_start"], p["loss"], spec.norm, stats)
+        return eot_pgd(
+            model,
+            images,
+            labels,
+            spec.eps,
+            p["alpha"],
+            p["steps"],
+            p["eot_iter"],
+            p["random_start"],
+            p["loss"],
+            spec.norm,
+            stats,
+        )
 
 
 @ATTACKS.register("square")
 class Square(Attack):
-    """gradient-free: torchattacks' Square (random search) on each adapter's whole pipeline as deployed; exposes gradient masking"""
+    """gradient-free Square (torchattacks' random search) on each adapter as deployed: exposes gradient masking"""
 
     kind = "adaptive"
     defaults = {"n_queries": 1000, "p_init": 0.8, "loss": "margin", "norm": "Linf"}
@@ -183,15 +213,23 @@ class Square(Attack):
         return {**params, "p_init": p_init}
 
     def cost(self, spec) -> Dict[str, object]:
-        return {"forward": spec.param_dict["n_queries"], "backward": 0, "unit": "adaptation (at most)",
-                "shared": False}
+        return {"forward": spec.param_dict["n_queries"], "backward": 0, "unit": "adaptation (at most)", "shared": False}
 
     def run(self, spec, adapter, images, labels, seed, stats):
         import torchattacks
+
         p = spec.param_dict
         counted = _Counted(adapter, stats)
-        attack = torchattacks.Square(counted, norm=spec.norm, eps=spec.eps, n_queries=p["n_queries"],
-                                     n_restarts=1, p_init=p["p_init"], loss=p["loss"], seed=seed % (2 ** 31))
+        attack = torchattacks.Square(
+            counted,
+            norm=spec.norm,
+            eps=spec.eps,
+            n_queries=p["n_queries"],
+            n_restarts=1,
+            p_init=p["p_init"],
+            loss=p["loss"],
+            seed=seed % (2**31),
+        )
         attack.set_device(images.device)
         # torchattacks puts a model it finds in training mode back into training mode
         # afterwards, recursively: keep every submodule's own flag instead.

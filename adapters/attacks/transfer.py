@@ -1,5 +1,6 @@
 """Transfer attacks: made once on zero-shot CLIP with the initial prompt, shared by every
 adapter of a run (the paper's protocol is `pgd`). Each wraps torchattacks' implementation."""
+
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -11,7 +12,7 @@ from .base import ATTACKS, Attack, check_choice
 class PGD(Attack):
     """untargeted L-inf PGD, random start, CE on the true label (the paper's protocol)"""
 
-    defaults = {"steps": None, "alpha": None, "random_start": True}   # steps None: the paper's
+    defaults = {"steps": None, "alpha": None, "random_start": True}  # steps None: the paper's
     aliases = ("pgd-linf", "linf-pgd")
 
     def validate(self, params):
@@ -19,6 +20,7 @@ class PGD(Attack):
 
     def build(self, model, spec, n_classes, seed):
         import torchattacks
+
         p = spec.param_dict
         return torchattacks.PGD(model, eps=spec.eps, alpha=p["alpha"], steps=p["steps"], random_start=p["random_start"])
 
@@ -29,6 +31,7 @@ class FGSM(Attack):
 
     def build(self, model, spec, n_classes, seed):
         import torchattacks
+
         return torchattacks.FGSM(model, eps=spec.eps)
 
 
@@ -42,9 +45,11 @@ class PGDL2(PGD):
 
     def build(self, model, spec, n_classes, seed):
         import torchattacks
+
         p = spec.param_dict
-        return torchattacks.PGDL2(model, eps=spec.eps, alpha=p["alpha"], steps=p["steps"],
-                                  random_start=p["random_start"])
+        return torchattacks.PGDL2(
+            model, eps=spec.eps, alpha=p["alpha"], steps=p["steps"], random_start=p["random_start"]
+        )
 
 
 @ATTACKS.register("cw")
@@ -61,6 +66,7 @@ class CW(Attack):
 
     def build(self, model, spec, n_classes, seed):
         import torchattacks
+
         p = spec.param_dict
         return torchattacks.CW(model, c=p["c"], kappa=p["kappa"], steps=p["steps"], lr=p["lr"])
 
@@ -85,8 +91,10 @@ class AutoAttack(Attack):
 
     def build(self, model, spec, n_classes, seed):
         import torchattacks
-        return torchattacks.AutoAttack(model, norm=spec.norm, eps=spec.eps, version=spec.param_dict["version"],
-                                       n_classes=n_classes, seed=seed)
+
+        return torchattacks.AutoAttack(
+            model, norm=spec.norm, eps=spec.eps, version=spec.param_dict["version"], n_classes=n_classes, seed=seed
+        )
 
 
 @ATTACKS.register("none")

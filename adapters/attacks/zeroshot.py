@@ -1,4 +1,5 @@
 """The model transfer attacks are made on: zero-shot CLIP with the initial prompt."""
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -23,15 +24,21 @@ class ZeroShotClassifier(nn.Module):
 
     def __init__(self, adapter: TestTimeAdapter):
         super().__init__()
-        self.model = adapter.model          # a submodule: torchattacks finds the device from it
+        self.model = adapter.model  # a submodule: torchattacks finds the device from it
         self.backbone = adapter.backbone
         self.classnames = list(adapter.classnames)
         self.prompt_phrase = adapter.config.context_phrase
         self.register_buffer("text_features", adapter.zero_shot_text.detach().clone(), persistent=False)
 
     @classmethod
-    def build(cls, model: nn.Module, classnames: Sequence[str], tokenizer, domain_word: Optional[str] = None,
-              ctx_init: Optional[str] = "a photo of a") -> "ZeroShotClassifier":
+    def build(
+        cls,
+        model: nn.Module,
+        classnames: Sequence[str],
+        tokenizer,
+        domain_word: Optional[str] = None,
+        ctx_init: Optional[str] = "a photo of a",
+    ) -> "ZeroShotClassifier":
         config = zeroshot.config.replace(ctx_init=ctx_init, domain_word=domain_word)
         return cls(TestTimeAdapter(model, classnames, tokenizer, config, name="zeroshot"))
 

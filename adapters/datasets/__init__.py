@@ -17,21 +17,33 @@ shipped by timm. ImageNet-A and -R use their official 200-class subsets.
 The domain word is what the authors' A-TPT code inserts into "a photo of a" for the
 fine-grained sets ("a pet photo of a" for Pets); `None` keeps the plain phrase.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
-from .base import (DATASETS, IMAGE_EXTENSIONS, BadImageError, DatasetInfo, DatasetLayoutError, EvalDataset, json_digest,
-                   load_image, select)
+from .base import (
+    DATASETS,
+    IMAGE_EXTENSIONS,
+    BadImageError,
+    DatasetInfo,
+    DatasetLayoutError,
+    EvalDataset,
+    json_digest,
+    load_image,
+    select,
+)
 from .layouts import DemoDataset, imagenet_classnames, imagenet_wnids  # importing registers the built-ins
 
 
 def _as_info(target) -> DatasetInfo:
     info = target if isinstance(target, DatasetInfo) else target()
     if not isinstance(info, DatasetInfo):
-        raise TypeError(f"a dataset entry must be an atpt_plugin.adapters.datasets.DatasetInfo (or a callable "
-                        f"returning one), got {type(info).__name__}")
+        raise TypeError(
+            f"a dataset entry must be an atpt_plugin.adapters.datasets.DatasetInfo (or a callable "
+            f"returning one), got {type(info).__name__}"
+        )
     return info
 
 
@@ -52,7 +64,6 @@ def describe_layout(name: str) -> str:
     return f"{info.title} ({info.key}): {info.layout}"
 
 
-
 def load_dataset(name: str, root, split: str = "test", image_size: Optional[int] = 224) -> EvalDataset:
     """The `split` of dataset `name` under `root` (the data root or the dataset folder itself).
 
@@ -65,14 +76,31 @@ def load_dataset(name: str, root, split: str = "test", image_size: Optional[int]
         raise DatasetLayoutError(f"{info.title} needs --data-root (data_dir); expected layout: {info.layout}")
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DatasetLayoutError(f"data root {str(root)!r} is not a directory; expected layout for "
-                                 f"{info.title}: {info.layout}")
+        raise DatasetLayoutError(
+            f"data root {str(root)!r} is not a directory; expected layout for {info.title}: {info.layout}"
+        )
     if info.splits is not None and split not in info.splits:
-        raise ValueError(f"{info.title} has only the {', '.join(map(repr, info.splits))} split here "
-                         f"(its evaluation set), got {split!r}")
+        raise ValueError(
+            f"{info.title} has only the {', '.join(map(repr, info.splits))} split here "
+            f"(its evaluation set), got {split!r}"
+        )
     return info.loader(info, root, split, image_size)
 
 
-__all__ = ["DATASETS", "IMAGE_EXTENSIONS", "BadImageError", "DatasetInfo", "DatasetLayoutError", "DemoDataset",
-           "EvalDataset", "dataset_info", "describe_layout", "imagenet_classnames", "imagenet_wnids", "json_digest",
-           "load_dataset", "load_image", "select"]
+__all__ = [
+    "DATASETS",
+    "IMAGE_EXTENSIONS",
+    "BadImageError",
+    "DatasetInfo",
+    "DatasetLayoutError",
+    "DemoDataset",
+    "EvalDataset",
+    "dataset_info",
+    "describe_layout",
+    "imagenet_classnames",
+    "imagenet_wnids",
+    "json_digest",
+    "load_dataset",
+    "load_image",
+    "select",
+]

@@ -1,5 +1,6 @@
 """What every test set is: a registered `DatasetInfo` (layout, loader, prompt settings) and an
 `EvalDataset` of (image in [0,1], label); the errors a loader raises; the sample selection."""
+
 from __future__ import annotations
 
 import hashlib
@@ -33,15 +34,22 @@ class BadImageError(Exception):
         self.position: Optional[int] = None
 
     def __str__(self) -> str:
-        where = [f"sample {self.position} of the run" if self.position is not None else "",
-                 f"dataset index {self.index}" if self.index is not None else "",
-                 f"id {self.sample_id!r}" if self.sample_id is not None else ""]
+        where = [
+            f"sample {self.position} of the run" if self.position is not None else "",
+            f"dataset index {self.index}" if self.index is not None else "",
+            f"id {self.sample_id!r}" if self.sample_id is not None else "",
+        ]
         where = ", ".join(w for w in where if w)
         return f"could not read image {self.path}" + (f" ({where})" if where else "") + f": {self.reason}"
 
     def as_dict(self) -> Dict[str, object]:
-        return {"position": self.position, "index": self.index, "id": self.sample_id, "path": self.path,
-                "reason": self.reason}
+        return {
+            "position": self.position,
+            "index": self.index,
+            "id": self.sample_id,
+            "path": self.path,
+            "reason": self.reason,
+        }
 
 
 def json_digest(value, length: int = 16) -> str:
@@ -63,18 +71,18 @@ class DatasetInfo:
 
     key: str
     title: str
-    kind: str                      # the layout family: "split_json", "aircraft", "imagenet", "imagefolder", ...
+    kind: str  # the layout family: "split_json", "aircraft", "imagenet", "imagefolder", ...
     loader: Callable[..., "EvalDataset"]
-    layout: str                    # the expected tree, for error messages and `atpt list`
-    dirs: Tuple[str, ...] = ()     # candidate dataset folders under the data root (CoOp, TPT)
-    image_dir: str = ""            # image root inside the dataset folder
+    layout: str  # the expected tree, for error messages and `atpt list`
+    dirs: Tuple[str, ...] = ()  # candidate dataset folders under the data root (CoOp, TPT)
+    image_dir: str = ""  # image root inside the dataset folder
     split_file: str = ""
     domain_word: Optional[str] = None
     aliases: Tuple[str, ...] = ()
-    imagenet_variant: str = ""     # "", "a", "r", "v2", "sketch"
-    augmix_ops: bool = True        # TPT convention: no AugMix ops on the ImageNet family
+    imagenet_variant: str = ""  # "", "a", "r", "v2", "sketch"
+    augmix_ops: bool = True  # TPT convention: no AugMix ops on the ImageNet family
     needs_root: bool = True
-    splits: Optional[Tuple[str, ...]] = None   # None: any split the files name; else the only ones
+    splits: Optional[Tuple[str, ...]] = None  # None: any split the files name; else the only ones
 
     def adapter_overrides(self) -> Dict[str, object]:
         """Settings the TPT / A-TPT code applies for this dataset."""
@@ -89,12 +97,20 @@ class DatasetInfo:
 class EvalDataset(Dataset):
     """Labelled test images as (3, S, S) tensors in [0,1]; `classnames[label]` names each label."""
 
-    def __init__(self, info: DatasetInfo, root: Path, split: str, samples: List[Tuple[str, int]],
-                 classnames: List[str], image_root: Path, image_size: Optional[int] = 224):
+    def __init__(
+        self,
+        info: DatasetInfo,
+        root: Path,
+        split: str,
+        samples: List[Tuple[str, int]],
+        classnames: List[str],
+        image_root: Path,
+        image_size: Optional[int] = 224,
+    ):
         self.info = info
         self.root = root
         self.split = split
-        self.samples = samples            # (path relative to image_root, label)
+        self.samples = samples  # (path relative to image_root, label)
         self.classnames = classnames
         self.image_root = image_root
         self.image_size = image_size
@@ -106,8 +122,10 @@ class EvalDataset(Dataset):
         return len(self.samples)
 
     def __repr__(self) -> str:
-        return (f"EvalDataset({self.info.title}, split={self.split!r}, {len(self)} images, "
-                f"{len(self.classnames)} classes, root={str(self.root)!r})")
+        return (
+            f"EvalDataset({self.info.title}, split={self.split!r}, {len(self)} images, "
+            f"{len(self.classnames)} classes, root={str(self.root)!r})"
+        )
 
     def sample_id(self, index: int) -> str:
         return self.samples[index][0]
@@ -131,8 +149,8 @@ class EvalDataset(Dataset):
 def load_image(path: Path, image_size: Optional[int], info: Optional[DatasetInfo] = None) -> torch.Tensor:
     """The image as a (3, S, S) tensor; `BadImageError` when the file cannot be read or decoded."""
     from PIL import Image
-    from torchvision.transforms import functional as TF
     from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
 
     try:
         with Image.open(path) as image:
@@ -154,8 +172,7 @@ def select(dataset_size: int, n_examples: Optional[int], seed: int) -> List[int]
     A permutation, not the first N files: split files list images class by class. The
     order for a given seed is fixed, so a smaller N is a prefix of a larger one.
     """
-    if n_examples is not None and (isinstance(n_examples, bool) or not isinstance(n_examples, int)
-                                   or n_examples < 1):
+    if n_examples is not None and (isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 1):
         raise ValueError(f"n_examples must be a positive integer or None (all), got {n_examples!r}")
     order = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed)).tolist()
     return order if n_examples is None else order[:n_examples]

@@ -3,6 +3,7 @@
 Register one with `@AGGREGATORS.register("name")` or, from another package, under the
 entry-point group `atpt_plugin.aggregators`; or pass an instance as `aggregator=`.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -20,14 +21,14 @@ AGGREGATORS = Registry("aggregator", "atpt_plugin.aggregators")
 class ViewPredictions:
     """Everything an aggregator may read about one test image's views."""
 
-    logits: torch.Tensor                     # (K, C) with the tuned prompt (or tuned classifier)
-    features: torch.Tensor                   # (K, E) L2-normalised image features
-    confident: torch.Tensor                  # indices of the confident set B
+    logits: torch.Tensor  # (K, C) with the tuned prompt (or tuned classifier)
+    features: torch.Tensor  # (K, E) L2-normalised image features
+    confident: torch.Tensor  # indices of the confident set B
     view_maps: Callable[[torch.Tensor], torch.Tensor]  # view indices -> patch-grid maps
-    zero_shot_logits: Optional[torch.Tensor] = None    # (K, C) under the initial prompt
-    text_features: Optional[torch.Tensor] = None       # (C, E) of the tuned prompt (CLIP only)
-    logit_scale: Optional[torch.Tensor] = None          # (CLIP only)
-    logit_bias: Union[float, torch.Tensor] = 0.0        # (CLIP only: SigLIP's learnt bias)
+    zero_shot_logits: Optional[torch.Tensor] = None  # (K, C) under the initial prompt
+    text_features: Optional[torch.Tensor] = None  # (C, E) of the tuned prompt (CLIP only)
+    logit_scale: Optional[torch.Tensor] = None  # (CLIP only)
+    logit_bias: Union[float, torch.Tensor] = 0.0  # (CLIP only: SigLIP's learnt bias)
 
 
 class Aggregator(Component, ABC):
@@ -48,8 +49,7 @@ class Aggregator(Component, ABC):
     needs_text: Union[bool, str] = False
 
     @abstractmethod
-    def __call__(self, views: ViewPredictions) -> torch.Tensor:
-        ...
+    def __call__(self, views: ViewPredictions) -> torch.Tensor: ...
 
     def views_read(self, confident: torch.Tensor, count: int) -> Optional[torch.Tensor]:
         return None

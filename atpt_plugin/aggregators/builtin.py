@@ -3,6 +3,7 @@
 Those that average probabilities return the log of the weighted mixture (softmax of it
 gives the mixture back, its argmax is the prediction).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -26,16 +27,18 @@ def total_variation(maps: torch.Tensor) -> torch.Tensor:
     return vertical + horizontal
 
 
-def total_variation_weights(maps: torch.Tensor, temperature: float = 1.0,
-                            map_size: Optional[int] = None) -> torch.Tensor:
+def total_variation_weights(
+    maps: torch.Tensor, temperature: float = 1.0, map_size: Optional[int] = None
+) -> torch.Tensor:
     """softmax(-TV / temperature) over views: smoother (less noisy) maps weigh more.
 
     TV is taken on the patch-grid maps as the explainer returns them (min-max scaled to
     [0,1]); `map_size` upsamples first, which multiplies TV roughly by the upsampling factor.
     """
     if map_size is not None:
-        maps = F.interpolate(maps.unsqueeze(1), size=(map_size, map_size), mode="bilinear",
-                             align_corners=False).squeeze(1)
+        maps = F.interpolate(
+            maps.unsqueeze(1), size=(map_size, map_size), mode="bilinear", align_corners=False
+        ).squeeze(1)
     return torch.softmax(-total_variation(maps.float()) / temperature, dim=0)
 
 
@@ -74,8 +77,11 @@ class TotalVariationAggregator(Aggregator):
         return confident if self.over == "confident" else None
 
     def __call__(self, views: ViewPredictions) -> torch.Tensor:
-        chosen = views.confident if self.over == "confident" else torch.arange(
-            len(views.logits), device=views.confident.device)
+        chosen = (
+            views.confident
+            if self.over == "confident"
+            else torch.arange(len(views.logits), device=views.confident.device)
+        )
         maps = views.view_maps(chosen)
         weights = total_variation_weights(maps, self.temperature, self.map_size)
         return weighted_log_mixture(views.logits[chosen], weights.to(views.logits.device))

@@ -1,4 +1,5 @@
 """Augmenters: a test image (+ attention maps of its bases) -> a batch of views."""
+
 from __future__ import annotations
 
 from .base import AUGMENTERS, Augmenter

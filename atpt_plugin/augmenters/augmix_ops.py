@@ -155,9 +155,7 @@ def sample_chain_params(
     return ops, levels, signs
 
 
-def apply_chains(
-    images: torch.Tensor, ops: torch.Tensor, levels: torch.Tensor, signs: torch.Tensor
-) -> torch.Tensor:
+def apply_chains(images: torch.Tensor, ops: torch.Tensor, levels: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """Apply row r's op sequence ``ops[:, r]`` to ``images[r]``, one batched call per op and step."""
     images = images.clone()
     size = images.shape[-1]

@@ -3,6 +3,7 @@
 Register one with `@AUGMENTERS.register("name")` or, from another package, under the
 entry-point group `atpt_plugin.augmenters`; or pass an instance as `augmenter=`.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -30,9 +31,7 @@ class Augmenter(Component, ABC):
     needs_maps: bool = False
 
     @abstractmethod
-    def bases(self, image: torch.Tensor, count: int, generator: torch.Generator, size: int) -> torch.Tensor:
-        ...
+    def bases(self, image: torch.Tensor, count: int, generator: torch.Generator, size: int) -> torch.Tensor: ...
 
     @abstractmethod
-    def views(self, bases: torch.Tensor, maps: Optional[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-        ...
+    def views(self, bases: torch.Tensor, maps: Optional[torch.Tensor], generator: torch.Generator) -> torch.Tensor: ...

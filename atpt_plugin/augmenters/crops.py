@@ -6,6 +6,7 @@ trips. Crops of the original image (`resized_crops`, the authors' code) are resi
 by one with antialiasing, as PIL does: a crop larger than the model size is downsampled,
 and plain bilinear sampling would alias it.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,15 @@ def center_view(image: torch.Tensor, size: int) -> torch.Tensor:
     return TF.center_crop(resize_shorter_side(image, size), [size, size])
 
 
-def random_resized_boxes(count: int, height: int, width: int, generator: torch.Generator,
-                         scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries: int = 10) -> torch.Tensor:
+def random_resized_boxes(
+    count: int,
+    height: int,
+    width: int,
+    generator: torch.Generator,
+    scale=(0.08, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    tries: int = 10,
+) -> torch.Tensor:
     """RandomResizedCrop boxes (top, left, h, w), vectorised over views.
 
     Ten candidates per view as torchvision draws them; the first that fits wins, and a
@@ -97,7 +105,7 @@ def resized_crops(image: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor,
     """
     views = []
     for (top, left, height, width), flip in zip(boxes.long().tolist(), flips.tolist()):
-        crop = image[:, top:top + height, left:left + width]
+        crop = image[:, top : top + height, left : left + width]
         view = TF.resize(crop, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
         views.append(view.flip(-1) if flip else view)
     return torch.stack(views).clamp(0, 1)  # a convex combination, up to rounding

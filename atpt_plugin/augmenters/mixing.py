@@ -4,6 +4,7 @@
 makes lam small where the view's attention map is high, so the discriminative pixels
 stay close to the clean base and the background is augmented.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,7 @@ from .crops import center_boxes, crop_views, random_resized_boxes, resize_shorte
 
 def upsample_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
     """Patch-grid maps (N,h,w) -> (N,size,size), bilinear."""
-    return F.interpolate(maps.unsqueeze(1).float(), size=(size, size), mode="bilinear",
-                         align_corners=False).squeeze(1)
+    return F.interpolate(maps.unsqueeze(1).float(), size=(size, size), mode="bilinear", align_corners=False).squeeze(1)
 
 
 def top_k_mask(maps: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -100,9 +100,18 @@ class AugMixAugmenter(Augmenter):
 class AttentionMixAugmenter(AugMixAugmenter):
     """A-TPT's non-uniform AugMix: lam = m_high on high-attention pixels, m_low elsewhere."""
 
-    def __init__(self, base_crop: str = "center", augmix_ops: bool = True,
-                 mask_rule: str = "top_k", r: float = 0.2, m_high: float = 0.2, m_low: float = 0.8,
-                 p_high: float = 0.2, p_low: float = 0.8, crop_source: str = "resized"):
+    def __init__(
+        self,
+        base_crop: str = "center",
+        augmix_ops: bool = True,
+        mask_rule: str = "top_k",
+        r: float = 0.2,
+        m_high: float = 0.2,
+        m_low: float = 0.8,
+        p_high: float = 0.2,
+        p_low: float = 0.8,
+        crop_source: str = "resized",
+    ):
         super().__init__(base_crop, augmix_ops, crop_source)
         self.mask_rule = mask_rule
         self.r, self.m_high, self.m_low = r, m_high, m_low
@@ -110,8 +119,17 @@ class AttentionMixAugmenter(AugMixAugmenter):
 
     @classmethod
     def from_config(cls, config) -> "AttentionMixAugmenter":
-        return cls(config.base_crop, config.augmix_ops, config.mask_rule, config.r, config.m_high,
-                   config.m_low, config.p_high, config.p_low, config.crop_source)
+        return cls(
+            config.base_crop,
+            config.augmix_ops,
+            config.mask_rule,
+            config.r,
+            config.m_high,
+            config.m_low,
+            config.p_high,
+            config.p_low,
+            config.crop_source,
+        )
 
     @property
     def needs_maps(self) -> bool:

@@ -30,6 +30,7 @@ knowing the family:
   pool_index) -> (N, E)` L2-normalised features from word embeddings (positions, mask, blocks,
   final norm, pooling and projection as the model's own text forward).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ class Backbone:
     def tokenize(self, tokenizer, texts) -> torch.Tensor:
         """Padded with the tokenizer's own pad token where it names one (what the model was fed)."""
         from .text import token_ids
+
         pad = getattr(tokenizer, "pad_token_id", None)
         return token_ids(tokenizer, texts, self.text_context_length, self.text_pad_id if pad is None else pad)
 
@@ -87,7 +89,8 @@ def detect(model: nn.Module, has_text: bool, **options) -> Backbone:
     raise TypeError(
         f"no backbone accepts {type(model).__name__} as {wanted}; installed backbones for it: "
         f"{', '.join(families) or 'none'} (another package adds one under the entry-point group "
-        f"{BACKBONES.group!r})")
+        f"{BACKBONES.group!r})"
+    )
 
 
 def normalize_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -101,15 +104,15 @@ def normalize_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
 class BlockRecord:
     """One transformer block's activations, kept in the autograd graph."""
 
-    tokens: torch.Tensor   # (N, L, D) block input T^(b)
-    normed: torch.Tensor   # (N, L, D) ln_1(T^(b)), what the attention reads
-    attn: torch.Tensor     # (N, heads, L, L) attention probabilities A^(b)
+    tokens: torch.Tensor  # (N, L, D) block input T^(b)
+    normed: torch.Tensor  # (N, L, D) ln_1(T^(b)), what the attention reads
+    attn: torch.Tensor  # (N, heads, L, L) attention probabilities A^(b)
 
 
 @dataclass
 class VitTrace:
-    pooled: torch.Tensor           # (N, E) image embedding (unnormalised)
-    blocks: List[BlockRecord]      # records of blocks first_block..last
+    pooled: torch.Tensor  # (N, E) image embedding (unnormalised)
+    blocks: List[BlockRecord]  # records of blocks first_block..last
     num_prefix_tokens: int
     grid_size: Tuple[int, int]
     # (N, L) or (L,) weights of the token rows the pooled output reads (avg/max pooling,
@@ -138,6 +141,7 @@ def run_blocks(blocks, x: torch.Tensor, first_block: int, traced_step, plain_ste
 # tracing helpers shared by the families ---------------------------------------------------
 # The libraries compute attention with fused kernels that never return probabilities, so the
 # traces re-run each block with the model's own submodules and these explicit attentions.
+
 
 def softmax_attention(scores: torch.Tensor, values: torch.Tensor):
     """(N, heads, Lq, Lk) scores, (N, heads, Lk, d) values -> ((N, Lq, heads*d) output, probabilities)."""

@@ -7,6 +7,7 @@ highest id for configs with the legacy `eos_token_id=2`, as `CLIPTextModel` does
 `text_projection`. Images are normalised with OpenAI CLIP's mean and std (the
 `CLIPImageProcessor` default).
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,8 +46,10 @@ class HfClipBackbone(HfBackbone):
 
     def text_mask(self, hidden: torch.Tensor):
         from transformers.masking_utils import create_causal_mask
-        mask = create_causal_mask(config=self.text.config, inputs_embeds=hidden, attention_mask=None,
-                                  past_key_values=None)
+
+        mask = create_causal_mask(
+            config=self.text.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None
+        )
         return mask, {"is_causal": True}
 
     def text_head(self, pooled: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ the model builds itself, so a learnable context can be spliced in. The families 
 where they pool (`HfClipBackbone`, `HfSiglipBackbone`); `tests/test_families.py` checks
 both against `get_image_features` / `get_text_features`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -27,6 +28,7 @@ def is_transformers_model(model, class_names) -> bool:
     if type(model).__module__.split(".")[0] != "transformers":
         return False
     import transformers
+
     return isinstance(model, tuple(getattr(transformers, name) for name in class_names if hasattr(transformers, name)))
 
 
@@ -39,15 +41,18 @@ def model_output(output) -> torch.Tensor:
 def hf_attention(attn: nn.Module, x: torch.Tensor):
     """`CLIPAttention` / `SiglipAttention` on `x` with an explicit softmax; returns (output, probabilities)."""
     n, length, _ = x.shape
-    q, k, v = (proj(x).reshape(n, length, -1, attn.head_dim).transpose(1, 2)
-               for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k, v = (
+        proj(x).reshape(n, length, -1, attn.head_dim).transpose(1, 2)
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+    )
     out, probs = softmax_attention((q @ k.transpose(-2, -1)) * attn.scale, v)
     return attn.out_proj(out), probs
 
 
 def _traced_layer(layer, x: torch.Tensor):
-    return pre_norm_step(x, layer.layer_norm1, lambda normed: hf_attention(layer.self_attn, normed),
-                         layer.layer_norm2, layer.mlp)
+    return pre_norm_step(
+        x, layer.layer_norm1, lambda normed: hf_attention(layer.self_attn, normed), layer.layer_norm2, layer.mlp
+    )
 
 
 class HfBackbone(Backbone):
@@ -57,9 +62,9 @@ class HfBackbone(Backbone):
     has_text = True
     kind = "vit"
     model_classes: tuple  # the transformers model classes of the family
-    modeling: str         # the transformers module defining its layers
+    modeling: str  # the transformers module defining its layers
     layer_class: str
-    image_mean: tuple    # what the family's image processor normalises with
+    image_mean: tuple  # what the family's image processor normalises with
     image_std: tuple
     num_prefix_tokens: int
 
@@ -75,8 +80,10 @@ class HfBackbone(Backbone):
         layer = getattr(importlib.import_module(self.modeling), self.layer_class)
         odd = sorted({type(m).__name__ for m in self.vision.encoder.layers if type(m) is not layer})
         if odd:
-            raise NotImplementedError(f"{type(model).__name__}'s vision tower has {', '.join(odd)} layers; the "
-                                      f"trace re-runs {self.layer_class} layers")
+            raise NotImplementedError(
+                f"{type(model).__name__}'s vision tower has {', '.join(odd)} layers; the "
+                f"trace re-runs {self.layer_class} layers"
+            )
         config = model.config.vision_config
         self.image_size = int(config.image_size)
         side = self.image_size // config.patch_size
@@ -114,11 +121,21 @@ class HfBackbone(Backbone):
         """Vision forward recording layers >= first_block; earlier layers run without autograd."""
         with torch.no_grad():
             x = self.embed(self.normalize(images))
-        x, records = run_blocks(self.vision.encoder.layers, x, first_block, _traced_layer,
-                                plain_step=lambda layer, tokens: layer(tokens, None))
+        x, records = run_blocks(
+            self.vision.encoder.layers,
+            x,
+            first_block,
+            _traced_layer,
+            plain_step=lambda layer, tokens: layer(tokens, None),
+        )
         pooled, weights = self.pool(x)
-        return VitTrace(pooled.float(), records, self.num_prefix_tokens, self.grid_size,
-                        query_weights=None if weights is None else weights.detach().float())
+        return VitTrace(
+            pooled.float(),
+            records,
+            self.num_prefix_tokens,
+            self.grid_size,
+            query_weights=None if weights is None else weights.detach().float(),
+        )
 
     # text side ---------------------------------------------------------------
     def token_embedding(self, ids: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ padded length (padding to the model's fixed length, as SigLIP was trained), the 
 position and `head`. Images are normalised with mean = std = 0.5 (`SiglipImageProcessor`).
 `Siglip2Model` is refused: its vision tower reads NaFlex patch sequences, not images.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,11 +36,14 @@ class HfSiglipBackbone(HfBackbone):
             raise NotImplementedError(
                 f"{type(model).__name__}'s vision tower reads NaFlex patch sequences (pixel_values as patches with "
                 "spatial_shapes and a pixel mask), not square images; use SiglipModel, or open_clip's "
-                "ViT-*-SigLIP2 models (timm trunk), which are supported")
+                "ViT-*-SigLIP2 models (timm trunk), which are supported"
+            )
         super().__init__(model)
         if not self.vision.use_head:
-            raise NotImplementedError("this SiglipModel has no vision pooling head (vision_use_head=False): "
-                                      "it gives no image embedding to compare with the text")
+            raise NotImplementedError(
+                "this SiglipModel has no vision pooling head (vision_use_head=False): "
+                "it gives no image embedding to compare with the text"
+            )
 
     @property
     def logit_bias(self) -> torch.Tensor:
@@ -62,6 +66,7 @@ class HfSiglipBackbone(HfBackbone):
 
     def text_mask(self, hidden: torch.Tensor):
         from transformers.masking_utils import create_bidirectional_mask
+
         return create_bidirectional_mask(config=self.text.config, inputs_embeds=hidden, attention_mask=None), {}
 
     def text_head(self, pooled: torch.Tensor) -> torch.Tensor:

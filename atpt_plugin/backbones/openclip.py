@@ -12,6 +12,7 @@ Text towers: open_clip's `TextTransformer` as configured: causal with EOT (argma
 pooling (CLIP), or bidirectional with last-token pooling (SigLIP); `logit_bias` where the
 model has one (SigLIP).
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -20,7 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import BACKBONES, Backbone, VitTrace, detect, multihead_attention, normalize_images, pre_norm_step, run_blocks
+from .base import (
+    BACKBONES,
+    Backbone,
+    VitTrace,
+    detect,
+    multihead_attention,
+    normalize_images,
+    pre_norm_step,
+    run_blocks,
+)
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -29,8 +39,15 @@ TEXT_POOLS = ("argmax", "eos", "last")
 
 def _traced_block(block, x: torch.Tensor):
     """open_clip's ResidualAttentionBlock with the attention probabilities kept."""
-    return pre_norm_step(x, block.ln_1, lambda normed: multihead_attention(block.attn, normed),
-                         block.ln_2, block.mlp, block.ls_1, block.ls_2)
+    return pre_norm_step(
+        x,
+        block.ln_1,
+        lambda normed: multihead_attention(block.attn, normed),
+        block.ln_2,
+        block.mlp,
+        block.ls_1,
+        block.ls_2,
+    )
 
 
 @BACKBONES.register("open_clip")
@@ -42,6 +59,7 @@ class OpenClipBackbone(Backbone):
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
         import open_clip
+
         return isinstance(model, (open_clip.CLIP, open_clip.CustomTextCLIP))
 
     def __init__(self, model: nn.Module):
@@ -52,7 +70,8 @@ class OpenClipBackbone(Backbone):
         if not self.accepts(model):
             raise TypeError(
                 f"expected an open_clip CLIP model (open_clip.create_model(...)), got "
-                f"{type(model).__name__}; for a timm image classifier wrap it with a timm backbone")
+                f"{type(model).__name__}; for a timm image classifier wrap it with a timm backbone"
+            )
         self.model = model
         self.visual = model.visual
         self.image_tower = None
@@ -63,8 +82,14 @@ class OpenClipBackbone(Backbone):
         if isinstance(self.visual, TimmModel):
             # the trunk's own backbone, with open_clip's head: embedding = head(trunk.forward_head(features))
             try:
-                self.image_tower = detect(self.visual.trunk, has_text=False, image_size=self.image_size,
-                                          projection=self.visual.head, mean=self.mean, std=self.std)
+                self.image_tower = detect(
+                    self.visual.trunk,
+                    has_text=False,
+                    image_size=self.image_size,
+                    projection=self.visual.head,
+                    mean=self.mean,
+                    std=self.std,
+                )
                 self.kind = self.image_tower.kind
             except NotImplementedError as error:
                 self.kind, self.unexplained = "none", f"open_clip timm trunk: {error}"
@@ -78,15 +103,23 @@ class OpenClipBackbone(Backbone):
             if not all(type(b) is ResidualAttentionBlock for b in self.visual.transformer.resblocks):
                 unsupported.append("custom attention blocks")
             if unsupported:
-                self.kind, self.unexplained = "none", (
-                    f"this open_clip ViT uses {', '.join(unsupported)}; the attention explainers "
-                    "support class-token ViTs with standard blocks (e.g. ViT-B-16, ViT-B-32)")
+                self.kind, self.unexplained = (
+                    "none",
+                    (
+                        f"this open_clip ViT uses {', '.join(unsupported)}; the attention explainers "
+                        "support class-token ViTs with standard blocks (e.g. ViT-B-16, ViT-B-32)"
+                    ),
+                )
         elif isinstance(self.visual, ModifiedResNet):
             self.kind = "resnet"
         else:
-            self.kind, self.unexplained = "none", (
-                f"open_clip image tower {type(self.visual).__name__} cannot be explained; the explainers "
-                "read a ViT (VisionTransformer), timm trunk (TimmModel) or ResNet (ModifiedResNet) tower")
+            self.kind, self.unexplained = (
+                "none",
+                (
+                    f"open_clip image tower {type(self.visual).__name__} cannot be explained; the explainers "
+                    "read a ViT (VisionTransformer), timm trunk (TimmModel) or ResNet (ModifiedResNet) tower"
+                ),
+            )
         self._check_text_tower()
 
     @property
@@ -158,7 +191,8 @@ class OpenClipBackbone(Backbone):
         if not hasattr(tower, "token_embedding"):
             raise NotImplementedError(
                 f"open_clip text tower {type(tower).__name__} (a Hugging Face text encoder) is not supported; "
-                "prompt tuning drives open_clip's TextTransformer (CLIP, SigLIP, EVA-CLIP text towers)")
+                "prompt tuning drives open_clip's TextTransformer (CLIP, SigLIP, EVA-CLIP text towers)"
+            )
         self.text_pool_type = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
         unsupported = []
         if self.text_pool_type not in TEXT_POOLS:
@@ -170,7 +204,8 @@ class OpenClipBackbone(Backbone):
         if unsupported:
             raise NotImplementedError(
                 f"this open_clip text tower uses {', '.join(unsupported)}; prompt tuning supports EOT/EOS-pooled "
-                "causal towers (CLIP) and last-token bidirectional ones (SigLIP)")
+                "causal towers (CLIP) and last-token bidirectional ones (SigLIP)"
+            )
         self.text_causal = tower.attn_mask is not None
         self.text_context_length = tower.positional_embedding.shape[0]
         self.text_pad_id = getattr(tower, "pad_id", 0)

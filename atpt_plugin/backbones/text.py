@@ -6,6 +6,7 @@ to its context length) and `transformers`' (`tokenizer(texts)["input_ids"]`, one
 per text, or any callable returning such a mapping). Every prompt must fit the model's text
 context: a truncated prompt loses its end-of-text token, which is where CLIP reads it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -29,10 +30,11 @@ def token_ids(tokenizer, texts: Sequence[str], length: int, pad_id: int) -> torc
         if len(rows[longest]) > length:
             raise ValueError(
                 f"the prompt {texts[longest]!r} needs {len(rows[longest])} tokens but the text model's "
-                f"context holds {length}; shorten the class name or ctx_init")
+                f"context holds {length}; shorten the class name or ctx_init"
+            )
     padded = torch.full((len(rows), length), pad_id, dtype=torch.long)
     for index, row in enumerate(rows):
-        padded[index, :len(row)] = row
+        padded[index, : len(row)] = row
     return padded
 
 
@@ -47,8 +49,11 @@ def _check_fixed_width(tokenizer, texts, width: int, model_limit: int):
             raise ValueError(
                 f"the prompt {texts[longest]!r} needs {lengths[longest]} tokens but the "
                 f"tokenizer/model context holds {min(limit, model_limit)}; shorten the class "
-                "name or ctx_init, or use a tokenizer with a longer context_length")
+                "name or ctx_init, or use a tokenizer with a longer context_length"
+            )
     if max(limit, width) > model_limit:
-        raise ValueError(f"tokenizer context_length {max(limit, width)} exceeds the text model's "
-                         f"{model_limit}; use the tokenizer made for the model (open_clip.get_tokenizer("
-                         "<the model's name>))")
+        raise ValueError(
+            f"tokenizer context_length {max(limit, width)} exceeds the text model's "
+            f"{model_limit}; use the tokenizer made for the model (open_clip.get_tokenizer("
+            "<the model's name>))"
+        )

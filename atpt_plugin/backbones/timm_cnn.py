@@ -3,6 +3,7 @@ MambaOut, ...) for Grad-CAM on their last feature map: as image classifiers, and
 of an open_clip `TimmModel` tower (ConvNeXt CLIP, MobileCLIP), where `projection` is
 open_clip's head over the trunk's pooled output. Channels-last maps (`output_fmt="NHWC"`,
 Swin, MambaOut) are handed to Grad-CAM as NCHW and back to the head as NHWC."""
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -32,23 +33,32 @@ class TimmCnnBackbone(TimmImage):
         """Any other timm model; token transformers outside the ViT and EVA classes are refused when built."""
         return is_timm_model(model)
 
-    def __init__(self, model: nn.Module, image_size: Optional[int] = None,
-                 projection: Optional[nn.Module] = None, mean=None, std=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        image_size: Optional[int] = None,
+        projection: Optional[nn.Module] = None,
+        mean=None,
+        std=None,
+    ):
         if hasattr(model, "num_prefix_tokens"):  # a token-based transformer outside the ViT family
             raise NotImplementedError(
                 f"timm {type(model).__name__} is a token transformer outside timm's VisionTransformer and Eva "
                 "classes: the attention explainers cover VisionTransformer and its subclasses (ViT, DeiT, DeiT-III, "
                 "register, hybrid and SigLIP ViTs, ...) and Eva (EVA-02, EVA-CLIP), the Grad-CAM fallback covers "
-                "conv nets (NCHW feature maps)")
+                "conv nets (NCHW feature maps)"
+            )
         if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
             raise NotImplementedError(
                 f"{type(model).__name__} has no forward_features/forward_head; the Grad-CAM fallback "
-                "needs a timm model that exposes them")
+                "needs a timm model that exposes them"
+            )
         fmt = getattr(model, "output_fmt", "NCHW")
         if fmt not in ("NCHW", "NHWC"):
             raise NotImplementedError(
                 f"{type(model).__name__} returns {fmt} features; the Grad-CAM fallback takes NCHW or NHWC "
-                "feature maps, the attention explainers timm VisionTransformers and Evas")
+                "feature maps, the attention explainers timm VisionTransformers and Evas"
+            )
         self.channels_last = fmt == "NHWC"
         self._setup(model, projection, mean, std)
         if image_size is None:
@@ -64,7 +74,8 @@ class TimmCnnBackbone(TimmImage):
         if features.dim() != 4 or (channels is not None and features.shape[1] != channels):
             raise NotImplementedError(
                 f"{type(self.model).__name__}.forward_features gave shape {tuple(features.shape)}, not an "
-                f"(N, {channels}, h, w) feature map; Grad-CAM needs a conv net")
+                f"(N, {channels}, h, w) feature map; Grad-CAM needs a conv net"
+            )
         return features
 
     def head(self, feature_map: torch.Tensor) -> torch.Tensor:
@@ -87,4 +98,5 @@ class TimmCnnBackbone(TimmImage):
     def trace(self, images: torch.Tensor, first_block: int = 0):
         raise NotImplementedError(
             f"{type(self.model).__name__} is not a ViT: the attention rollouts need a timm "
-            "VisionTransformer or Eva; use explainer='gradcam' (or 'auto')")
+            "VisionTransformer or Eva; use explainer='gradcam' (or 'auto')"
+        )

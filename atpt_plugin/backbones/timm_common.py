@@ -6,6 +6,7 @@ A timm backbone serves two uses. A timm image classifier: `classify` maps the tr
 open_clip's head, and `pooled` is the tower's embedding, `projection(model.forward_head(...))`
 (the trunk's own classifier head included, as open_clip runs it).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Tuple
@@ -37,8 +38,10 @@ def data_config(model: nn.Module) -> dict:
 
 def top1_class_score(backbone) -> Callable[[torch.Tensor], torch.Tensor]:
     """S = sum over the batch of each image's top-1 class logit (timm classifier head)."""
+
     def score(pooled: torch.Tensor) -> torch.Tensor:
         return backbone.classify(pooled).float().max(dim=-1).values.sum()
+
     return score
 
 
@@ -114,12 +117,14 @@ class TimmTokens(TimmImage):
             if native[0] != native[1]:
                 raise NotImplementedError(
                     f"the model's input size {native} is not square; the views are square crops: "
-                    "pass image_size=... for a model created with dynamic_img_size=True")
+                    "pass image_size=... for a model created with dynamic_img_size=True"
+                )
             image_size = native[0]
         elif (image_size, image_size) != native and not self.dynamic:
             raise ValueError(
                 f"this model takes {native[0]}x{native[1]} images (dynamic_img_size=False); create it "
-                f"with timm.create_model(..., dynamic_img_size=True) to run it at {image_size}x{image_size}")
+                f"with timm.create_model(..., dynamic_img_size=True) to run it at {image_size}x{image_size}"
+            )
         self.native_size = native
         self.image_size = int(image_size)
 
@@ -131,7 +136,8 @@ class TimmTokens(TimmImage):
         if not self.dynamic and tuple(images.shape[-2:]) != self.native_size:
             raise ValueError(
                 f"this model takes {self.native_size[0]}x{self.native_size[1]} images "
-                f"(dynamic_img_size=False), got {tuple(images.shape[-2:])}")
+                f"(dynamic_img_size=False), got {tuple(images.shape[-2:])}"
+            )
 
     def pool_start(self, attention_pool: bool) -> int:
         """The first token row the pool reads (prefix tokens skipped or not)."""
@@ -213,5 +219,10 @@ class TimmTokens(TimmImage):
         pooled, weights = self.head_input(self.model.norm(tokens))
         if self.projection is not None:
             pooled = self.projection(self.head(pooled))
-        return VitTrace(pooled.float(), records, self.model.num_prefix_tokens, grid,
-                        query_weights=None if weights is None else weights.detach().float())
+        return VitTrace(
+            pooled.float(),
+            records,
+            self.model.num_prefix_tokens,
+            grid,
+            query_weights=None if weights is None else weights.detach().float(),
+        )

@@ -10,6 +10,7 @@ Pooling (class token, avg, max, avgmax, latent attention) and heads are shared w
 ViT backbone (`timm_common.py`). Refused with a clear error: `attn_type="rope"`
 (AttentionRope, grouped-query) blocks and patch dropout at inference.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -36,13 +37,17 @@ def eva_attention(attn: nn.Module, x: torch.Tensor, rope: Optional[torch.Tensor]
             qkv = attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, bias)
         q, k, v = qkv.reshape(n, length, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     else:
-        q, k, v = (proj(x).reshape(n, length, attn.num_heads, -1).transpose(1, 2)
-                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k, v = (
+            proj(x).reshape(n, length, attn.num_heads, -1).transpose(1, 2)
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+        )
     q, k = attn.q_norm(q), attn.k_norm(k)
     if rope is not None:
         prefix, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
-        q, k = (torch.cat([t[:, :, :prefix], apply_rot_embed_cat(t[:, :, prefix:], rope, half=half)], dim=2).type_as(v)
-                for t in (q, k))
+        q, k = (
+            torch.cat([t[:, :, :prefix], apply_rot_embed_cat(t[:, :, prefix:], rope, half=half)], dim=2).type_as(v)
+            for t in (q, k)
+        )
     out, probs = softmax_attention((q * attn.scale) @ k.transpose(-2, -1), v)
     out = attn.norm(out)
     if gate is not None:
@@ -64,9 +69,15 @@ def _traced_block(step, x: torch.Tensor):
         record = BlockRecord(tokens=x, normed=x, attn=probs)
         x = x + block.drop_path1(block.norm1(attended))
         return x + block.drop_path2(block.norm2(block.mlp(x))), record
-    return pre_norm_step(x, block.norm1, lambda normed: eva_attention(block.attn, normed, rope), block.norm2,
-                         block.mlp, lambda a: block.drop_path1(_scaled(block.gamma_1, a)),
-                         lambda m: block.drop_path2(_scaled(block.gamma_2, m)))
+    return pre_norm_step(
+        x,
+        block.norm1,
+        lambda normed: eva_attention(block.attn, normed, rope),
+        block.norm2,
+        block.mlp,
+        lambda a: block.drop_path1(_scaled(block.gamma_1, a)),
+        lambda m: block.drop_path2(_scaled(block.gamma_2, m)),
+    )
 
 
 @BACKBONES.register("timm_eva")
@@ -76,10 +87,17 @@ class TimmEvaBackbone(TimmTokens):
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
         from timm.models.eva import Eva
+
         return isinstance(model, Eva)
 
-    def __init__(self, model: nn.Module, image_size: Optional[int] = None,
-                 projection: Optional[nn.Module] = None, mean=None, std=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        image_size: Optional[int] = None,
+        projection: Optional[nn.Module] = None,
+        mean=None,
+        std=None,
+    ):
         from timm.layers import AttentionPoolLatent
         from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 
@@ -92,8 +110,11 @@ class TimmEvaBackbone(TimmTokens):
                 unsupported.append(f"attention pooling {type(model.attn_pool).__name__}")
         elif model.global_pool not in REDUCTIONS:
             unsupported.append(f"global_pool={model.global_pool!r} (no pooled features)")
-        if (type(model).forward_head is not Eva.forward_head or type(model).pool is not Eva.pool
-                or type(model).forward_features is not Eva.forward_features):
+        if (
+            type(model).forward_head is not Eva.forward_head
+            or type(model).pool is not Eva.pool
+            or type(model).forward_features is not Eva.forward_features
+        ):
             unsupported.append(f"its own forward_features/pool/forward_head ({type(model).__name__})")
         blocks = set(type(b) for b in model.blocks) - {EvaBlock, EvaBlockPostNorm}
         if blocks:
@@ -107,7 +128,8 @@ class TimmEvaBackbone(TimmTokens):
             raise NotImplementedError(
                 f"this timm Eva ({type(model).__name__}) uses {'; '.join(unsupported)}; the attention explainers "
                 "support Evas with EvaBlock/EvaBlockPostNorm blocks and EvaAttention (with or without RoPE), "
-                "pooled by class token, avg, max, avgmax or latent attention (map)")
+                "pooled by class token, avg, max, avgmax or latent attention (map)"
+            )
         self._setup_size(model, image_size)
 
     def pool_start(self, attention_pool: bool) -> int:
@@ -126,6 +148,7 @@ class TimmEvaBackbone(TimmTokens):
             x = model.norm_pre(x)
         ropes = [rope[i] if model.rope_mixed and rope is not None else rope for i in range(len(model.blocks))]
         steps = list(zip(model.blocks, ropes))
-        x, records = run_blocks(steps, x, first_block, _traced_block,
-                                plain_step=lambda step, tokens: step[0](tokens, rope=step[1]))
+        x, records = run_blocks(
+            steps, x, first_block, _traced_block, plain_step=lambda step, tokens: step[0](tokens, rope=step[1])
+        )
         return self.finish_trace(x, records, grid)

@@ -24,6 +24,7 @@ a ViT `pooled` is what the classifier head reads (`forward_head(..., pre_logits=
 for DeiT-distilled the class and distillation tokens side by side (its two heads read
 one each).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -48,10 +49,17 @@ class TimmVitBackbone(TimmTokens):
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
         from timm.models.vision_transformer import VisionTransformer
+
         return isinstance(model, VisionTransformer)
 
-    def __init__(self, model: nn.Module, image_size: Optional[int] = None,
-                 projection: Optional[nn.Module] = None, mean=None, std=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        image_size: Optional[int] = None,
+        projection: Optional[nn.Module] = None,
+        mean=None,
+        std=None,
+    ):
         from timm.layers import AttentionPoolLatent
         from timm.models.vision_transformer import Attention, Block, ResPostBlock, VisionTransformer
 
@@ -67,8 +75,11 @@ class TimmVitBackbone(TimmTokens):
         elif not self.distilled and pool not in REDUCTIONS:
             unsupported.append(f"global_pool={pool!r} (no pooled features)")
         expected_head = _distilled_forward_head() if self.distilled else VisionTransformer.forward_head
-        if (type(model).forward_head is not expected_head or type(model).pool is not VisionTransformer.pool
-                or type(model).forward_features is not VisionTransformer.forward_features):
+        if (
+            type(model).forward_head is not expected_head
+            or type(model).pool is not VisionTransformer.pool
+            or type(model).forward_features is not VisionTransformer.forward_features
+        ):
             unsupported.append(f"its own forward_features/pool/forward_head ({type(model).__name__})")
         blocks = set(type(b) for b in model.blocks) - {Block, ResPostBlock}
         if blocks:
@@ -80,7 +91,8 @@ class TimmVitBackbone(TimmTokens):
             raise NotImplementedError(
                 f"this timm ViT ({type(model).__name__}) uses {'; '.join(unsupported)}; the attention "
                 "explainers support ViTs with standard Block/ResPostBlock blocks and timm Attention, "
-                "pooled by class token (+ distillation token), avg, max, avgmax or latent attention (map)")
+                "pooled by class token (+ distillation token), avg, max, avgmax or latent attention (map)"
+            )
         self._setup_size(model, image_size)
 
     def embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
@@ -91,8 +103,9 @@ class TimmVitBackbone(TimmTokens):
         grid = tuple(x.shape[1:3]) if x.dim() == 4 else tuple(model.patch_embed.grid_size)
         x = model.norm_pre(model.patch_drop(model._pos_embed(x)))
         if x.shape[1] - model.num_prefix_tokens != grid[0] * grid[1]:
-            raise NotImplementedError(f"{x.shape[1]} tokens do not make {model.num_prefix_tokens} prefix "
-                                      f"tokens and a {grid} patch grid")
+            raise NotImplementedError(
+                f"{x.shape[1]} tokens do not make {model.num_prefix_tokens} prefix tokens and a {grid} patch grid"
+            )
         return x, grid
 
     def trace(self, images: torch.Tensor, first_block: int = 0) -> VitTrace:
@@ -112,11 +125,18 @@ def _traced_block(block, x: torch.Tensor):
         record = BlockRecord(tokens=x, normed=x, attn=probs)
         x = x + block.drop_path1(block.norm1(attended))
         return x + block.drop_path2(block.norm2(block.mlp(x))), record
-    return pre_norm_step(x, block.norm1, lambda normed: timm_attention(block.attn, normed), block.norm2,
-                         block.mlp, lambda a: block.drop_path1(block.ls1(a)),
-                         lambda m: block.drop_path2(block.ls2(m)))
+    return pre_norm_step(
+        x,
+        block.norm1,
+        lambda normed: timm_attention(block.attn, normed),
+        block.norm2,
+        block.mlp,
+        lambda a: block.drop_path1(block.ls1(a)),
+        lambda m: block.drop_path2(block.ls2(m)),
+    )
 
 
 def _distilled_forward_head():
     from timm.models.deit import VisionTransformerDistilled
+
     return VisionTransformerDistilled.forward_head

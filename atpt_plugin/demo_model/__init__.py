@@ -11,6 +11,7 @@ or in one call: `model, tokenizer, classnames = load_demo_model()`. The weights 
 `python -m atpt_plugin.demo_model.train` (seeded; see that module). This is a toy setting
 (32x32 grey garments, 10 classes), not the paper's ViT-B/16 on fine-grained photographs.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,7 +26,7 @@ from .data import CLASSNAMES, to_model_input
 MODEL_NAME = "fmnist-vit-tiny"
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PACKAGE_DIR / "configs"
-CONTEXT = "a photo of a"   # the zero-shot prompt: "a photo of a {classname}."
+CONTEXT = "a photo of a"  # the zero-shot prompt: "a photo of a {classname}."
 
 if MODEL_NAME not in open_clip.list_models():
     open_clip.add_model_config(CONFIG_DIR)
@@ -49,8 +50,9 @@ def load_demo_model(checkpoint=None, device="cpu"):
     """(model in eval mode, tokenizer, classnames) of the demo CLIP, fp32 on `device`."""
     path = Path(checkpoint) if checkpoint is not None else checkpoint_path()
     if not path.is_file():
-        raise FileNotFoundError(f"no demo checkpoint at {path}; train one with "
-                                "`python -m atpt_plugin.demo_model.train`")
+        raise FileNotFoundError(
+            f"no demo checkpoint at {path}; train one with `python -m atpt_plugin.demo_model.train`"
+        )
     model = open_clip.create_model(MODEL_NAME, pretrained=str(path), device=device)
     return model.eval(), open_clip.get_tokenizer(MODEL_NAME), list(CLASSNAMES)
 
@@ -69,5 +71,13 @@ def load_demo_subset(n: Optional[int] = None, path=None) -> Tuple[torch.Tensor, 
     return to_model_input(images, image_size()), torch.as_tensor(labels, dtype=torch.int64)
 
 
-__all__ = ["MODEL_NAME", "CLASSNAMES", "CONTEXT", "checkpoint_path", "subset_path", "image_size",
-           "load_demo_model", "load_demo_subset"]
+__all__ = [
+    "MODEL_NAME",
+    "CLASSNAMES",
+    "CONTEXT",
+    "checkpoint_path",
+    "subset_path",
+    "image_size",
+    "load_demo_model",
+    "load_demo_subset",
+]

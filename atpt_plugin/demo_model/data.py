@@ -4,6 +4,7 @@ The official split has 60,000 training and 10,000 test images (28x28 grey, uint8
 training script reads only the training files for training; the shipped subset is drawn
 from the test files, so it is disjoint from training by construction.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -15,8 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CLASSNAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-              "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+CLASSNAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -45,8 +45,12 @@ def write_idx(path, array: np.ndarray) -> None:
 
 
 def _find(data_dir: Path, name: str) -> Optional[Path]:
-    for candidate in (data_dir / name, data_dir / f"{name}.gz",
-                      data_dir / "FashionMNIST" / "raw" / name, data_dir / "FashionMNIST" / "raw" / f"{name}.gz"):
+    for candidate in (
+        data_dir / name,
+        data_dir / f"{name}.gz",
+        data_dir / "FashionMNIST" / "raw" / name,
+        data_dir / "FashionMNIST" / "raw" / f"{name}.gz",
+    ):
         if candidate.is_file():
             return candidate
     return None
@@ -67,13 +71,15 @@ def load_split(split: str, data_dir=None, download: bool = False) -> Tuple[np.nd
     paths = [_find(data_dir, n) for n in names]
     if None in paths and download:
         from torchvision.datasets import FashionMNIST
+
         FashionMNIST(str(data_dir), train=split == "train", download=True)
         paths = [_find(data_dir, n) for n in names]
     if None in paths:
         raise FileNotFoundError(
             f"Fashion-MNIST {split} files {names} not found in {data_dir}; install them with "
             "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or pass --download to let "
-            "torchvision fetch them")
+            "torchvision fetch them"
+        )
     images, labels = read_idx(paths[0]), read_idx(paths[1]).astype(np.int64)
     if images.ndim != 3 or labels.shape != images.shape[:1]:
         raise ValueError(f"unexpected shapes {images.shape} and {labels.shape} in {data_dir}")
@@ -88,9 +94,15 @@ def to_model_input(images, size: int) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1).contiguous()
 
 
-def random_resized_crop(images: torch.Tensor, size: int, generator: torch.Generator,
-                        scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3), p_crop: float = 0.8,
-                        p_flip: float = 0.5) -> torch.Tensor:
+def random_resized_crop(
+    images: torch.Tensor,
+    size: int,
+    generator: torch.Generator,
+    scale=(0.25, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    p_crop: float = 0.8,
+    p_flip: float = 0.5,
+) -> torch.Tensor:
     """Batched RandomResizedCrop + horizontal flip of (N,C,H,W) [0,1] images to `size`.
 
     One affine resampling per image (bilinear, like the resize of `to_model_input`); an image
@@ -100,11 +112,11 @@ def random_resized_crop(images: torch.Tensor, size: int, generator: torch.Genera
     area = torch.empty(n).uniform_(scale[0], scale[1], generator=generator)
     log_ratio = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
     aspect = log_ratio.exp()
-    width = (area * aspect).sqrt().clamp(max=1.0)    # fractions of the full side
+    width = (area * aspect).sqrt().clamp(max=1.0)  # fractions of the full side
     height = (area / aspect).sqrt().clamp(max=1.0)
     keep = torch.rand(n, generator=generator) >= p_crop
     width[keep], height[keep] = 1.0, 1.0
-    cx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - width)   # normalised [-1,1] coords
+    cx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - width)  # normalised [-1,1] coords
     cy = (torch.rand(n, generator=generator) * 2 - 1) * (1 - height)
     flip = torch.where(torch.rand(n, generator=generator) < p_flip, -1.0, 1.0)
     theta = torch.zeros(n, 2, 3)
@@ -126,13 +138,18 @@ def build_subset(labels: np.ndarray, per_class: int, seed: int = 0) -> np.ndarra
         if len(members) < per_class:
             raise ValueError(f"class {c} has {len(members)} images, fewer than per_class={per_class}")
         chosen.append(np.sort(rng.choice(members, per_class, replace=False)))
-    return np.stack(chosen, axis=1).reshape(-1)   # (per_class, C) -> round-robin
+    return np.stack(chosen, axis=1).reshape(-1)  # (per_class, C) -> round-robin
 
 
 def save_subset(path, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, seed: int) -> None:
     """The shipped subset: uint8 images at native size, labels, and their indices in the split."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
-        path, images=images[indices].astype(np.uint8), labels=labels[indices].astype(np.uint8),
-        test_indices=indices.astype(np.int32), classnames=np.asarray(CLASSNAMES),
-        split=np.asarray("test"), seed=np.asarray(seed))
+        path,
+        images=images[indices].astype(np.uint8),
+        labels=labels[indices].astype(np.uint8),
+        test_indices=indices.astype(np.int32),
+        classnames=np.asarray(CLASSNAMES),
+        split=np.asarray("test"),
+        seed=np.asarray(seed),
+    )

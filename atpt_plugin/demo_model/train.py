@@ -10,6 +10,7 @@ At the end it prints the zero-shot accuracy ("a photo of a {classname}.") on the
 test split, measured on the saved (fp16) checkpoint reloaded through open_clip, and
 writes the held-out subset of the test split (never read during training).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,10 +42,16 @@ TEMPLATES = (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m atpt_plugin.demo_model.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=None,
-                   help="folder with the Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist)")
+    p = argparse.ArgumentParser(
+        prog="python -m atpt_plugin.demo_model.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist)",
+    )
     p.add_argument("--download", action="store_true", help="let torchvision download the data if missing")
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
@@ -60,8 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images")
     p.add_argument("--output", default=str(checkpoint_path()), help="checkpoint path (.pt)")
     p.add_argument("--fp32", action="store_true", help="save fp32 weights (default fp16, half the size)")
-    p.add_argument("--subset-output", default=str(subset_path()),
-                   help="where to write the held-out test subset ('' to skip)")
+    p.add_argument(
+        "--subset-output", default=str(subset_path()), help="where to write the held-out test subset ('' to skip)"
+    )
     p.add_argument("--subset-per-class", type=int, default=100)
     p.add_argument("--log-every", type=int, default=25)
     return p.parse_args(argv)
@@ -73,8 +81,7 @@ def caption_tokens(tokenizer) -> torch.Tensor:
 
 
 @torch.no_grad()
-def zero_shot_accuracy(model, tokenizer, images_uint8: np.ndarray, labels: np.ndarray,
-                       batch_size: int = 500) -> float:
+def zero_shot_accuracy(model, tokenizer, images_uint8: np.ndarray, labels: np.ndarray, batch_size: int = 500) -> float:
     """Top-1 accuracy of `model` with the prompts "a photo of a {classname}."."""
     model.eval()
     text = model.encode_text(tokenizer([f"{CONTEXT} {name}." for name in CLASSNAMES]), normalize=True)
@@ -83,9 +90,9 @@ def zero_shot_accuracy(model, tokenizer, images_uint8: np.ndarray, labels: np.nd
     std = torch.tensor(model.visual.image_std)[:, None, None]
     correct = 0
     for start in range(0, len(labels), batch_size):
-        x = (to_model_input(images_uint8[start:start + batch_size], size) - mean) / std
+        x = (to_model_input(images_uint8[start : start + batch_size], size) - mean) / std
         pred = (model.encode_image(x, normalize=True) @ text.T).argmax(-1)
-        correct += int((pred == torch.as_tensor(labels[start:start + batch_size])).sum())
+        correct += int((pred == torch.as_tensor(labels[start : start + batch_size])).sum())
     return correct / max(1, len(labels))
 
 
@@ -107,8 +114,9 @@ def param_groups(model, weight_decay: float):
 
 def save_checkpoint(model, path: Path, fp16: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.half() if fp16 and v.is_floating_point() else v).detach().clone()
-             for k, v in model.state_dict().items()}
+    state = {
+        k: (v.half() if fp16 and v.is_floating_point() else v).detach().clone() for k, v in model.state_dict().items()
+    }
     torch.save(state, path)
 
 
@@ -121,13 +129,16 @@ def main(argv=None) -> dict:
 
     train_images, train_labels = load_split("train", args.data_dir, args.download)
     if args.train_limit:
-        train_images, train_labels = train_images[:args.train_limit], train_labels[:args.train_limit]
+        train_images, train_labels = train_images[: args.train_limit], train_labels[: args.train_limit]
     n_train = len(train_labels)
     batch_size = min(args.batch_size, n_train)
     steps_per_epoch = max(1, n_train // batch_size)
     total = args.steps if args.steps is not None else max(1, round(args.epochs * steps_per_epoch))
-    print(f"Fashion-MNIST train split: {n_train} images; {total} steps of batch {batch_size} "
-          f"({total / steps_per_epoch:.2f} epochs), seed {args.seed}, {args.threads} threads", flush=True)
+    print(
+        f"Fashion-MNIST train split: {n_train} images; {total} steps of batch {batch_size} "
+        f"({total / steps_per_epoch:.2f} epochs), seed {args.seed}, {args.threads} threads",
+        flush=True,
+    )
 
     model = open_clip.create_model(MODEL_NAME, pretrained=None)
     tokenizer = open_clip.get_tokenizer(MODEL_NAME)
@@ -137,7 +148,7 @@ def main(argv=None) -> dict:
     mean = torch.tensor(model.visual.image_mean)[:, None, None]
     std = torch.tensor(model.visual.image_std)[:, None, None]
     captions = caption_tokens(tokenizer)
-    pixels = torch.as_tensor(train_images).float().div_(255.0).unsqueeze(1)   # (N,1,28,28)
+    pixels = torch.as_tensor(train_images).float().div_(255.0).unsqueeze(1)  # (N,1,28,28)
     labels = torch.as_tensor(train_labels)
 
     model.train()
@@ -145,7 +156,7 @@ def main(argv=None) -> dict:
     while step < total:
         if cursor + batch_size > n_train:
             order, cursor = torch.randperm(n_train, generator=generator), 0
-        idx = order[cursor:cursor + batch_size]
+        idx = order[cursor : cursor + batch_size]
         cursor += batch_size
         x = random_resized_crop(pixels[idx], size, generator, scale=(args.crop_scale, 1.0), p_crop=args.p_crop)
         x = (x.expand(-1, 3, -1, -1) - mean) / std
@@ -164,32 +175,49 @@ def main(argv=None) -> dict:
         step += 1
         running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
         if step % args.log_every == 0 or step == total:
-            print(f"step {step}/{total}  loss {running:.4f}  logit scale {model.logit_scale.exp().item():.1f}  "
-                  f"lr {optimizer.param_groups[0]['lr']:.2e}  {time.time() - started:.0f}s", flush=True)
+            print(
+                f"step {step}/{total}  loss {running:.4f}  logit scale {model.logit_scale.exp().item():.1f}  "
+                f"lr {optimizer.param_groups[0]['lr']:.2e}  {time.time() - started:.0f}s",
+                flush=True,
+            )
     train_seconds = time.time() - started
 
     output = Path(args.output)
     save_checkpoint(model, output, fp16=not args.fp32)
-    shipped = open_clip.create_model(MODEL_NAME, pretrained=str(output))   # what users get
+    shipped = open_clip.create_model(MODEL_NAME, pretrained=str(output))  # what users get
     test_images, test_labels = load_split("test", args.data_dir, args.download)
     if args.eval_limit:
-        test_images, test_labels = test_images[:args.eval_limit], test_labels[:args.eval_limit]
+        test_images, test_labels = test_images[: args.eval_limit], test_labels[: args.eval_limit]
     accuracy = zero_shot_accuracy(shipped, tokenizer, test_images, test_labels)
     print(f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB, {'fp32' if args.fp32 else 'fp16'})")
-    print(f"zero-shot accuracy ('{CONTEXT} {{}}.') on the Fashion-MNIST test split "
-          f"({len(test_labels)} images): {100 * accuracy:.2f}%", flush=True)
-    result = dict(model=MODEL_NAME, seed=args.seed, steps=total, batch_size=batch_size,
-                  epochs=round(total / steps_per_epoch, 3), train_images=n_train,
-                  train_seconds=round(train_seconds, 1), threads=args.threads,
-                  test_images=len(test_labels), zero_shot_test_accuracy=round(accuracy, 4),
-                  argv=list(sys.argv[1:] if argv is None else argv),
-                  torch=torch.__version__, open_clip=open_clip.__version__)
+    print(
+        f"zero-shot accuracy ('{CONTEXT} {{}}.') on the Fashion-MNIST test split "
+        f"({len(test_labels)} images): {100 * accuracy:.2f}%",
+        flush=True,
+    )
+    result = dict(
+        model=MODEL_NAME,
+        seed=args.seed,
+        steps=total,
+        batch_size=batch_size,
+        epochs=round(total / steps_per_epoch, 3),
+        train_images=n_train,
+        train_seconds=round(train_seconds, 1),
+        threads=args.threads,
+        test_images=len(test_labels),
+        zero_shot_test_accuracy=round(accuracy, 4),
+        argv=list(sys.argv[1:] if argv is None else argv),
+        torch=torch.__version__,
+        open_clip=open_clip.__version__,
+    )
     if args.subset_output:
         indices = build_subset(test_labels, args.subset_per_class, seed=args.seed)
         save_subset(args.subset_output, test_images, test_labels, indices, seed=args.seed)
         subset_acc = zero_shot_accuracy(shipped, tokenizer, test_images[indices], test_labels[indices])
-        print(f"wrote {args.subset_output}: {len(indices)} test images ({args.subset_per_class} per class); "
-              f"zero-shot accuracy on it {100 * subset_acc:.2f}%")
+        print(
+            f"wrote {args.subset_output}: {len(indices)} test images ({args.subset_per_class} per class); "
+            f"zero-shot accuracy on it {100 * subset_acc:.2f}%"
+        )
         result.update(subset=str(Path(args.subset_output).name), subset_accuracy=round(subset_acc, 4))
     output.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -1,4 +1,5 @@
 """Explainers: images -> patch-grid attention maps in [0, 1], by name or as objects."""
+
 from __future__ import annotations
 
 from ..registry import resolve
@@ -16,13 +17,26 @@ def build_explainer(config, backbone, spec=None) -> Explainer:
         spec = backbone.default_explainer
     explainer = resolve(EXPLAINERS, spec, config)
     if backbone.unexplained:
-        raise NotImplementedError(f"{backbone.unexplained}. Adapters that need no explainer (zeroshot, tpt, "
-                                  "tpt_ens, rtpt, mta) still run on this model")
+        raise NotImplementedError(
+            f"{backbone.unexplained}. Adapters that need no explainer (zeroshot, tpt, "
+            "tpt_ens, rtpt, mta) still run on this model"
+        )
     if backbone.kind not in explainer.supports:
-        raise ValueError(f"explainer {spec!r} needs a {'/'.join(explainer.supports)} image tower, "
-                         f"this model has a {backbone.kind} tower; use explainer='auto'")
+        raise ValueError(
+            f"explainer {spec!r} needs a {'/'.join(explainer.supports)} image tower, "
+            f"this model has a {backbone.kind} tower; use explainer='auto'"
+        )
     return explainer
 
 
-__all__ = ["AUTO", "EXPLAINERS", "Explainer", "RolloutExplainer", "RolloutInternals", "GradCamExplainer", "build_explainer",
-           "clip_and_rescale", "top1_logit_score"]
+__all__ = [
+    "AUTO",
+    "EXPLAINERS",
+    "Explainer",
+    "RolloutExplainer",
+    "RolloutInternals",
+    "GradCamExplainer",
+    "build_explainer",
+    "clip_and_rescale",
+    "top1_logit_score",
+]

@@ -3,6 +3,7 @@
 Register an explainer with `@EXPLAINERS.register("name")` or, from another package, under
 the entry-point group `atpt_plugin.explainers`; or pass an instance as `explainer=`.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -33,8 +34,7 @@ class Explainer(Component, ABC):
     supports = ("vit",)
 
     @abstractmethod
-    def __call__(self, backbone, images: torch.Tensor, score: Score) -> torch.Tensor:
-        ...
+    def __call__(self, backbone, images: torch.Tensor, score: Score) -> torch.Tensor: ...
 
 
 def top1_logit_score(text_features: torch.Tensor, logit_scale: torch.Tensor, logit_bias=0.0) -> Score:
@@ -43,9 +43,11 @@ def top1_logit_score(text_features: torch.Tensor, logit_scale: torch.Tensor, log
 
     Images do not interact through a sum, so the batch gives every image its own gradient.
     """
+
     def score(embeddings: torch.Tensor) -> torch.Tensor:
         features = torch.nn.functional.normalize(embeddings, dim=-1)
         return (logit_scale * features @ text_features.t() + logit_bias).max(dim=-1).values.sum()
+
     return score
 
 

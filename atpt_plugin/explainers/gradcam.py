@@ -1,4 +1,5 @@
 """Grad-CAM on the last stage of a ResNet tower (the paper's explainer for CLIP RN50)."""
+
 from __future__ import annotations
 
 import torch

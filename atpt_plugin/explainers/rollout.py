@@ -11,6 +11,7 @@ site, docs/method.md §8.1) that moves the map, so it is a setting.
 Every step is a public function, and `RolloutExplainer.trace` returns what each produced,
 so each can be checked against a reference on its own.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,19 +26,19 @@ from .base import EXPLAINERS, Explainer, Score, clip_threshold, rescale
 class BlockInternals:
     """What one block contributed to the rollout."""
 
-    attention: Optional[torch.Tensor]     # (N, L, L) attention probabilities, mean over heads
+    attention: Optional[torch.Tensor]  # (N, L, L) attention probabilities, mean over heads
     token_scores: Optional[torch.Tensor]  # (N, L) <T_j, dS/dT_j> before the ReLU (token_gradient only)
-    refined: torch.Tensor                 # (N, L, L) Ahat^(b), as the rollout used it
+    refined: torch.Tensor  # (N, L, L) Ahat^(b), as the rollout used it
 
 
 @dataclass
 class RolloutInternals:
     """Every intermediate of one batched explanation, from the blocks to the maps."""
 
-    blocks: List[BlockInternals]          # the blocks the rollout used, first to last
-    row: torch.Tensor                     # (N, L) rollout row the pooled output reads, raw
-    threshold: torch.Tensor               # (N,) clip value of the patch part of `row`
-    maps: torch.Tensor                    # (N, h, w) in [0, 1]: what the explainer returns
+    blocks: List[BlockInternals]  # the blocks the rollout used, first to last
+    row: torch.Tensor  # (N, L) rollout row the pooled output reads, raw
+    threshold: torch.Tensor  # (N,) clip value of the patch part of `row`
+    maps: torch.Tensor  # (N, h, w) in [0, 1]: what the explainer returns
     num_prefix_tokens: int
     grid_size: Tuple[int, int]
     query_weights: Optional[torch.Tensor] = None
@@ -69,8 +70,7 @@ def rollout(matrices: Sequence[torch.Tensor]) -> torch.Tensor:
     return result
 
 
-def last_two_rollout(previous: torch.Tensor, last: torch.Tensor, layer_weights, row_normalize: bool,
-                     eps: float = 0.0):
+def last_two_rollout(previous: torch.Tensor, last: torch.Tensor, layer_weights, row_normalize: bool, eps: float = 0.0):
     """A-TPT's stabilisation: Ahat^(B) @ weighted average of Ahat^(B-1) and Ahat^(B)."""
     w_prev, w_last = layer_weights
     average = (w_prev * previous + w_last * last) / (w_prev + w_last + eps)
@@ -90,9 +90,16 @@ def pooled_row(relevance: torch.Tensor, query_weights=None) -> torch.Tensor:
 class RolloutExplainer(Explainer):
     """One batched forward (+ one backward when gradients weight the attention)."""
 
-    def __init__(self, weighting: str = "token_gradient", layers: str = "last_two",
-                 token_site: str = "normed", layer_weights=(1.0, 1.0), row_normalize: bool = True,
-                 clip_quantile: float = 0.99, eps: float = 0.0):
+    def __init__(
+        self,
+        weighting: str = "token_gradient",
+        layers: str = "last_two",
+        token_site: str = "normed",
+        layer_weights=(1.0, 1.0),
+        row_normalize: bool = True,
+        clip_quantile: float = 0.99,
+        eps: float = 0.0,
+    ):
         if weighting not in ("token_gradient", "attention_gradient", "none"):
             raise ValueError(f"unknown rollout weighting {weighting!r}")
         if layers == "last_two" and weighting != "token_gradient":
@@ -133,20 +140,25 @@ class RolloutExplainer(Explainer):
             blocks = self._blocks(trace, score, keep)
         row = self.relevance_row([block.refined for block in blocks], trace.query_weights)
         threshold, maps = self.post_process(row, trace.num_prefix_tokens, trace.grid_size)
-        return RolloutInternals(blocks, row, threshold, maps, trace.num_prefix_tokens, tuple(trace.grid_size),
-                                trace.query_weights)
+        return RolloutInternals(
+            blocks, row, threshold, maps, trace.num_prefix_tokens, tuple(trace.grid_size), trace.query_weights
+        )
 
     def _blocks(self, trace, score: Score, keep: bool) -> List[BlockInternals]:
         records = trace.blocks
         attentions = [r.attn.detach().float().mean(dim=1) if keep else None for r in records]
         if self.weighting == "none":
-            return [BlockInternals(a, None, refine(r.attn.detach(), self.row_normalize, self.eps))
-                    for a, r in zip(attentions, records)]
+            return [
+                BlockInternals(a, None, refine(r.attn.detach(), self.row_normalize, self.eps))
+                for a, r in zip(attentions, records)
+            ]
         total = score(trace.pooled)
         if self.weighting == "attention_gradient":
             grads = torch.autograd.grad(total, [r.attn for r in records])
-            return [BlockInternals(a, None, refine((g * r.attn).detach(), self.row_normalize, self.eps))
-                    for a, g, r in zip(attentions, grads, records)]
+            return [
+                BlockInternals(a, None, refine((g * r.attn).detach(), self.row_normalize, self.eps))
+                for a, g, r in zip(attentions, grads, records)
+            ]
         sites = [r.normed if self.token_site == "normed" else r.tokens for r in records]
         grads = torch.autograd.grad(total, sites)
         blocks = []
@@ -161,19 +173,28 @@ class RolloutExplainer(Explainer):
 @EXPLAINERS.register("token_grad_rollout")
 def token_grad_rollout(config) -> RolloutExplainer:
     """A-TPT: attention refined by token-gradient weights, last two blocks averaged."""
-    return RolloutExplainer("token_gradient", config.rollout_layers, config.token_site, config.layer_weights,
-                            config.row_normalize, config.clip_quantile, eps=config.explainer_eps)
+    return RolloutExplainer(
+        "token_gradient",
+        config.rollout_layers,
+        config.token_site,
+        config.layer_weights,
+        config.row_normalize,
+        config.clip_quantile,
+        eps=config.explainer_eps,
+    )
 
 
 @EXPLAINERS.register("grad_rollout")
 def grad_rollout(config) -> RolloutExplainer:
     """Chefer et al. 2021: attention weighted by its gradient, rolled out over all blocks."""
-    return RolloutExplainer("attention_gradient", "all", row_normalize=False, clip_quantile=config.clip_quantile,
-                            eps=config.explainer_eps)
+    return RolloutExplainer(
+        "attention_gradient", "all", row_normalize=False, clip_quantile=config.clip_quantile, eps=config.explainer_eps
+    )
 
 
 @EXPLAINERS.register("attention_rollout")
 def attention_rollout(config) -> RolloutExplainer:
     """Abnar & Zuidema 2020: plain attention rolled out over all blocks, no gradients."""
-    return RolloutExplainer("none", "all", row_normalize=True, clip_quantile=config.clip_quantile,
-                            eps=config.explainer_eps)
+    return RolloutExplainer(
+        "none", "all", row_normalize=True, clip_quantile=config.clip_quantile, eps=config.explainer_eps
+    )

@@ -1,5 +1,6 @@
 """A third-party package as a researcher would write it: components outside atpt_plugin,
 published through entry points by the fake distribution the tests install."""
+
 import torch
 
 from atpt_plugin.aggregators import Aggregator
@@ -17,7 +18,7 @@ class CenterBump(Explainer):
 
     def __call__(self, backbone, images, score):
         axis = torch.linspace(-1, 1, self.grid, device=images.device)
-        bump = torch.exp(-(axis[:, None] ** 2 + axis[None, :] ** 2) / (2 * self.width ** 2))
+        bump = torch.exp(-(axis[:, None] ** 2 + axis[None, :] ** 2) / (2 * self.width**2))
         bump = (bump - bump.min()) / (bump.max() - bump.min())
         return bump.expand(len(images), -1, -1)
 
@@ -47,6 +48,7 @@ class RandomSign(Attack):
         def attack(images, labels):
             signs = torch.randint(0, 2, images.shape, device=images.device) * 2 - 1
             return (images + spec.eps * signs).clamp(0, 1)
+
         return attack
 
 
@@ -66,5 +68,11 @@ class Stripes(EvalDataset):
 
 
 def stripes():
-    return DatasetInfo("stripes", "Stripes", "memory", lambda info, root, split, size: Stripes(info, size),
-                       "made in memory by the test package; no --data-root", needs_root=False)
+    return DatasetInfo(
+        "stripes",
+        "Stripes",
+        "memory",
+        lambda info, root, split, size: Stripes(info, size),
+        "made in memory by the test package; no --data-root",
+        needs_root=False,
+    )
