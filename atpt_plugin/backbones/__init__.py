@@ -1,7 +1,7 @@
 """Model families behind one interface (base.py); importing this registers the built-ins.
 
-Registration order is detection order among the built-ins: the catch-all `timm_cnn` (any
-other timm model) comes after the timm token transformers it must not shadow.
+Detection asks installed plugins first, then the built-ins; a catch-all family (`fallback =
+True`, e.g. `timm_cnn` for any other timm model) is asked last, whatever the import order.
 """
 
 from .base import BACKBONES, Backbone, detect

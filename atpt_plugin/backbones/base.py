@@ -51,6 +51,7 @@ class Backbone:
     kind: str = "vit"
     unexplained: Optional[str] = None
     has_text: bool = False
+    fallback: bool = False  # a catch-all family, asked after every other one
     image_size: int
     logit_bias = 0.0
     text_causal: bool = True
@@ -80,6 +81,7 @@ def detect(model: nn.Module, has_text: bool, **options) -> Backbone:
     entries = BACKBONES.entries()
     builtin = [name for name in entries if entries[name].source == BACKBONES.builtin_source]
     ordered = [name for name in entries if name not in builtin] + builtin
+    ordered.sort(key=lambda name: getattr(entries[name].load(), "fallback", False))  # stable: catch-alls last
     for name in ordered:
         family = entries[name].load()
         if family.has_text == has_text and family.accepts(model):

@@ -25,6 +25,8 @@ class TimmCnnBackbone(TimmImage):
     Grad-CAM weights; for a tower it returns the embedding `projection(model.forward_head(map))`.
     """
 
+    fallback = True  # any timm model the token-transformer families do not take
+
     kind = "resnet"
     num_blocks = 0
 
