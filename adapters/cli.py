@@ -65,7 +65,7 @@ BAD_IMAGE_ADVICE = (
 
 
 def _parse_pairs(pairs: Sequence[str], what: str) -> Dict[str, object]:
-    from atpt_plugin.api import parse_setting
+    from atpt_plugin.specs import parse_setting
 
     return dict(parse_setting(pair, what) for pair in pairs or [])
 
@@ -73,7 +73,8 @@ def _parse_pairs(pairs: Sequence[str], what: str) -> Dict[str, object]:
 def parse_adapters(text: str) -> Dict[str, object]:
     """--adapters "atpt,atpt[aggregator=reliability],rtpt" -> {row name: Adapter}, every name
     and setting checked before anything runs."""
-    from atpt_plugin.api import load_adapter_spec, split_top_level
+    from atpt_plugin.api import load_adapter_spec
+    from atpt_plugin.specs import split_top_level
 
     adapters = {}
     for spec in split_top_level(text):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from atpt_plugin.api import parse_named_settings, split_top_level
+from atpt_plugin.specs import parse_named_settings, split_top_level
 
 from .resultlog import ResultLog
 from .storage import atomic_write, make_dir
