@@ -43,33 +43,11 @@ from .attacks import AttackSpec, AttackStats, ZeroShotClassifier, chunk_seed, ru
 from .cache import AdversarialCache, tensor_digest
 from .datasets import BadImageError
 from .distributed import DistContext
+from .progress import PassCounter, progress_bar, progress_postfix
 from .resultlog import ResultLog
 from .rows import FIELDS, FLOAT_FIELDS, Row
 
 BAD_IMAGE_POLICIES = ("error", "skip")
-
-
-class PassCounter:
-    """Counts images through each wrapped model's image tower (a forward hook on its stem)."""
-
-    def __init__(self, adapters: Dict[str, nn.Module]):
-        self.count = 0
-        self.handles = []
-        seen = set()
-        for adapter in adapters.values():
-            visual = getattr(getattr(adapter, "model", None), "visual", None)
-            stem = getattr(visual, "conv1", None)
-            if isinstance(stem, nn.Module) and id(stem) not in seen:
-                seen.add(id(stem))
-                self.handles.append(stem.register_forward_hook(self._hook))
-
-    def _hook(self, module, inputs, output):
-        self.count += int(inputs[0].shape[0])
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -176,7 +154,7 @@ class Evaluation:
             for i, b in enumerate(self._batches())
             if i % self.dist.world == self.dist.rank and any(p in todo for p in b)
         ]
-        bar = _bar(self.progress and bool(batches), len(batches), f"attack {self.attack.name}", "batch")
+        bar = progress_bar(self.progress and bool(batches), len(batches), f"attack {self.attack.name}", "batch")
         for batch in batches:
             kept, images, labels = self._load(batch)
             key = self._cache_key(batch.start, kept, images, labels) if kept else None
@@ -235,7 +213,7 @@ class Evaluation:
     def adapt_phase(self, todo: set, rows: Dict[str, Row], done: Dict) -> None:
         mine = sorted(p for p in todo if self._mine(p))
         pairs = sum((name, p) not in done for p in mine for name in self.adapters)
-        bar = _bar(self.progress, pairs, "adapt", "sample")  # advances as each adapter finishes a batch
+        bar = progress_bar(self.progress, pairs, "adapt", "sample")  # advances as each adapter finishes a batch
         counter = PassCounter(self.adapters)
         attacked = self.attack.is_attack
         try:
@@ -280,7 +258,7 @@ class Evaluation:
                         self.log.append(record)
                         rows[name].add(record)
                     bar.set_description_str(f"adapt {name}", refresh=False)
-                    bar.set_postfix_str(_postfix(rows, attacked), refresh=False)
+                    bar.set_postfix_str(progress_postfix(rows, attacked), refresh=False)
                     bar.update(len(records))
         finally:
             counter.close()
@@ -428,40 +406,3 @@ class Evaluation:
                     f"{merged.as_dict()} vs {row.as_dict()}"
                 )
         return sorted(records, key=lambda r: (r["position"], r["adapter"]))
-
-
-def _postfix(rows: Dict[str, Row], attacked: bool) -> str:
-    parts = []
-    for row in rows.values():
-        if not row.n:
-            continue
-        text = f"{row.adapter} {100 * row.clean_acc:.1f}"
-        if attacked:
-            text += f"/{100 * row.adv_acc:.1f}"
-        parts.append(text)
-    label = "clean/adv %" if attacked else "clean %"
-    return f"{label}: " + " ".join(parts) if parts else ""
-
-
-class _NoBar:
-    def update(self, *_):
-        pass
-
-    def set_postfix_str(self, *_, **__):
-        pass
-
-    def set_description_str(self, *_, **__):
-        pass
-
-    def close(self):
-        pass
-
-
-def _bar(enabled: bool, total: int, description: str, unit: str):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True, mininterval=0.5)

@@ -11,6 +11,7 @@ from collections import Counter
 import pytest
 import torch
 from atpt_plugin.adapters import cli
+from atpt_plugin.adapters.manifest import lock_folder
 from PIL import Image
 
 ADAPTERS = "atpt,zeroshot"
@@ -248,7 +249,7 @@ def test_other_arguments_into_the_same_folder_are_refused(workspace, reference, 
     message = capsys.readouterr().err
     assert "holds a run with other settings" in message and "attack.eps" in message and "another --out" in message
     assert (reference[0] / "samples.jsonl").read_bytes() == before
-    held = cli.lock_folder(reference[0], 0)  # a run still writing to the folder
+    held = lock_folder(reference[0], 0)  # a run still writing to the folder
     try:
         assert cli.main(eval_args(workspace, "ref")) == 2
         assert "another `atpt eval` is writing to" in capsys.readouterr().err

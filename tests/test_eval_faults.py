@@ -20,6 +20,7 @@ import time
 import pytest
 import torch
 from atpt_plugin.adapters import cli
+from atpt_plugin.adapters.models import create_model
 from PIL import Image
 
 pytestmark = pytest.mark.slow  # kills and reruns `atpt eval` subprocesses
@@ -408,7 +409,7 @@ def test_write_errors_stop_the_run_clearly_and_the_rerun_resumes(
 def test_the_embedded_model_is_a_named_model_with_its_weights_as_default():
     from atpt_plugin.demo_model import checkpoint_path
 
-    _, _, name, pretrained = cli.create_model("fmnist-vit-tiny", None)
+    _, _, name, pretrained = create_model("fmnist-vit-tiny", None)
     assert name == "fmnist-vit-tiny" and pretrained == str(checkpoint_path().resolve())
-    assert cli.create_model("demo", None)[2:] == (name, pretrained)
-    assert cli.create_model("fmnist-vit-tiny", "none")[3] == "none"
+    assert create_model("demo", None)[2:] == (name, pretrained)
+    assert create_model("fmnist-vit-tiny", "none")[3] == "none"

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from atpt_plugin.adapters import cli
+from atpt_plugin.adapters.models import create_model
 
 transformers = pytest.importorskip("transformers")
 from test_families import make_hf_clip, word_tokenizer  # noqa: E402
@@ -24,7 +25,7 @@ def saved(tmp_path_factory):
 
 def test_a_local_folder_loads_with_its_weights_and_tokenizer(saved):
     folder, original = saved
-    model, tokenizer, name, recorded = cli.create_model(f"hf:{folder}", "openai")
+    model, tokenizer, name, recorded = create_model(f"hf:{folder}", "openai")
     assert isinstance(model, transformers.CLIPModel) and not model.training
     assert name == f"hf:{folder}" and recorded == str(folder.resolve())
     reference = original.state_dict()
@@ -34,8 +35,8 @@ def test_a_local_folder_loads_with_its_weights_and_tokenizer(saved):
 
 def test_random_init_from_the_config_is_seeded(saved):
     folder, original = saved
-    first, _, _, recorded = cli.create_model(f"hf:{folder}", "none", seed=3)
-    again, _, _, _ = cli.create_model(f"hf:{folder}", "none", seed=3)
+    first, _, _, recorded = create_model(f"hf:{folder}", "none", seed=3)
+    again, _, _, _ = create_model(f"hf:{folder}", "none", seed=3)
     assert recorded == "none"
     assert torch.equal(first.logit_scale, again.logit_scale)
     weight = "vision_model.encoder.layers.0.self_attn.q_proj.weight"
@@ -45,11 +46,11 @@ def test_random_init_from_the_config_is_seeded(saved):
 
 def test_what_cannot_be_had_is_a_clear_error(tmp_path):
     with pytest.raises(cli.PretrainedUnavailable, match="(?s)offline mode.*save_pretrained"):
-        cli.create_model("hf:atpt-test/no-such-model", "openai")
+        create_model("hf:atpt-test/no-such-model", "openai")
     with pytest.raises(FileNotFoundError, match="no such folder"):
-        cli.create_model(f"hf:{tmp_path / 'missing'}", "openai")
+        create_model(f"hf:{tmp_path / 'missing'}", "openai")
     with pytest.raises(ValueError, match="brings its own weights"):
-        cli.create_model("hf:atpt-test/no-such-model", "/some/file.pt")
+        create_model("hf:atpt-test/no-such-model", "/some/file.pt")
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -195,7 +195,7 @@ def test_atpt_eval_runs_a_plugged_in_attack_dataset_and_components(extra_compone
 
 
 def test_an_unregistered_component_object_is_refused_for_a_resumable_run(extra_components):
-    from atpt_plugin.adapters.cli import manifest_config
+    from atpt_plugin.adapters.manifest import manifest_config
 
     class Mine(extra_components.MostConfident):
         pass
