@@ -1,6 +1,7 @@
 """The results table (Markdown, CSV) and a bar chart of clean and adversarial accuracy.
 
-Rows of an attacked run also say the attack's kind (transfer: made once on zero-shot CLIP
+"clean and adv" is the per-sample worst case over {clean, the attack}: images classified
+correctly both ways. Rows of an attacked run also say the attack's kind (transfer: made once on zero-shot CLIP
 and shared by all adapters; adaptive: made on each adapter) and its cost per image; rows
 of an adaptive attack carry sanity checks, listed under the table, and warnings. Notes
 (e.g. how many images could not be read) follow the table. Files are written atomically.
@@ -20,6 +21,7 @@ COLUMNS = (
     "n",
     "clean_acc",
     "adv_acc",
+    "worst_case_acc",
     "seconds_per_image",
     "image_passes_per_image",
     "attack",
@@ -35,6 +37,7 @@ HEADERS = (
     "n",
     "clean acc (%)",
     "adv acc (%)",
+    "clean and adv (%)",
     "s / image",
     "image passes / image",
     "attack (kind)",
@@ -62,6 +65,7 @@ def markdown_table(rows: Sequence[dict], caption: str = "", notes: Sequence[str]
             str(row["n"]),
             _percent(row["clean_acc"]),
             _percent(row["adv_acc"]),
+            _percent(row.get("worst_case_acc")),
             _number(row["seconds_per_image"]),
             _number(row["image_passes_per_image"], 4),
             _attack(row),
