@@ -18,8 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import open_clip  # noqa: E402
 import pytest  # noqa: E402
 import timm  # noqa: E402
+import tokenizers  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402  (the [hf] extra, installed by scripts/setup.sh)
 from conftest import CLASSNAMES  # noqa: E402
 from timm.models import register_model  # noqa: E402
 
@@ -27,9 +29,6 @@ from atpt_plugin import load_adapter  # noqa: E402
 from atpt_plugin.augmenters import center_view  # noqa: E402
 from atpt_plugin.backbones import detect  # noqa: E402
 from atpt_plugin.prompt import PromptLearner  # noqa: E402
-
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
 
 PRESETS = ["zeroshot", "tpt", "rtpt", "mta", "atpt", "atpt_official"]
 SMALL = dict(views=8, rho=0.25)

@@ -5,10 +5,9 @@ import json
 
 import pytest
 import torch
+import transformers  # noqa: E402  (the [hf] extra, installed by scripts/setup.sh)
 from atpt_plugin.adapters import cli
 from atpt_plugin.adapters.models import create_model
-
-transformers = pytest.importorskip("transformers")
 from test_families import make_hf_clip, word_tokenizer  # noqa: E402
 
 
@@ -72,7 +71,7 @@ def test_eval_runs_a_hugging_face_model_end_to_end(saved, tmp_path, capsys):
             "pgd",
             "--eps",
             "4",
-            "--steps",
+            "--attack-steps",
             "1",
             "--n-examples",
             "2",

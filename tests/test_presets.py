@@ -3,24 +3,12 @@
 import pytest
 import torch
 from conftest import CLASSNAMES, make_tiny_resnet, make_tiny_vit
+from golden import PRESETS
 
 from atpt_plugin import list_adapters, load_adapter
 from atpt_plugin.mta import mta_mode
 from atpt_plugin.presets import ABLATIONS
 
-PRESETS = [
-    "zeroshot",
-    "tpt",
-    "tpt_ens",
-    "rtpt",
-    "mta",
-    "ens",
-    "ens_reliability",
-    "zero",
-    "atpt",
-    "atpt_official",
-    *ABLATIONS,
-]
 SMALL = dict(views=8, rho=0.25)
 
 
