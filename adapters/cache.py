@@ -67,6 +67,7 @@ class AdversarialCache:
         self.key = json.loads(json.dumps(key, sort_keys=True))
         self.digest = json_digest(self.key, length=20)
         self.memory: Dict[Tuple[int, int], torch.Tensor] = {}
+        self.made_seconds: Dict[Tuple[int, int], Optional[float]] = {}  # what making each batch took
         self.directory = None
         if root is not None:
             label = "-".join(str(self.key.get(k, "x")) for k in ("dataset", "attack_name"))
@@ -103,6 +104,8 @@ class AdversarialCache:
         stored = _read_entry(path, self.key)
         if stored is None:
             return None
+        seconds = stored.get("seconds")
+        self.made_seconds[(start, len(ids))] = float(seconds) if isinstance(seconds, (int, float)) else None
         if stored["ids"] != ids:
             raise CacheMismatchError(
                 f"{path} holds images {stored['ids'][:3]}..., not {ids[:3]}...: "
@@ -115,7 +118,15 @@ class AdversarialCache:
             )
         return stored["adversarial"]
 
-    def save(self, start: int, ids: List[str], clean_digest: str, adversarial: torch.Tensor) -> None:
+    def seconds(self, start: int, count: int) -> Optional[float]:
+        """Seconds the attack took to make a loaded or saved batch (None: not recorded, an older entry)."""
+        return self.made_seconds.get((start, count))
+
+    def save(
+        self, start: int, ids: List[str], clean_digest: str, adversarial: torch.Tensor, seconds: Optional[float] = None
+    ) -> None:
+        """Store a batch; `seconds` (what making it took) travels with it, so a resumed run still knows the cost."""
+        self.made_seconds[(start, len(ids))] = seconds
         if self.directory is None:
             self.memory[(start, len(ids))] = adversarial
             return
@@ -128,6 +139,7 @@ class AdversarialCache:
                 "clean_digest": clean_digest,
                 "adversarial": adversarial,
                 "checksum": entry_checksum(self.key, ids, clean_digest, adversarial),
+                "seconds": seconds,
             },
             buffer,
         )

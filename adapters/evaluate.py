@@ -8,35 +8,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict
 
-from .manifest import check_manifest, lock_folder, manifest_config, versions
-from .models import create_model
-
-
-def _parse_pairs(pairs: Sequence[str], what: str) -> Dict[str, object]:
-    from atpt_plugin.specs import parse_setting
-
-    return dict(parse_setting(pair, what) for pair in pairs or [])
-
-
-def parse_adapters(text: str) -> Dict[str, object]:
-    """--adapters "atpt,atpt[aggregator=reliability],rtpt" -> {row name: Adapter}, every name
-    and setting checked before anything runs."""
-    from atpt_plugin.api import load_adapter_spec
-    from atpt_plugin.specs import split_top_level
-
-    adapters = {}
-    for spec in split_top_level(text):
-        if not spec.strip():
-            continue
-        adapter = load_adapter_spec(spec)
-        if adapter.name in adapters:
-            raise ValueError(f"--adapters names {adapter.name!r} twice")
-        adapters[adapter.name] = adapter
-    if not adapters:
-        raise ValueError(f"--adapters must name at least one adapter, got {text!r}")
-    return adapters
+from .manifest import check_manifest, lock_folder, versions
+from .run_inputs import check_inputs, parse_pairs, prepare_run, run_inputs
 
 
 # ---- eval -----------------------------------------------------------------------------------
@@ -45,30 +20,74 @@ def run_eval(args) -> int:
     from .distributed import DistContext
     from .worst_case import WORST
 
-    attack_opts = _parse_pairs(args.attack_opt, "--attack-opt")
+    attack_opts = parse_pairs(args.attack_opt, "--attack-opt")
+    for key, value in attack_opts.items():
+        if key in DEDICATED_FLAGS:
+            raise ValueError(
+                f"--attack-opt {key}={value}: the attack's {key} has its own flag: use {DEDICATED_FLAGS[key]} {value}"
+            )
     if args.attack.strip().lower() != WORST:
         if args.attacks:
             raise ValueError("--attacks lists the attacks of a worst case: use it with --attack worst")
+        name, steps, alpha, eps = bracketed_attack(args, attack_opts)
         dist = DistContext.from_env()
         try:
-            evaluate(
-                args, dist, Path(args.out).expanduser(), args.attack, args.steps, args.alpha, args.eps, attack_opts
-            )
+            evaluate(args, dist, Path(args.out).expanduser(), name, steps, alpha, eps, attack_opts)
         finally:
             dist.close()
         return 0
     return run_worst_case(args)
 
 
+DEDICATED_FLAGS = {"steps": "--attack-steps", "eps": "--eps", "alpha": "--alpha"}
+
+
+def bracketed_attack(args, attack_opts: Dict[str, object]):
+    """(name, steps, alpha, eps) from --attack "pgd[steps=20,eps=8]" and the flags; the bracket's
+    other settings join `attack_opts`. A setting given both ways is refused."""
+    from atpt_plugin.specs import parse_named_settings
+
+    name, settings = parse_named_settings(args.attack, "--attack")
+    given = {"steps": args.steps, "alpha": args.alpha, "eps": args.eps}
+    for key, value in settings.items():
+        flag = DEDICATED_FLAGS.get(key, "--attack-opt")
+        if given.get(key) is not None or key in attack_opts:
+            raise ValueError(f"--attack {args.attack!r} sets {key} and so does {flag}: give it once")
+        if key in given:
+            given[key] = value if key == "steps" else str(value)
+        else:
+            attack_opts[key] = value
+    return name, given["steps"], given["alpha"], given["eps"]
+
+
+def check_worst_case_attack(run, args) -> None:
+    """One attack of --attacks with its parameters, checked before anything runs."""
+    from .attacks import make_attack, parse_eps
+    from .attacks.base import attack_named
+
+    attack = attack_named(run.name)
+    settings = dict(run.settings)
+    norm = attack.norm_of({**attack.defaults, **{k: v for k, v in settings.items() if k in attack.defaults}})
+    eps, alpha = settings.pop("eps", args.eps), settings.pop("alpha", args.alpha)
+    try:
+        make_attack(
+            run.name,
+            eps=None if eps is None else parse_eps(str(eps), norm),
+            steps=settings.pop("steps", None),
+            alpha=None if alpha is None else parse_eps(str(alpha), norm, flag="--alpha"),
+            **settings,
+        )
+    except ValueError as error:
+        raise ValueError(f"--attacks {run.label!r}: {error}") from None
+
+
 def run_worst_case(args) -> int:
     """Each attack of --attacks in its own resumable folder, then their per-sample AND."""
     from . import worst_case
-    from .attacks import make_attack, parse_eps
-    from .attacks.base import attack_named
     from .distributed import DistContext
     from .leaderboard import write_worst_case_model_info
 
-    runs = worst_case.parse_attacks(args.attacks)
+    runs = worst_case.parse_attacks(args.attacks, check=lambda run: check_worst_case_attack(run, args))
     if args.steps is not None or args.attack_opt:
         raise ValueError(
             "with --attack worst, give each attack its own steps and parameters in brackets: "
@@ -78,18 +97,6 @@ def run_worst_case(args) -> int:
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is an existing file; the output is a folder: give a folder path")
-    for run in runs:  # every attack's parameters checked before the first one runs
-        attack = attack_named(run.name)
-        settings = dict(run.settings)
-        norm = attack.norm_of({**attack.defaults, **{k: v for k, v in settings.items() if k in attack.defaults}})
-        eps, alpha = settings.pop("eps", args.eps), settings.pop("alpha", args.alpha)
-        make_attack(
-            run.name,
-            eps=None if eps is None else parse_eps(str(eps), norm),
-            steps=settings.pop("steps", None),
-            alpha=None if alpha is None else parse_eps(str(alpha), norm),
-            **settings,
-        )
     dist = DistContext.from_env()
     try:
         outputs = {}
@@ -130,17 +137,12 @@ def run_worst_case(args) -> int:
 
 def evaluate(args, dist, out: Path, attack_name: str, steps, alpha_text, eps_text, attack_opts) -> dict:
     """One attack on every adapter, resumable in `out`; returns rank 0's summary."""
-    import torch
-
-    from .adaptive import SanityChecks
-    from .attacks import parse_eps, resolve_attack_name
-    from .attacks.base import attack_named
-    from .datasets import dataset_info, json_digest
+    from .datasets import json_digest
+    from .device import resolve_device
     from .leaderboard import entry_name, write_row_model_info
-    from .orchestrator import plan_run
     from .report import markdown_table, skipped_note, write_reports
     from .resultlog import ResultLog
-    from .storage import atomic_write, make_dir
+    from .storage import atomic_write, make_dir, warn
 
     # validate the cheap things before any model is built
     if out.exists() and not out.is_dir():
@@ -148,73 +150,23 @@ def evaluate(args, dist, out: Path, attack_name: str, steps, alpha_text, eps_tex
             f"--out {str(out)!r} is an existing file; the output is a folder (run.json, "
             "samples.jsonl, results.md, ...): give a folder path"
         )
-    loaded = parse_adapters(args.adapters)
-    names = list(loaded)
-    info = dataset_info(args.dataset)
-    attack_key = resolve_attack_name(attack_name)
-    attack = attack_named(attack_key)
-    norm = attack.norm_of({**attack.defaults, **attack_opts})
-    eps = parse_eps(eps_text, norm) if eps_text is not None else None
-    alpha = parse_eps(alpha_text, norm) if alpha_text is not None else None
-    overrides = _parse_pairs(args.set, "--set")
-    if args.sanity_checks < 0:
-        raise ValueError(f"--sanity-checks must be >= 0 (images), got {args.sanity_checks}")
+    inputs = run_inputs(args, attack_name, steps, alpha_text, eps_text, attack_opts)
+    check_inputs(inputs)
 
     lock = None
     summary = {}
     try:
-        if args.device == "auto":
-            device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
-        else:
-            device = torch.device(args.device)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        model, tokenizer, model_name, pretrained = create_model(args.model, args.pretrained, args.seed)
-        model.to(device)
-        plan = plan_run(
-            loaded,
-            dataset=info.key,
-            model=model,
-            tokenizer=tokenizer,
-            data_dir=args.data_root,
-            split=args.split,
-            n_examples=args.n_examples,
-            seed=args.seed,
-            attack=attack_key,
-            eps=eps,
-            steps=steps,
-            alpha=alpha,
-            attack_params=attack_opts,
-            overrides=overrides,
-            dataset_settings=not args.no_dataset_settings,
-            device=device,
-        )
-        spec, dataset, identity = plan.spec, plan.dataset, plan.identity
-        configs = {name: manifest_config(name, adapter.config) for name, adapter in plan.adapters.items()}
-        settings = {
-            "model": model_name,
-            "pretrained": pretrained,
-            "model_fingerprint": identity["model_fingerprint"],
-            "dataset": info.key,
-            "data_root": None if dataset.root is None else str(Path(dataset.root).resolve()),
-            "split": args.split,
-            "dataset_fingerprint": identity["dataset_fingerprint"],
-            "n_examples": args.n_examples,
-            "selection": identity["selection"],
-            "adapters": configs,
-            "attack": spec.to_dict(),
-            "attacked_prompt": identity["attacked_prompt"],
-            "seed": args.seed,
-            "attack_batch_size": args.attack_batch_size,
-        }
-        sanity = SanityChecks(n=args.sanity_checks) if spec.is_adaptive else None
-        if sanity is not None:
-            settings["sanity_checks"] = sanity.to_dict()
+        device = resolve_device(args.device, dist.local_rank)
+        prepared = prepare_run(inputs, device)
+        plan, settings, configs, names = prepared.plan, prepared.settings, prepared.configs, prepared.names
+        spec, dataset, sanity = plan.spec, plan.dataset, prepared.sanity
+        model_name, pretrained = prepared.model_name, prepared.pretrained
         if len({json_digest(s) for s in dist.gather(settings)}) != 1:
             raise RuntimeError("the processes of this run disagree on its settings (model weights or data differ)")
         out = make_dir(out)
         run_info = {
             "command": sys.argv,
+            "inputs": inputs,
             "versions": versions(),
             "world_size": dist.world,
             "device": str(device),
@@ -224,6 +176,11 @@ def evaluate(args, dist, out: Path, attack_name: str, steps, alpha_text, eps_tex
         lock = lock_folder(out, dist.rank)
         resuming = check_manifest(out, settings, run_info, write=dist.rank == 0)
         if dist.rank == 0:
+            if inputs["n_examples"] is not None and inputs["n_examples"] > len(dataset):
+                warn(
+                    f"--n-examples {inputs['n_examples']} is more than {dataset.info.title} holds: it has "
+                    f"{len(dataset)} images, and all {len(plan.source)} of them run"
+                )
             print(
                 f"{'resuming' if resuming else 'starting'}: {len(plan.source)} images of {dataset.info.title} "
                 f"({len(dataset.classnames)} classes), adapters {', '.join(names)}, attack {spec.describe()}, "
@@ -252,7 +209,7 @@ def evaluate(args, dist, out: Path, attack_name: str, steps, alpha_text, eps_tex
             for row in rows:
                 row["model_info"] = write_row_model_info(
                     row,
-                    dataset=info.key,
+                    dataset=prepared.dataset_key,
                     attack=spec,
                     architecture=model_name,
                     name=descriptions[row["adapter"]],
@@ -275,10 +232,12 @@ def evaluate(args, dist, out: Path, attack_name: str, steps, alpha_text, eps_tex
                 "attack": attack_summary(spec, sanity),
                 "warnings": warnings,
                 "skipped": evaluation.skipped,
+                "integrity": evaluation.integrity,
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
             }
             atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
             print(markdown_table(rows, caption, notes))
+            print(integrity_line(evaluation.integrity, out), file=sys.stderr)
             for warning in warnings:
                 print(f"atpt: warning: {warning}", file=sys.stderr)
             print(
@@ -290,6 +249,13 @@ def evaluate(args, dist, out: Path, attack_name: str, steps, alpha_text, eps_tex
         if lock is not None:
             lock.close()
     return summary
+
+
+def integrity_line(integrity: dict, out: Path) -> str:
+    """What the final check of the results files found, in one line."""
+    rejected = integrity.get("rejected") or []
+    note = f"; {len(rejected)} rejected record(s) stay in the files (--repair-results drops them)" if rejected else ""
+    return f"verified {integrity.get('verified', 0)} record(s) in {out} (checksums, labels, positions){note}"
 
 
 def attack_summary(spec, sanity=None) -> dict:

@@ -23,6 +23,8 @@ FIELDS = (
     "attack_backward",
     "attack_image_passes",
     "attack_zero_gradients",
+    "attack_timed",
+    "attack_timed_earlier",
     "checks_n",
     "checks_adv_correct",
     *CHECK_FIELDS,
@@ -55,6 +57,8 @@ class Row:
     attack_backward: int = 0
     attack_image_passes: int = 0
     attack_zero_gradients: int = 0
+    attack_timed: int = 0  # records with a measured attack time ...
+    attack_timed_earlier: int = 0  # ... of which measured by an earlier process (a resumed run)
     checks_n: int = 0
     checks_adv_correct: int = 0
     check_fewer_steps_correct: int = 0
@@ -64,9 +68,9 @@ class Row:
     check_transfer_correct: int = 0
     attack: Optional[AttackSpec] = None
     report: Optional[dict] = None
-    transfer_cost: Optional[dict] = None  # measured seconds of a shared transfer attack
 
-    def add(self, record: dict) -> None:
+    def add(self, record: dict, earlier: bool = False) -> None:
+        """Count one record; `earlier`: its attack time was measured by an earlier process."""
         self.n += 1
         self.clean_correct += int(record["clean"] == record["label"])
         adv_ok = record.get("adv") is not None and record["adv"] == record["label"]
@@ -77,6 +81,12 @@ class Row:
         self.image_passes += int(record.get("image_passes") or 0)
         self.predictions += 1 + (record.get("adv") is not None)
         attack = record.get("attack")
+        seconds = attack.get("seconds") if attack else record.get("attack_seconds")  # adaptive, or transfer share
+        if seconds is not None:
+            self.attack_timed += 1
+            self.attack_timed_earlier += int(earlier)
+            if not attack:
+                self.attack_seconds += float(seconds)
         if attack:
             self.attacked_images += 1
             self.attack_seconds += float(attack.get("seconds") or 0.0)
@@ -148,8 +158,10 @@ class Row:
         else:
             if cost["forward"] is not None:
                 out["attack_image_passes_per_image"] = cost["forward"]
-            if self.transfer_cost and self.transfer_cost.get("images"):
-                out["attack_seconds_per_image"] = self.transfer_cost["seconds"] / self.transfer_cost["images"]
+            if self.attack_timed:  # each record carries its share of its batch's attack time
+                out["attack_seconds_per_image"] = self.attack_seconds / self.attack_timed
+        out["attack_seconds_measured"] = self.attack_timed
+        out["attack_seconds_measured_earlier"] = self.attack_timed_earlier
         return out
 
     def as_dict(self) -> dict:

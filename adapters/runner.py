@@ -44,8 +44,9 @@ from .cache import AdversarialCache, tensor_digest
 from .datasets import BadImageError
 from .distributed import DistContext
 from .progress import PassCounter, progress_bar, progress_postfix
-from .resultlog import ResultLog
+from .resultlog import RecordRules, ResultLog, describe_rejected
 from .rows import FIELDS, FLOAT_FIELDS, Row
+from .storage import warn
 
 BAD_IMAGE_POLICIES = ("error", "skip")
 
@@ -93,6 +94,8 @@ class Evaluation:
         self.batch = attack_batch_size
         self.dist = dist or DistContext()
         self.log = log or ResultLog(None, self.dist.rank)
+        rules = RecordRules(len(source), source.label, source.sample_id, tuple(self.adapters), attack.is_attack)
+        self.log.expect(rules)
         self.device = torch.device(device) if device is not None else None
         self.progress = progress
         self.merged: Optional[List[dict]] = None
@@ -100,8 +103,8 @@ class Evaluation:
         self.checks = check_attacks(attack, sanity, backbone_kind, image_size) if self.sanity else {}
         if attacked is None:
             self.checks.pop("transfer", None)
-        self.transfer_seconds = 0.0
-        self.transfer_images = 0
+        self.made_now: set = set()  # starts of the attack batches this process made
+        self.integrity: Dict[str, object] = {}  # what the final check of the results files found
         self.on_bad_image = on_bad_image
         self.repair_results = repair_results
         self.unreadable: Dict[int, dict] = {}  # position -> what this rank could not read
@@ -139,11 +142,11 @@ class Evaluation:
         return start, [self.source.sample_id(p) for p in kept], tensor_digest(images, labels)
 
     def _done(self) -> Dict[Tuple[str, int], dict]:
-        done = {}
-        for record in self.log.records():
-            if record["adapter"] in self.adapters and 0 <= record["position"] < len(self.source):
-                done[(record["adapter"], record["position"])] = record
-        return done
+        """The finished (adapter, position) records; rejected ones are reported once and recomputed."""
+        scan = self.log.checked()
+        if scan.rejected and self.dist.rank == 0:
+            warn(describe_rejected(scan.rejected))
+        return {(record["adapter"], record["position"]): record for record in scan.records}
 
     # -- phases
     def attack_phase(self, todo: set) -> None:
@@ -161,9 +164,8 @@ class Evaluation:
             if key is not None and self.cache.load(*key) is None:
                 start = time.perf_counter()
                 adversarial = run_attack(self.attack, self.attacked, images, labels, chunk_seed(self.seed, batch.start))
-                self.transfer_seconds += time.perf_counter() - start
-                self.transfer_images += len(kept)
-                self.cache.save(*key, adversarial)
+                self.cache.save(*key, adversarial, seconds=time.perf_counter() - start)
+                self.made_now.add(batch.start)
             bar.update(1)
         bar.close()
 
@@ -224,7 +226,7 @@ class Evaluation:
                 transfer_for_checks: Dict[int, torch.Tensor] = {}  # the batch's check images, shared by adapters
                 kept, images, labels = self._load(batch)
                 row_of = {p: i for i, p in enumerate(kept)}
-                adversarial = None
+                adversarial, attack_seconds = None, None
                 if attacked and not self.attack.is_adaptive and kept:
                     adversarial = self.cache.load(*self._cache_key(batch.start, kept, images, labels))
                     if adversarial is None:
@@ -232,6 +234,8 @@ class Evaluation:
                             f"adversarial batch at position {batch.start} is missing from the "
                             "cache after the attack phase"
                         )
+                    made = self.cache.seconds(batch.start, len(kept))
+                    attack_seconds = None if made is None else round(made / len(kept), 6)
                 for name, adapter in self.adapters.items():
                     todo_here = [p for p in positions if (name, p) not in done and p in row_of]
                     if not todo_here:
@@ -253,10 +257,12 @@ class Evaluation:
                             None if adversarial is None else adversarial[rows_here],
                             todo_here,
                             counter,
+                            attack_seconds,
                         )
+                    earlier = not self.attack.is_adaptive and batch.start not in self.made_now
                     for record in records:
                         self.log.append(record)
-                        rows[name].add(record)
+                        rows[name].add(record, earlier=earlier)
                     bar.set_description_str(f"adapt {name}", refresh=False)
                     bar.set_postfix_str(progress_postfix(rows, attacked), refresh=False)
                     bar.update(len(records))
@@ -273,9 +279,11 @@ class Evaluation:
         adversarial: Optional[torch.Tensor],
         positions: List[int],
         counter: "PassCounter",
+        attack_seconds: Optional[float] = None,
     ) -> List[dict]:
         """Clean and adversarial images of a batch in one adapter call (the adapter batches them,
-        e.g. `image_batch`); per-sample seconds and image passes are the call's, shared evenly."""
+        e.g. `image_batch`); per-sample seconds and image passes are the call's, shared evenly.
+        `attack_seconds`: each image's share of the time the transfer attack took on its batch."""
         both = images if adversarial is None else torch.cat([images, adversarial])
         counter.count = 0
         start = time.perf_counter()
@@ -293,6 +301,7 @@ class Evaluation:
                 "seconds": round(seconds, 6),
                 "image_passes": counter.count / share,
                 "rank": self.dist.rank,
+                **({} if adversarial is None else {"attack_seconds": attack_seconds}),
             }
             for i, (p, label) in enumerate(zip(positions, labels))
         ]
@@ -343,17 +352,15 @@ class Evaluation:
         rows = {name: Row(name, attacked=self.attack.is_attack) for name in self.adapters}
         for (name, p), record in sorted(done.items(), key=lambda item: item[0][1]):
             if self._mine(p):
-                rows[name].add(record)
+                rows[name].add(record, earlier=True)
         self.adapt_phase(todo, rows, done)
         self.dist.barrier()
         self.skipped = self._gather_skipped()
         totals = torch.tensor([[getattr(rows[name], f) for f in FIELDS] for name in self.adapters], dtype=torch.float64)
         totals = self.dist.sum(totals)
-        transfer = self.dist.sum(torch.tensor([self.transfer_seconds, self.transfer_images], dtype=torch.float64))
-        transfer_cost = {"seconds": float(transfer[0]), "images": int(transfer[1])}
         reduced = []
         for name, values in zip(self.adapters, totals.tolist()):
-            row = Row(name, attacked=self.attack.is_attack, attack=self.attack, transfer_cost=transfer_cost)
+            row = Row(name, attacked=self.attack.is_attack, attack=self.attack)
             for f, value in zip(FIELDS, values):
                 setattr(row, f, value if f in FLOAT_FIELDS else int(round(value)))
             if self.attack.is_adaptive:
@@ -382,9 +389,13 @@ class Evaluation:
 
     def _merge(self, reduced: List[Row]) -> List[dict]:
         """All records, checked: none missing (each is there once: `ResultLog.records`), equal to the sums."""
-        records = [
-            r for r in self.log.records() if r["adapter"] in self.adapters and 0 <= r["position"] < len(self.source)
-        ]
+        scan = self.log.checked()
+        records = scan.records
+        self.integrity = {
+            "checksummed": self.log.directory is not None,
+            "verified": len(records),
+            "rejected": [str(item) for item in scan.rejected],
+        }
         skipped = {item["position"] for item in self.skipped}
         expected = {(name, p) for name in self.adapters for p in range(len(self.source)) if p not in skipped}
         missing = sorted(expected - {(r["adapter"], r["position"]) for r in records})

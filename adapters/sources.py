@@ -22,6 +22,10 @@ class DatasetSource:
     def sample_id(self, position: int) -> str:
         return self.dataset.sample_id(self.indices[position])
 
+    def label(self, position: int) -> int:
+        """The dataset's label, without reading the image."""
+        return int(self.dataset.label(self.indices[position]))
+
 
 class TensorSource:
     """Positions of in-memory tensors x (N,3,H,W) in [0,1] and labels y (N,)."""
@@ -39,3 +43,6 @@ class TensorSource:
 
     def sample_id(self, position: int) -> str:
         return str(position)
+
+    def label(self, position: int) -> int:
+        return int(self.y[position])

@@ -15,7 +15,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from atpt_plugin.specs import parse_named_settings, split_top_level
 
@@ -38,8 +38,9 @@ class AttackRun:
         return re.sub(r"[^\w.-]+", "_", self.label).strip("_")
 
 
-def parse_attacks(text: Optional[str]) -> List[AttackRun]:
-    """--attacks "pgd[steps=20],eot-pgd,square[n_queries=500]" -> the attack runs, checked."""
+def parse_attacks(text: Optional[str], check: Optional[Callable[[AttackRun], None]] = None) -> List[AttackRun]:
+    """--attacks "pgd[steps=20],eot-pgd,square[n_queries=500]" -> the attack runs, checked;
+    `check(run)` validates each attack's parameters first, so a bad one is named before any count."""
     from .attacks import resolve_attack_name
 
     if not text or not text.strip():
@@ -50,6 +51,8 @@ def parse_attacks(text: Optional[str]) -> List[AttackRun]:
             continue
         name, settings = parse_named_settings(spec, "attack")
         runs.append(AttackRun("".join(spec.split()), resolve_attack_name(name), settings))
+    for run in runs if check is not None else ():
+        check(run)
     if any(run.name == "none" for run in runs):
         raise ValueError("--attacks lists attacks; clean accuracy is part of every worst case already")
     labels = [run.label for run in runs]

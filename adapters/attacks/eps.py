@@ -28,8 +28,9 @@ def format_eps(value: Optional[float], norm: Optional[str] = "Linf") -> str:
     return f"{value:.4g}"
 
 
-def parse_eps(text, norm: str = "Linf") -> float:
-    """A command-line budget: bare L-inf numbers are in 1/255 units, "a/b" is a fraction.
+def parse_eps(text, norm: str = "Linf", flag: str = "--eps") -> float:
+    """A command-line budget (`flag` is --eps or --alpha, named in errors): bare L-inf numbers
+    are in 1/255 units, "a/b" is a fraction.
 
     `4` and `4/255` both give 4/255 for L-inf; L2 budgets are plain L2 norms ("0.5").
     """
@@ -43,18 +44,25 @@ def parse_eps(text, norm: str = "Linf") -> float:
             value = float(raw)
             explicit = False
     except (ValueError, ZeroDivisionError):
-        raise ValueError(f"--eps {raw!r} is not a number: write e.g. 4 or 4/255") from None
+        raise ValueError(f"{flag} {raw!r} is not a number: write e.g. 4 or 4/255") from None
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"--eps must be > 0, got {raw!r}; for clean accuracy only use --attack none")
+        clean = "; for clean accuracy only use --attack none" if flag == "--eps" else " (the step size)"
+        raise ValueError(f"{flag} must be > 0, got {raw!r}{clean}")
     if norm == "Linf" and not explicit:
         if value < 1:
             raise ValueError(
-                f"--eps {raw} is ambiguous: L-inf budgets on the command line are in 1/255 units "
-                f"(--eps 4 means 4/255), so {raw} would be {raw}/255 = {value / 255:.2g}. "
-                f"For {format_eps(value)} write --eps {value * 255:g} or --eps {value * 255:g}/255; "
-                f"for a budget below 1/255 write it as a fraction, e.g. --eps {raw}/255"
+                f"{flag} {raw} is ambiguous: L-inf budgets on the command line are in 1/255 units "
+                f"({flag} 4 means 4/255), so {raw} would be {raw}/255 = {value / 255:.2g}. "
+                f"For {format_eps(value)} write {flag} {value * 255:g} or {flag} {value * 255:g}/255; "
+                f"for a budget below 1/255 write it as a fraction, e.g. {flag} {raw}/255"
             )
         value = value / 255
+    if norm == "Linf" and value >= 0.5:
+        raise ValueError(
+            f"{flag} {raw} is {format_eps(value)} of the pixel range: an L-inf budget that large lets the attacker "
+            f"turn every image into plain gray. On the command line {flag} is in 1/255 units ({flag} 4 means "
+            "4/255); give a value below 127.5"
+        )
     return value
 
 
