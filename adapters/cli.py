@@ -170,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--steps", type=int, default=20, help="PGD steps (default 20)")
         sub.add_argument("--seed", type=int, default=0)
         sub.add_argument("--out", default=out, help=f"output file (default {out})")
+    ve = commands.add_parser(
+        "verify",
+        help="recompute a seeded random sample of a results folder's records; exit 1 when one does not reproduce",
+        description="Rebuild the run of an `atpt eval` --out folder from its run.json and recompute a seeded "
+        "random sample of its finished records (attack and adapter, with the run's seeds and batches); each "
+        "record that does not reproduce is listed with its file and line (docs/results_integrity.md).",
+    )
+    ve.add_argument("out", help="the --out folder of `atpt eval` (a worst-case folder: each attack's run)")
+    ve.add_argument("--n", type=int, default=10, help="records to recompute per run folder (default 10)")
+    ve.add_argument("--seed", type=int, default=0, help="seed of the random sample of records (default 0)")
+    ve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    ve.add_argument("--data-root", help="where the run's dataset lives on this machine (default: as recorded)")
     ls = commands.add_parser("list", help="list every registry: adapters, components, backbones, attacks, datasets")
     ls.add_argument(
         "what",
@@ -237,6 +249,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _check_eval_extra()
         if args.command == "list":
             return run_list(args)
+        if args.command == "verify":
+            from .verify import run_verify
+
+            return run_verify(args)
         if args.command in ("explain", "stability"):
             from .explain import run_explain, run_stability
 

@@ -8,6 +8,19 @@ from torch import nn
 
 from .rows import Row
 
+STEMS = ("visual.conv1", "vision_model.embeddings.patch_embedding")  # open_clip; Hugging Face CLIP / SigLIP
+
+
+def image_stem(model) -> "nn.Module | None":
+    """The first layer every image passes once through (its image tower's stem), or None."""
+    for path in STEMS:
+        found = model
+        for name in path.split("."):
+            found = getattr(found, name, None)
+        if isinstance(found, nn.Module):
+            return found
+    return None
+
 
 class PassCounter:
     """Counts images through each wrapped model's image tower (a forward hook on its stem)."""
@@ -17,9 +30,8 @@ class PassCounter:
         self.handles = []
         seen = set()
         for adapter in adapters.values():
-            visual = getattr(getattr(adapter, "model", None), "visual", None)
-            stem = getattr(visual, "conv1", None)
-            if isinstance(stem, nn.Module) and id(stem) not in seen:
+            stem = image_stem(getattr(adapter, "model", None))
+            if stem is not None and id(stem) not in seen:
                 seen.add(id(stem))
                 self.handles.append(stem.register_forward_hook(self._hook))
 

@@ -58,6 +58,7 @@ class Scan:
     records: List[dict] = dataclasses.field(default_factory=list)
     damage: List[Damage] = dataclasses.field(default_factory=list)
     rejected: List[Damage] = dataclasses.field(default_factory=list)
+    lines: Dict[Tuple[str, int], Tuple[Path, int]] = dataclasses.field(default_factory=dict)  # accepted: where
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,7 @@ class ResultLog:
                 scan.damage.append(Damage(path, number, f"(adapter, sample) {key} is recorded {copies[key]} times"))
             else:
                 scan.records.append(record)
+                scan.lines[key] = (path, number)
         scan.damage.sort(key=lambda d: (str(d.path), d.line))
         return scan
 
