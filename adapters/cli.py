@@ -34,7 +34,7 @@ units: --eps and --alpha for L-inf attacks (pgd, fgsm, autoattack) are in 1/255 
   with --attack-opt norm=L2) they are L2 norms of [0,1] images (e.g. --eps 0.5). Defaults:
   the paper's protocol, eps 4/255 with 100 steps on ViTs, eps 1/255 with 1 step on ResNets,
   alpha = eps / 4.
-adaptive attacks: --attack eot-pgd (PGD with EOT on each adapter's whole pipeline; --steps,
+adaptive attacks: --attack eot-pgd (PGD with EOT on each adapter's whole pipeline; --attack-steps,
   --alpha, --attack-opt eot_iter=4 gradient=bpda|exact|fixed_prompt loss=ce|margin) and
   --attack square (gradient-free; --attack-opt n_queries=1000) attack every adapter itself,
   per image: they cost about steps * eot_iter (or n_queries) adaptations per image and
@@ -55,9 +55,9 @@ processes: --nproc N starts N processes (torchrun); or run
 
 
 BAD_IMAGE_ADVICE = (
-    "\nReplace or remove that file and run the same command again, or add --on-bad-image skip "
-    "to leave unreadable images out (listed in summary.json and results.md); finished results "
-    "are kept."
+    "\nReplace that file by a readable copy and run the same command again, or add --on-bad-image skip "
+    "to leave unreadable images out (listed in summary.json and results.md); finished results are kept. "
+    "Removing the file instead changes the dataset (its fingerprint), so the same --out would refuse the run."
 )
 
 
@@ -95,7 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the folder holding the dataset folders (or the dataset folder); not needed for the demo subset",
     )
     ev.add_argument("--split", default="test", help="split of split-file datasets (default: test)")
-    ev.add_argument("--adapters", default="atpt", help="comma-separated adapter names (atpt list adapters)")
+    ev.add_argument(
+        "--adapters",
+        default="atpt",
+        help="comma-separated adapters (atpt list adapters), each a name or a variant name[key=value,...], "
+        'e.g. "atpt,atpt[aggregator=mean,views=32],rtpt"',
+    )
     ev.add_argument(
         "--set",
         action="append",
@@ -110,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--attack",
         default="pgd",
-        help="attack name (atpt list attacks), none, or worst (with --attacks) (default: pgd)",
+        help="attack name (atpt list attacks), optionally with parameters name[key=value,...] such as "
+        '"pgd[steps=20]", none, or worst (with --attacks) (default: pgd)',
     )
     ev.add_argument(
         "--attacks",

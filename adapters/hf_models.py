@@ -17,6 +17,23 @@ RANDOM = ("none", "None", "random")
 WITH_WEIGHTS = (None, "", "openai", "hf")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model")
+
+
+def check_model_folder(folder: Path, spec: str) -> None:
+    """A local folder must hold a model (config.json) and its tokenizer, both from save_pretrained."""
+    if not (folder / "config.json").is_file():
+        raise ValueError(
+            f"--model hf:{spec}: the folder has no config.json, so it is not a model saved with save_pretrained; "
+            "give the folder that model.save_pretrained(...) and tokenizer.save_pretrained(...) wrote"
+        )
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"--model hf:{spec}: the folder has the model but no tokenizer ({', '.join(TOKENIZER_FILES[:2])}); "
+            "save the model's tokenizer there too: AutoTokenizer.from_pretrained(<hub id>).save_pretrained(folder)"
+        )
+
+
 def create_hf_model(spec: str, pretrained: Optional[str], seed: int = 0):
     """(model, tokenizer, model name, pretrained as recorded) for `hf:<spec>` (the prefix removed)."""
     import torch
@@ -33,6 +50,7 @@ def create_hf_model(spec: str, pretrained: Optional[str], seed: int = 0):
         )
     local = Path(spec).expanduser()
     if local.is_dir():
+        check_model_folder(local, spec)
         source = str(local.resolve())
     elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise FileNotFoundError(

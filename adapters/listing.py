@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import textwrap
 from typing import Dict, List, Tuple
 
 
@@ -56,14 +58,29 @@ def _details(kind: str, name: str) -> Tuple[str, List[str]]:
     return "", []
 
 
+INDENT = 23  # two spaces, the name in 20 columns, a space
+
+
+def wrapped(name: str, text: str, width: int) -> List[str]:
+    """One entry's text wrapped to `width` columns, continuation lines under the text."""
+    return textwrap.wrap(
+        text,
+        width=max(width, INDENT + 20),
+        initial_indent=f"  {name:<20} ",
+        subsequent_indent=" " * INDENT,
+        break_on_hyphens=False,
+    ) or [f"  {name}"]
+
+
 def run_list(args) -> int:
+    width = shutil.get_terminal_size().columns
     for kind, registry in registries().items():
         if args.what not in (None, kind):
             continue
         print(f"{kind} (entry-point group {registry.group}):")
         for name, entry in registry.describe().items():
             line, more = _details(kind, name)
-            print(f"  {name:<20} {line or entry.description}  [{entry.source}]")
+            print("\n".join(wrapped(name, f"{line or entry.description}  [{entry.source}]", width)))
             for extra in more:
-                print(f"  {'':<20} {extra}")
+                print("\n".join(wrapped("", extra, width)))
     return 0

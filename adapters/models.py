@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -67,6 +68,8 @@ def create_model(name: str, pretrained: Optional[str], seed: int = 0):
                 )
             recorded = tag
     torch.manual_seed(seed)
+    quiet = logging.root.manager.disable
+    logging.disable(logging.ERROR)  # open_clip logs "Failed to download" before raising: the error below says it
     try:
         model = open_clip.create_model(name, pretrained=tag)
     except RuntimeError as error:
@@ -80,4 +83,6 @@ def create_model(name: str, pretrained: Optional[str], seed: int = 0):
                 "or pass a local file: --pretrained /path/to/open_clip_pytorch_model.bin"
             ) from None
         raise
+    finally:
+        logging.disable(quiet)
     return model.eval(), open_clip.get_tokenizer(name), name, recorded

@@ -46,9 +46,7 @@ class TestTimeAdapter(EpisodicAdapter):
     ):
         super().__init__(model, detect(model, has_text=True), config, name)
         if tokenizer is None:
-            raise ValueError(
-                "a tokenizer is needed for the class prompts: tokenizer=open_clip.get_tokenizer(<model name>)"
-            )
+            raise ValueError(f"a tokenizer is needed for the class prompts: {self.backbone.tokenizer_hint}")
         generator = torch.Generator().manual_seed(config.seed or 0)
         with torch.inference_mode(False), torch.no_grad(), evaluation_mode(model):
             self.prompt = PromptLearner(

@@ -86,7 +86,15 @@ class PromptLearner(nn.Module):
             tokens = tokens[:, : int(pool.max()) + 1]
         device = backbone.device
         with torch.no_grad():
-            embedded = backbone.token_embedding(tokens.to(device))
+            try:
+                embedded = backbone.token_embedding(tokens.to(device))
+            except IndexError:
+                raise ValueError(
+                    f"the tokenizer gives token ids up to {int(tokens.max())}, beyond the text model's vocabulary: "
+                    "it is not this model's tokenizer; pass the one saved with the model "
+                    "(transformers.AutoTokenizer.from_pretrained of the same id or folder, open_clip.get_tokenizer "
+                    "of the same model name)"
+                ) from None
         self.n_ctx = end - start
         self.classnames = names
         self.register_buffer("prefix", embedded[:, :start].clone(), persistent=False)

@@ -64,6 +64,8 @@ class Backbone:
         it cannot trace, with an error that says what is missing)."""
         raise NotImplementedError
 
+    tokenizer_hint = "tokenizer=open_clip.get_tokenizer(<model name>)"  # how users get this family's tokenizer
+
     @property
     def default_explainer(self) -> str:
         return "token_grad_rollout" if self.kind == "vit" else "gradcam"

@@ -61,6 +61,7 @@ class HfBackbone(Backbone):
 
     has_text = True
     kind = "vit"
+    tokenizer_hint = "tokenizer=transformers.AutoTokenizer.from_pretrained(<the model's hub id or folder>)"
     model_classes: tuple  # the transformers model classes of the family
     modeling: str  # the transformers module defining its layers
     layer_class: str

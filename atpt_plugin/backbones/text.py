@@ -19,6 +19,11 @@ def token_ids(tokenizer, texts: Sequence[str], length: int, pad_id: int) -> torc
     """(N, length) ids of `texts`, right-padded with `pad_id`; a clear error when a prompt or
     the tokenizer's context does not fit the model's `length`."""
     texts = list(texts)
+    if not callable(tokenizer):
+        raise ValueError(
+            f"tokenizer= is a {type(tokenizer).__name__}, not a tokenizer: pass the callable that comes with the "
+            "model, open_clip.get_tokenizer(<model name>) or transformers.AutoTokenizer.from_pretrained(<model>)"
+        )
     output = tokenizer(texts)
     ids = output["input_ids"] if isinstance(output, Mapping) else output
     if torch.is_tensor(ids):
