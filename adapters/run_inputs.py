@@ -77,17 +77,20 @@ class PreparedRun:
 
 def check_inputs(inputs: dict) -> None:
     """The cheap checks, before any model is built."""
-    from .attacks import parse_eps, resolve_attack_name
+    from .attacks import make_attack, parse_eps, resolve_attack_name
     from .attacks.base import attack_named
     from .datasets import dataset_info
 
     parse_adapters(inputs["adapters"])
     dataset_info(inputs["dataset"])
-    attack = attack_named(resolve_attack_name(inputs["attack"]))
+    attack_key = resolve_attack_name(inputs["attack"])
+    attack = attack_named(attack_key)
     norm = attack.norm_of({**attack.defaults, **inputs["attack_opts"]})
-    for flag in ("eps", "alpha"):
-        if inputs[flag] is not None:
-            parse_eps(inputs[flag], norm, flag=f"--{flag}")
+    budgets = {k: None if inputs[k] is None else parse_eps(inputs[k], norm, flag=f"--{k}") for k in ("eps", "alpha")}
+    try:  # the attack's own checks (steps, parameters) before any model is built
+        make_attack(attack_key, steps=inputs["steps"], **budgets, **inputs["attack_opts"])
+    except ValueError as error:
+        raise ValueError(f"--attack {inputs['attack']}: {error}") from None
     parse_pairs(inputs["set"], "--set")
     if inputs["sanity_checks"] < 0:
         raise ValueError(f"--sanity-checks must be >= 0 (images), got {inputs['sanity_checks']}")

@@ -58,6 +58,21 @@ def context_span(backbone: Backbone, tokenizer, context_text: str, ids: torch.Te
     return start, end
 
 
+def check_vocabulary(backbone: Backbone, tokens: torch.Tensor) -> None:
+    """Ids the text model has no embedding for mean the tokenizer is another model's: say so
+    before anything reads them (the embedding would raise a bare IndexError)."""
+    largest = int(tokens.max())
+    try:
+        with torch.no_grad():
+            backbone.token_embedding(torch.tensor([[largest]], device=backbone.device))
+    except IndexError:
+        raise ValueError(
+            f"the tokenizer gives token id {largest}, beyond the text model's vocabulary: it is not this "
+            "model's tokenizer; pass the one saved with the model (transformers.AutoTokenizer.from_pretrained "
+            "of the same id or folder, open_clip.get_tokenizer of the same model name)"
+        ) from None
+
+
 class PromptLearner(nn.Module):
     """Frozen pieces of the class prompts; `text_features(ctx)` runs the text tower."""
 
@@ -75,6 +90,7 @@ class PromptLearner(nn.Module):
         names = check_classnames(classnames)
         context_text = context_phrase if context_phrase is not None else " ".join([CONTEXT_PLACEHOLDER] * n_ctx)
         tokens = backbone.tokenize(tokenizer, [f"{context_text} {name}." for name in names])
+        check_vocabulary(backbone, tokens)
         start, end = context_span(backbone, tokenizer, context_text, tokens)
         if context_phrase is None and end - start != n_ctx:
             raise ValueError(
@@ -86,15 +102,7 @@ class PromptLearner(nn.Module):
             tokens = tokens[:, : int(pool.max()) + 1]
         device = backbone.device
         with torch.no_grad():
-            try:
-                embedded = backbone.token_embedding(tokens.to(device))
-            except IndexError:
-                raise ValueError(
-                    f"the tokenizer gives token ids up to {int(tokens.max())}, beyond the text model's vocabulary: "
-                    "it is not this model's tokenizer; pass the one saved with the model "
-                    "(transformers.AutoTokenizer.from_pretrained of the same id or folder, open_clip.get_tokenizer "
-                    "of the same model name)"
-                ) from None
+            embedded = backbone.token_embedding(tokens.to(device))
         self.n_ctx = end - start
         self.classnames = names
         self.register_buffer("prefix", embedded[:, :start].clone(), persistent=False)
