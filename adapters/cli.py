@@ -1,4 +1,5 @@
-"""The `atpt` command: `atpt eval ...` runs adapters under an attack on a test set; `atpt list`.
+"""The `atpt` command: `atpt eval ...` runs adapters under an attack on a test set; `atpt verify
+OUT` recomputes a sample of a results folder's records; `atpt list`.
 
     atpt eval --model ViT-B-16 --pretrained openai --dataset pets --data-root DATA \\
               --adapters atpt,rtpt,tpt --attack pgd --eps 4 --steps 100 --n-examples 1000 --out results/pets
@@ -46,6 +47,9 @@ resume: the same command into the same --out continues where a killed run stoppe
   with other settings into that folder is refused (use a new --out). A full disk stops the
   run with an error naming the file; free space and rerun. Damaged lines in samples.jsonl
   stop it too (with their line numbers): --repair-results drops them and recomputes them.
+  Every record is checksummed and checked against the run (label, position): one that
+  fails is reported, never counts and is recomputed (docs/results_integrity.md);
+  `atpt verify OUT` recomputes a sample of the records.
 bad images: an image file that cannot be read or decoded stops the run, naming the file
   and the sample; --on-bad-image skip leaves such samples out of every count and lists
   them in summary.json ("skipped") and results.md. Damaged cache entries are recomputed.
