@@ -352,3 +352,21 @@ def test_verify_passes_untouched_and_names_a_forged_record(tmp_path, reference, 
     )
     assert f"adv: stored {forged}, recomputed {record['adv']}" in captured.out
     assert captured.out.count("does not reproduce") == 1
+
+
+@pytest.mark.slow
+def test_an_offline_pretrained_tag_prints_only_our_message(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "atpt_plugin.adapters.cli", "eval", "--model", "ViT-B-32", "--pretrained", "openai"]
+        + ["--adapters", "zeroshot", "--no-progress", "--out", str(tmp_path / "out")],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and "ERROR:root" not in done.stderr and "Traceback" not in done.stderr
+    assert done.stderr.startswith("atpt: error: the pretrained weights 'openai' of ViT-B-32 could not be fetched")
