@@ -323,13 +323,19 @@ def test_resume_keeps_the_attack_seconds(tmp_path, reference, capsys):
     assert rows(out) == rows(ref)
 
 
-@pytest.mark.slow
 def test_more_examples_than_the_dataset_holds_is_said_once(tmp_path, capsys):
-    args = ["eval", "--adapters", "zeroshot", "--attack", "none", "--n-examples", "1000000", "--no-progress"]
-    code = cli.main([*args, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
+    from PIL import Image
+
+    for i, name in enumerate(["shirt", "bag", "shirt"]):
+        (tmp_path / "data" / name).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20, 20), (40 * i, 90, 200)).save(tmp_path / "data" / name / f"{i}.png")
+    args = ["eval", "--dataset", "imagefolder", "--data-root", str(tmp_path / "data"), "--adapters", "zeroshot"]
+    args += ["--attack", "none", "--n-examples", "1000000", "--no-progress", "--out", str(tmp_path / "out")]
+    code = cli.main([*args, "--cache-dir", str(tmp_path / "cache")])
     err = capsys.readouterr().err
     assert code == 0
-    assert err.count("--n-examples 1000000 is more than") == 1 and "it has 1000 images, and all 1000 of them run" in err
+    assert err.count("--n-examples 1000000 is more than") == 1 and "it has 3 images, and all 3 of them run" in err
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["rows"][0]["n"] == 3
 
 
 @pytest.mark.slow
