@@ -44,6 +44,8 @@ RUN = [
     "--no-progress",
 ]
 WALL_CLOCK = {"seconds", "checks_seconds", "seconds_per_image", "attack_seconds_per_image", "model_info"}
+WALL_CLOCK |= {"attack_seconds", "checksum"}  # a record's measured attack share, and its checksum over its seconds
+WALL_CLOCK |= {"attack_seconds_measured_earlier"}  # how many were measured before a kill: the resume's history
 
 
 def run_args(out, cache, *extra):

@@ -45,6 +45,9 @@ WALL_CLOCK = {
     "finished",
     "started",
     "checks_seconds",
+    "attack_seconds",  # a record's share of its batch's attack time
+    "checksum",  # over a record's seconds too
+    "attack_seconds_measured_earlier",  # how many were measured before a kill: the resume's history
 }
 
 
