@@ -87,3 +87,7 @@ def test_eval_runs_a_hugging_face_model_end_to_end(saved, tmp_path, capsys):
     assert manifest["settings"]["model"] == f"hf:{folder}"
     lines = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert {line["adapter"] for line in lines} == {"zeroshot", "atpt"} and len(lines) == 4
+    rows = {row["adapter"]: row for row in json.loads((out / "summary.json").read_text())["rows"]}
+    for row in rows.values():  # counted as for open_clip models (their patch embedding is the stem)
+        assert row["image_passes_per_image"] >= 1
+    assert rows["atpt"]["image_passes_per_image"] >= 4  # at least its views
