@@ -41,10 +41,10 @@ def run_inputs(args, attack_name: str, steps, alpha_text, eps_text, attack_opts)
     """What one attack's run is made from, as plain values: run.json keeps them (`info.inputs`)
     so that `atpt verify` rebuilds the same run."""
     return {
-        "model": args.model,
-        "pretrained": args.pretrained,
+        "model": _absolute(args.model) if str(args.model).endswith(".json") else args.model,
+        "pretrained": _absolute(args.pretrained),
         "dataset": args.dataset,
-        "data_root": args.data_root,
+        "data_root": _absolute(args.data_root),
         "split": args.split,
         "n_examples": args.n_examples,
         "seed": args.seed,
@@ -59,6 +59,14 @@ def run_inputs(args, attack_name: str, steps, alpha_text, eps_text, attack_opts)
         "attack_batch_size": args.attack_batch_size,
         "sanity_checks": args.sanity_checks,
     }
+
+
+def _absolute(path):
+    """An existing local path made absolute, so that a run is rebuilt from any working directory;
+    anything else (a tag, a name, None) as given."""
+    if path is None or not Path(path).expanduser().exists():
+        return path
+    return str(Path(path).expanduser().resolve())
 
 
 @dataclass

@@ -118,7 +118,7 @@ class Evaluation:
     def _mine(self, position: int) -> bool:
         return position % self.dist.world == self.dist.rank
 
-    def _load(self, positions: Iterable[int]) -> Tuple[List[int], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def load_batch(self, positions: Iterable[int]) -> Tuple[List[int], Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(positions read, their images, their labels); unreadable images raise or are skipped."""
         kept, items = [], []
         for p in positions:
@@ -159,7 +159,7 @@ class Evaluation:
         ]
         bar = progress_bar(self.progress and bool(batches), len(batches), f"attack {self.attack.name}", "batch")
         for batch in batches:
-            kept, images, labels = self._load(batch)
+            kept, images, labels = self.load_batch(batch)
             key = self._cache_key(batch.start, kept, images, labels) if kept else None
             if key is not None and self.cache.load(*key) is None:
                 start = time.perf_counter()
@@ -224,7 +224,7 @@ class Evaluation:
                 if not positions:
                     continue
                 transfer_for_checks: Dict[int, torch.Tensor] = {}  # the batch's check images, shared by adapters
-                kept, images, labels = self._load(batch)
+                kept, images, labels = self.load_batch(batch)
                 row_of = {p: i for i, p in enumerate(kept)}
                 adversarial, attack_seconds = None, None
                 if attacked and not self.attack.is_adaptive and kept:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -83,20 +84,29 @@ def rebuild(folder: Path, device, data_root: Optional[str]):
     return prepared, settings
 
 
-def recompute(evaluation, spec, records: List[dict]) -> Dict[Tuple[str, int], dict]:
+@dataclass
+class Recomputed:
+    """A record computed again, with the images its predictions were made on."""
+
+    record: dict
+    image: torch.Tensor
+    adversarial: Optional[torch.Tensor]
+
+
+def recompute(evaluation, spec, records: List[dict]) -> Dict[Tuple[str, int], Recomputed]:
     """{(adapter, position): the record computed again} for `records` of one run."""
     from .attacks import chunk_seed, run_attack
     from .progress import PassCounter
 
     counter = PassCounter(evaluation.adapters)
-    out: Dict[Tuple[str, int], dict] = {}
+    out: Dict[Tuple[str, int], Recomputed] = {}
     try:
         by_batch: Dict[int, List[dict]] = {}
         for record in records:
             by_batch.setdefault(record["position"] // evaluation.batch * evaluation.batch, []).append(record)
         for start, group in sorted(by_batch.items()):
             batch = range(start, min(start + evaluation.batch, len(evaluation.source)))
-            kept, images, labels = evaluation._load(batch)
+            kept, images, labels = evaluation.load_batch(batch)
             adversarial = None
             if spec.is_attack and not spec.is_adaptive:
                 adversarial = run_attack(spec, evaluation.attacked, images, labels, chunk_seed(evaluation.seed, start))
@@ -105,6 +115,7 @@ def recompute(evaluation, spec, records: List[dict]) -> Dict[Tuple[str, int], di
                 adapter, i = evaluation.adapters[name], kept.index(position)
                 if spec.is_adaptive:
                     again = evaluation.adapt_adaptive(name, adapter, images[i], int(labels[i]), position, counter, {})
+                    out[(name, position)] = Recomputed(again, images[i], None)  # its attack's image stays inside
                 else:
                     again = evaluation.adapt_together(
                         name,
@@ -115,9 +126,8 @@ def recompute(evaluation, spec, records: List[dict]) -> Dict[Tuple[str, int], di
                         [position],
                         counter,
                     )[0]
-                    again["_adversarial"] = None if adversarial is None else adversarial[i]
-                again["_image"] = images[i]
-                out[(name, position)] = again
+                    attacked = None if adversarial is None else adversarial[i]
+                    out[(name, position)] = Recomputed(again, images[i], attacked)
     finally:
         counter.close()
     return out
@@ -136,14 +146,14 @@ def near_tie(evaluation, adapter_name: str, image: torch.Tensor, stored: int, re
     return abs(a - b) <= TIE_TOLERANCE * max(1.0, abs(a), abs(b))
 
 
-def differences(evaluation, record: dict, again: dict) -> List[str]:
-    """What of `record` does not reproduce (near ties of adapted predictions forgiven)."""
+def differences(evaluation, record: dict, again: Recomputed) -> List[str]:
+    """What of `record` does not reproduce (near ties of predictions on a known image forgiven)."""
     found = []
     for key in COMPARED:
-        stored, value = record.get(key), again.get(key)
+        stored, value = record.get(key), again.record.get(key)
         if stored == value:
             continue
-        image = {"clean": again["_image"], "adv": again.get("_adversarial")}.get(key)
+        image = {"clean": again.image, "adv": again.adversarial}.get(key)
         if image is not None and isinstance(stored, int) and isinstance(value, int):
             if near_tie(evaluation, record["adapter"], image, stored, value):
                 continue

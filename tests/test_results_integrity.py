@@ -376,3 +376,23 @@ def test_an_offline_pretrained_tag_prints_only_our_message(tmp_path):
     )
     assert done.returncode == 2 and "ERROR:root" not in done.stderr and "Traceback" not in done.stderr
     assert done.stderr.startswith("atpt: error: the pretrained weights 'openai' of ViT-B-32 could not be fetched")
+
+
+@pytest.mark.parametrize("second, forgiven", [(1.0 + 5e-5, True), (1.0 + 1e-2, False)])
+def test_verify_forgives_only_near_ties(second, forgiven):
+    """A prediction that differs only where the two classes' logits are within 1e-4 counts as reproduced."""
+    from types import SimpleNamespace
+
+    from atpt_plugin.adapters.verify import Recomputed, differences
+
+    class Fixed(torch.nn.Module):
+        def forward(self, images):
+            return torch.tensor([[1.0, second, -3.0]]).expand(len(images), 3)
+
+    evaluation = SimpleNamespace(adapters={"a": Fixed()}, device=None)
+    stored = {"adapter": "a", "position": 0, "id": "x", "label": 1, "clean": 0, "adv": 1}
+    again = Recomputed({**stored, "clean": 1}, torch.zeros(3, 4, 4), torch.zeros(3, 4, 4))
+    assert differences(evaluation, stored, again) == ([] if forgiven else ["clean: stored 0, recomputed 1"])
+    assert differences(evaluation, stored, Recomputed({**stored, "label": 2}, again.image, None)) == [
+        "label: stored 1, recomputed 2"
+    ]
