@@ -154,7 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="output folder (resumable)")
     ev.add_argument("--cache-dir", help="adversarial image cache (default: $ATPT_CACHE or ~/.cache/atpt_plugin)")
     ev.add_argument("--attack-batch-size", type=int, default=32, help="images per attack batch (default: 32)")
-    ev.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available), cpu, cuda:0, ...")
+    ev.add_argument(
+        "--device",
+        default="auto",
+        help="auto (a GPU if there is one, else cpu), cpu, cuda (cuda:LOCAL_RANK: each process its own GPU), cuda:N",
+    )
     ev.add_argument("--nproc", type=int, default=1, help="processes to shard the samples over (uses torchrun)")
     ev.add_argument("--model-name", help="leaderboard name prefix (default: <model>-<pretrained>)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
