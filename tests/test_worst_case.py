@@ -12,7 +12,8 @@ import time
 import pytest
 from atpt_plugin.adapters import cli
 from atpt_plugin.adapters.leaderboard import DEFENCE_FIELDS
-from atpt_plugin.adapters.worst_case import AdapterOutcome, AttackRun, parse_attacks, worst_case_rows
+from atpt_plugin.adapters.resultlog import ResultLog
+from atpt_plugin.adapters.worst_case import AdapterOutcome, AttackRun, collect, parse_attacks, worst_case_rows
 
 ATTACKS = "pgd[steps=2],eot-pgd[steps=1,eot_iter=1],square[n_queries=4]"
 RUN = [
@@ -68,6 +69,74 @@ def test_worst_case_is_the_per_sample_and_of_clean_and_every_attack():
     assert [s["position"] for s in samples if s["worst_case_correct"]] == expected
 
 
+def write_attack_records(out, runs, records):
+    """records: attack label -> [(adapter, position, label, clean, adv)], appended as a run would."""
+    for run in runs:
+        log = ResultLog(out / "attacks" / run.folder)
+        log.directory.mkdir(parents=True)
+        for adapter, position, label, clean, adv in records[run.label]:
+            log.append(
+                {
+                    "adapter": adapter,
+                    "position": position,
+                    "id": f"s{position}",
+                    "label": label,
+                    "clean": clean,
+                    "adv": adv,
+                }
+            )
+
+
+def test_collect_reads_each_attack_folders_adversarial_predictions(tmp_path):
+    """The worst case from records written to the attack folders: a robust sample must be correct
+    clean AND under every attack; samples missing from one attack's folder are left out."""
+    runs = [AttackRun("pgd[steps=2]", "pgd", {"steps": 2}), AttackRun("square", "square", {})]
+    clean = {"m": [1, 2, 0, 1, 2, 0], "z": [1, 0, 0, 1, 2, 1]}
+    labels = [1, 2, 0, 1, 2, 0]
+    adv = {  # "m" is right clean everywhere; each attack breaks different samples
+        "pgd[steps=2]": {"m": [1, 0, 0, 1, 1, 0], "z": [1, 0, 0, 2, 2, 1]},
+        "square": {"m": [0, 2, 1, 1, 2, 0], "z": [1, 0, 0, 1, 0, 1]},
+    }
+    records = {
+        label: [(a, p, labels[p], clean[a][p], adv[label][a][p]) for a in ("m", "z") for p in range(6)] for label in adv
+    }
+    records["square"] = [r for r in records["square"] if (r[0], r[1]) != ("z", 5)]  # not yet attacked
+    write_attack_records(tmp_path, runs, records)
+
+    rows, samples = worst_case_rows(collect(tmp_path, runs), runs, {run.label: {} for run in runs})
+
+    by_adapter = {row["adapter"]: row for row in rows}
+    for adapter in ("m", "z"):
+        positions = [p for p in range(6) if (adapter, p) != ("z", 5)]
+        robust = [
+            p for p in positions if clean[adapter][p] == labels[p] and all(adv[a][adapter][p] == labels[p] for a in adv)
+        ]
+        row = by_adapter[adapter]
+        assert row["n"] == len(positions)
+        assert row["worst_case_correct"] == len(robust)
+        assert row["worst_case_acc"] == pytest.approx(len(robust) / len(positions))
+        assert row["clean_acc"] == pytest.approx(
+            sum(clean[adapter][p] == labels[p] for p in positions) / len(positions)
+        )
+        for attack in adv:
+            expected = sum(adv[attack][adapter][p] == labels[p] for p in positions) / len(positions)
+            assert row["adv_acc_by_attack"][attack] == pytest.approx(expected)
+        mine = {s["position"]: s for s in samples if s["adapter"] == adapter}
+        assert sorted(mine) == positions
+        assert [p for p in positions if mine[p]["worst_case_correct"]] == robust
+        assert all(mine[p]["adv"] == {a: adv[a][adapter][p] for a in adv} for p in positions)
+    assert (
+        by_adapter["m"]["worst_case_correct"] == 2 and by_adapter["m"]["clean_acc"] == 1.0
+    )  # the worst case is not clean
+
+
+def test_collect_refuses_attack_runs_that_disagree_on_the_clean_prediction(tmp_path):
+    runs = [AttackRun("a", "pgd", {}), AttackRun("b", "square", {})]
+    write_attack_records(tmp_path, runs, {"a": [("m", 0, 1, 1, 0)], "b": [("m", 0, 1, 2, 0)]})
+    with pytest.raises(RuntimeError, match="do not share their settings"):
+        collect(tmp_path, runs)
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -97,12 +166,14 @@ def test_worst_case_run_resumes_after_kills_to_the_uninterrupted_result(tmp_path
     assert cli.main([*RUN, "--out", str(reference), "--cache-dir", str(tmp_path / "cache-ref")]) == 0
     summary = json.loads((reference / "summary.json").read_text())
     rows = {row["adapter"]: row for row in summary["rows"]}
-    per_sample = [json.loads(line) for line in (reference / "worst_case_samples.jsonl").read_text().splitlines()]
-    for adapter, row in rows.items():  # the summary is the AND of the attack folders' own records
-        mine = [s for s in per_sample if s["adapter"] == adapter]
-        assert row["worst_case_correct"] == sum(
-            s["clean"] == s["label"] and all(p == s["label"] for p in s["adv"].values()) for s in mine
-        )
+    correct = {}  # (adapter, position) -> correct clean and under every attack so far
+    for folder in (reference / "attacks").iterdir():  # the summary is the AND of the attack folders' own records
+        for line in (folder / "samples.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            key = (r["adapter"], r["position"])
+            correct[key] = correct.get(key, True) and r["clean"] == r["label"] and r["adv"] == r["label"]
+    for adapter, row in rows.items():
+        assert row["worst_case_correct"] == sum(ok for (a, _), ok in correct.items() if a == adapter)
         assert row["transfer_only"] is False
     entry = json.loads(next((reference / "model_info").rglob("*worst_case_ens.json")).read_text())
     from atpt_plugin.adapters.robustbench import import_robustbench
