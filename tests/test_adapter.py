@@ -85,7 +85,8 @@ def test_tuning_step_matches_a_written_out_adamw_step(tiny_vit, tokenizer, image
     with torch.no_grad():
         tuned = context * (1 - 0.01 * 0.01) - 0.01 * grad / (grad.abs() + 1e-8)
         expected = scale * features[0] @ tta.prompt.text_features(tuned).t()
-    torch.testing.assert_close(tta(images[:1])[0], expected, rtol=1e-4, atol=1e-4)
+    # measured 4.8e-7 on logits up to 7 (fp32 rounding); weight decay alone moves them by 1.5e-4
+    torch.testing.assert_close(tta(images[:1])[0], expected, rtol=0, atol=1e-5)
     zero_shot = scale * features[0] @ tta.zero_shot_text.t()
     assert not torch.allclose(expected, zero_shot), "the step must change the prediction"
 
