@@ -141,4 +141,5 @@ def test_bf16_autocast_runs_and_mostly_agrees(tiny_vit, tokenizer):
     half = wrap(tiny_vit, tokenizer, precision="bf16")(batch)
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     assert not torch.equal(full, half), "autocast must actually change the arithmetic"
-    assert (full.softmax(-1) - half.softmax(-1)).abs().max() < 0.2
+    # measured 1.5e-3 (bf16 keeps 8 significant bits); a bf16 path that drifts further fails
+    assert (full.softmax(-1) - half.softmax(-1)).abs().max() < 1e-2
