@@ -13,7 +13,15 @@ import pytest
 from atpt_plugin.adapters import cli
 from atpt_plugin.adapters.leaderboard import DEFENCE_FIELDS
 from atpt_plugin.adapters.resultlog import ResultLog
-from atpt_plugin.adapters.worst_case import AdapterOutcome, AttackRun, collect, parse_attacks, worst_case_rows
+from atpt_plugin.adapters.worst_case import (
+    AdapterOutcome,
+    AttackRun,
+    collect,
+    markdown,
+    parse_attacks,
+    worst_case_rows,
+    write,
+)
 
 ATTACKS = "pgd[steps=2],eot-pgd[steps=1,eot_iter=1],square[n_queries=4]"
 RUN = [
@@ -135,6 +143,51 @@ def test_collect_refuses_attack_runs_that_disagree_on_the_clean_prediction(tmp_p
     write_attack_records(tmp_path, runs, {"a": [("m", 0, 1, 1, 0)], "b": [("m", 0, 1, 2, 0)]})
     with pytest.raises(RuntimeError, match="do not share their settings"):
         collect(tmp_path, runs)
+
+
+def test_written_table_and_files_state_the_computed_figures(tmp_path):
+    """results.md: one line per adapter, best worst case first, each figure x100 to one decimal;
+    summary.json and worst_case_samples.jsonl hold the rows and records as computed."""
+    runs = [AttackRun("pgd[steps=2]", "pgd", {"steps": 2}), AttackRun("square", "square", {})]
+    rows = [
+        {"adapter": "low", "n": 8, "clean_acc": 0.875, "adv_acc_by_attack": {"pgd[steps=2]": 0.5, "square": 0.25},
+         "worst_case_acc": 0.125, "warnings": ["square: too few queries"]},
+        {"adapter": "high", "n": 8, "clean_acc": 0.75, "adv_acc_by_attack": {"pgd[steps=2]": 0.625, "square": None},
+         "worst_case_acc": 0.375, "warnings": []},
+        {"adapter": "none", "n": 0, "clean_acc": None, "adv_acc_by_attack": {"pgd[steps=2]": None, "square": None},
+         "worst_case_acc": None, "warnings": []},
+    ]  # fmt: skip
+    samples = [{"adapter": "low", "position": 3, "worst_case_correct": True}]
+    paths = write(tmp_path, rows, samples, runs, "Demo, eps 8/255", {"eps": 8 / 255})
+    assert [p.name for p in paths] == ["summary.json", "results.md", "worst_case_samples.jsonl"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary == {
+        "rows": rows,
+        "caption": "Demo, eps 8/255",
+        "attacks": ["pgd[steps=2]", "square"],
+        "eps": 8 / 255,
+    }
+    assert [json.loads(line) for line in (tmp_path / "worst_case_samples.jsonl").read_text().splitlines()] == samples
+    lines = (tmp_path / "results.md").read_text().splitlines()
+    assert lines[:4] == [
+        "Demo, eps 8/255",
+        "",
+        "| adapter | n | clean (%) | pgd[steps=2] (%) | square (%) | worst case (%) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    assert lines[4:7] == [
+        "| high | 8 | 75.0 | 62.5 | - | **37.5** |",
+        "| low | 8 | 87.5 | 50.0 | 25.0 | **12.5** |",
+        "| none | 0 | - | - | - | **-** |",
+    ]
+    assert lines[7:] == [
+        "",
+        "Sanity-check warnings (the attack may not work on that adapter):",
+        "- square: too few queries",
+    ]
+    assert (tmp_path / "results.md").read_text().endswith("too few queries\n")
+    bare = markdown(rows[1:2], runs)  # no caption, no warnings: the table alone
+    assert bare == "\n".join(lines[2:5]) + "\n"
 
 
 @pytest.mark.parametrize(
