@@ -108,12 +108,27 @@ def test_collect_reads_each_attack_folders_adversarial_predictions(tmp_path):
     records = {
         label: [(a, p, labels[p], clean[a][p], adv[label][a][p]) for a in ("m", "z") for p in range(6)] for label in adv
     }
-    records["square"] = [r for r in records["square"] if (r[0], r[1]) != ("z", 5)]  # not yet attacked
+    records["pgd[steps=2]"] = [r for r in records["pgd[steps=2]"] if (r[0], r[1]) != ("z", 5)]  # not yet attacked
+    records["pgd[steps=2]"].append(("w", 0, 1, 1, 1))  # "w" has no sample that every attack has seen
+    records["square"].append(("w", 1, 2, 2, 2))
     write_attack_records(tmp_path, runs, records)
+    attack_rows = {
+        "pgd[steps=2]": {a: {"attack_kind": "transfer", "warnings": [f"{a} pgd"]} for a in ("m", "z")},
+        "square": {"m": {"attack_kind": "adaptive", "warnings": ["m square"]}, "z": {"attack_kind": "transfer"}},
+    }
 
-    rows, samples = worst_case_rows(collect(tmp_path, runs), runs, {run.label: {} for run in runs})
+    outcomes = collect(tmp_path, runs)
+    assert {name: outcome.adapter for name, outcome in outcomes.items()} == {"m": "m", "z": "z", "w": "w"}
+    rows, samples = worst_case_rows(outcomes, runs, attack_rows)
 
     by_adapter = {row["adapter"]: row for row in rows}
+    assert by_adapter["w"]["n"] == 0 and by_adapter["w"]["worst_case_acc"] is None
+    assert by_adapter["w"]["clean_acc"] is None and set(by_adapter["w"]["adv_acc_by_attack"].values()) == {None}
+    assert by_adapter["m"]["attack_kinds"] == {"pgd[steps=2]": "transfer", "square": "adaptive"}
+    assert by_adapter["m"]["warnings"] == ["pgd[steps=2]: m pgd", "square: m square"]
+    assert by_adapter["m"]["transfer_only"] is False and by_adapter["z"]["transfer_only"] is True
+    assert {"adapter": "m", "position": 1, "label": 2, "clean": 2, "adv": {"pgd[steps=2]": 0, "square": 2},
+            "survived": ["square"], "worst_case_correct": False} in samples  # fmt: skip
     for adapter in ("m", "z"):
         positions = [p for p in range(6) if (adapter, p) != ("z", 5)]
         robust = [
@@ -188,6 +203,18 @@ def test_written_table_and_files_state_the_computed_figures(tmp_path):
     assert (tmp_path / "results.md").read_text().endswith("too few queries\n")
     bare = markdown(rows[1:2], runs)  # no caption, no warnings: the table alone
     assert bare == "\n".join(lines[2:5]) + "\n"
+
+
+def test_attack_lists_parse_into_labels_names_settings_and_folders():
+    runs = parse_attacks(" pgd[steps = 2], square ,")
+    assert [(r.label, r.name, r.settings, r.folder) for r in runs] == [
+        ("pgd[steps=2]", "pgd", {"steps": 2}, "pgd_steps_2"),
+        ("square", "square", {}, "square"),
+    ]
+    with pytest.raises(ValueError, match="needs --attacks"):
+        parse_attacks(None)
+    with pytest.raises(ValueError, match="needs --attacks"):
+        parse_attacks("  ")
 
 
 @pytest.mark.parametrize(
