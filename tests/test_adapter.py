@@ -85,7 +85,8 @@ def test_tuning_step_matches_a_written_out_adamw_step(tiny_vit, tokenizer, image
     with torch.no_grad():
         tuned = context * (1 - 0.01 * 0.01) - 0.01 * grad / (grad.abs() + 1e-8)
         expected = scale * features[0] @ tta.prompt.text_features(tuned).t()
-    torch.testing.assert_close(tta(images[:1])[0], expected, rtol=1e-4, atol=1e-4)
+    # measured 4.8e-7 on logits up to 7 (fp32 rounding); weight decay alone moves them by 1.5e-4
+    torch.testing.assert_close(tta(images[:1])[0], expected, rtol=0, atol=1e-5)
     zero_shot = scale * features[0] @ tta.zero_shot_text.t()
     assert not torch.allclose(expected, zero_shot), "the step must change the prediction"
 
@@ -140,4 +141,5 @@ def test_bf16_autocast_runs_and_mostly_agrees(tiny_vit, tokenizer):
     half = wrap(tiny_vit, tokenizer, precision="bf16")(batch)
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     assert not torch.equal(full, half), "autocast must actually change the arithmetic"
-    assert (full.softmax(-1) - half.softmax(-1)).abs().max() < 0.2
+    # measured 1.5e-3 (bf16 keeps 8 significant bits); a bf16 path that drifts further fails
+    assert (full.softmax(-1) - half.softmax(-1)).abs().max() < 1e-2

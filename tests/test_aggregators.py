@@ -69,7 +69,10 @@ def test_reliability_weights_against_loops():
         others = sorted((float(features[i] @ features[j]) for j in range(8) if j != i), reverse=True)
         scores.append(sum(others[:3]) / 3)
     torch.testing.assert_close(weights, torch.softmax(torch.tensor(scores) / 0.05, 0))
-    assert reliability_weights(features, k=20).shape == (8,), "k above K-1 uses the K-1 others"
+    means = [sum(float(features[i] @ features[j]) for j in range(8) if j != i) / 7 for i in range(8)]
+    expected = torch.softmax(torch.tensor(means) / 0.05, 0)  # k above K-1: the mean over all 7 others
+    torch.testing.assert_close(reliability_weights(features, k=20, temperature=0.05), expected)
+    assert torch.equal(reliability_weights(features, k=20), reliability_weights(features, k=7))
 
 
 def test_reliability_ignores_self_similarity_exactly():

@@ -83,10 +83,20 @@ def test_bases_crop_the_original_or_the_resized_image():
         assert torch.equal(bases, expected)
 
 
-def test_center_view_is_resize_then_center_crop():
-    image = torch.rand(3, 40, 60)
-    view = center_view(image, 20)
-    assert view.shape == (3, 20, 20)
+@pytest.mark.parametrize("height, width", [(40, 60), (75, 30)])
+def test_center_view_is_resize_then_center_crop(height, width):
+    """Pixels against torchvision's Resize (shorter side, bicubic, antialias) + CenterCrop, as
+    open_clip preprocesses; a squashed or uncropped view differs on a non-square image."""
+    from torchvision import transforms
+
+    image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(height))
+    reference = transforms.Compose(
+        [
+            transforms.Resize(20, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+            transforms.CenterCrop(20),
+        ]
+    )
+    torch.testing.assert_close(center_view(image, 20), reference(image).clamp(0, 1))
     square = torch.rand(3, 20, 20)
     assert torch.equal(center_view(square, 20), square), "an image at the model's size is untouched"
 

@@ -1,8 +1,10 @@
 """Adapting several test images together (`image_batch`) equals adapting each alone.
 
-Up to fp32 reordering: batched and one-image explainer passes differ by ~1e-7, which can
-swap a few pixels at the boundary of a top-k attention mask (see test_naive.py), so
-adapters whose views depend on maps get a looser tolerance and must agree on the class.
+Up to fp32 reordering: on one thread, measured at most 1.4e-5 on logits up to 7.6 (MTA;
+attention-mix presets 4e-6), so one bound holds for all. Batched and one-image explainer
+passes differ by ~1e-7, which can swap a pixel at the boundary of a top-k attention mask
+(see test_naive.py): with two threads A-TPT's logits here differ by 2.3e-3 for that reason,
+so the comparison runs on one thread, where these images have no such swap.
 """
 
 import pytest
@@ -44,7 +46,7 @@ def test_batched_tuning_keeps_each_context_independent(tiny_vit, tokenizer, obje
 
 @pytest.mark.parametrize("name", ["atpt", "rtpt", "tpt", "mta", "zeroshot"])
 @pytest.mark.parametrize("make, size", [(make_tiny_vit, 32), (make_tiny_resnet, 64)])
-def test_image_batch_does_not_change_results(name, make, size, tokenizer):
+def test_image_batch_does_not_change_results(name, make, size, tokenizer, one_thread):
     model = make()
     adapter = load_adapter(name)
     if adapter.config.views > 1:
@@ -53,8 +55,7 @@ def test_image_batch_does_not_change_results(name, make, size, tokenizer):
     one_by_one = adapter.with_overrides(image_batch=1).wrap(model, CLASSNAMES, tokenizer)(images)
     for image_batch in (2, 8):
         together = adapter.with_overrides(image_batch=image_batch).wrap(model, CLASSNAMES, tokenizer)(images)
-        tolerance = 2e-2 if adapter.config.augmenter == "attention_mix" else 1e-4
-        torch.testing.assert_close(together, one_by_one, rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(together, one_by_one, rtol=1e-5, atol=5e-5)
         assert torch.equal(together.argmax(-1), one_by_one.argmax(-1))
 
 

@@ -81,7 +81,8 @@ def test_unknown_attack_and_parameter_list_the_valid_ones():
 )
 def test_attacks_by_name_respect_their_budget(zero_shot, name, params):
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    y = torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        y = zero_shot(x).argmax(1)  # every image correct: an attack has something to do
     spec = make_attack(name, **params)
     adversarial = run_attack(spec, zero_shot, x, y, seed=5)
     assert adversarial.shape == x.shape and 0 <= adversarial.min() and adversarial.max() <= 1
@@ -90,6 +91,10 @@ def test_attacks_by_name_respect_their_budget(zero_shot, name, params):
         assert delta.abs().max() <= spec.eps + 1e-6
     elif spec.eps is not None:
         assert delta.norm(dim=1).max() <= spec.eps + 1e-4
+    else:  # CW has no eps: it returns a misclassified image, or the clean one where it found none
+        with torch.no_grad():
+            fooled = zero_shot(adversarial).argmax(1) != y
+        assert fooled.any() and (fooled | (delta.abs().amax(dim=1) == 0)).all()
     assert torch.equal(adversarial, run_attack(spec, zero_shot, x, y, seed=5))  # seeded
     if spec.param_dict.get("random_start"):
         assert not torch.equal(adversarial, run_attack(spec, zero_shot, x, y, seed=6))
@@ -107,12 +112,24 @@ def test_pgd_lowers_the_true_class_logit_and_is_batch_independent(zero_shot):
     torch.testing.assert_close(run_attack(spec, zero_shot, x[:2], y[:2], seed=0), adversarial[:2])
 
 
-def test_autoattack_by_name_skips_misclassified_images(zero_shot):
+def test_autoattack_by_name_attacks_correct_images_and_skips_misclassified_ones(zero_shot):
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        wrong = (zero_shot(x).argmax(1) + 1) % len(CLASSNAMES)
-    adversarial = run_attack(make_attack("autoattack"), zero_shot, x, wrong, seed=0)
-    assert torch.equal(adversarial, x)  # AutoAttack only attacks correctly classified images
+        predictions = zero_shot(x).argmax(1)
+    wrong = (predictions + 1) % len(CLASSNAMES)
+    spec = make_attack("autoattack", eps=8 / 255)
+    assert torch.equal(run_attack(spec, zero_shot, x, wrong, seed=0), x)  # only correct images are attacked
+    labels = torch.cat([predictions[:2], wrong[2:]])  # images 0 and 1 correct, image 2 not
+    adversarial = run_attack(spec, zero_shot, x, labels, seed=0)
+    assert torch.equal(adversarial[2], x[2])
+    change = (adversarial - x)[:2].flatten(1).abs().max(dim=1).values
+    assert (change > 0).all() and (change <= spec.eps + 1e-6).all()
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy
+        assert (
+            loss(zero_shot(adversarial[:2]), labels[:2], reduction="none")
+            > loss(zero_shot(x[:2]), labels[:2], reduction="none")
+        ).all()
 
 
 def test_attack_on_a_resnet_tower(tokenizer):
@@ -120,8 +137,12 @@ def test_attack_on_a_resnet_tower(tokenizer):
     zero_shot = ZeroShotClassifier.build(model, CLASSNAMES, tokenizer)
     spec = make_attack("pgd", backbone_kind="resnet")
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
-    adversarial = run_attack(spec, zero_shot, x, torch.tensor([0, 1]), seed=0)
-    assert (adversarial - x).abs().max() <= 1 / 255 + 1e-6
+    y = torch.tensor([0, 1])
+    adversarial = run_attack(spec, zero_shot, x, y, seed=0)
+    assert 0 < (adversarial - x).abs().max() <= 1 / 255 + 1e-6
+    with torch.no_grad():  # one step of 0.25/255: small, but the loss of each image rises
+        loss = torch.nn.functional.cross_entropy
+        assert (loss(zero_shot(adversarial), y, reduction="none") > loss(zero_shot(x), y, reduction="none")).all()
 
 
 def test_cache_checks_its_key_ids_and_clean_images(tmp_path):

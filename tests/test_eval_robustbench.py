@@ -62,7 +62,13 @@ def test_benchmark_returns_accuracies_and_writes_model_info(tiny_vit, tokenizer,
     x, y = data
     with torch.no_grad():
         assert clean == pytest.approx((tta(x[:4]).argmax(1) == y[:4]).float().mean().item())
-    assert 0 <= adv <= 1 and "Clean accuracy" in capsys.readouterr().out
+    assert "Clean accuracy" in capsys.readouterr().out
+    (batch,) = (tmp_path / "cache").rglob("batch-*.pt")  # the adversarial images the adapter was scored on
+    adversarial = torch.load(batch, weights_only=True)["adversarial"]
+    assert 0 < (adversarial - x[:4]).abs().max() <= 4 / 255 + 1e-6
+    with torch.no_grad():
+        predictions = tta(adversarial).argmax(1)
+    assert adv == pytest.approx((predictions == y[:4]).float().mean().item())
     entry = json.loads((tmp_path / "model_info/tensors/Linf/tiny-atpt.json").read_text())
     fields = {f.name for f in dataclasses.fields(ModelInfo)}
     assert fields <= set(entry) and set(entry) - fields == {"pgd_acc", "worst_case_acc", "test_time_defence"}

@@ -300,15 +300,7 @@ def test_internals_are_what_the_explainer_computes(site, eps, tiny_vit, tokenize
     internals = explainer.trace(backbone, images, score)
     assert torch.equal(internals.maps, explainer(backbone, images, score))
     assert len(internals.blocks) == 2 and all(b.token_scores.shape == (3, 17) for b in internals.blocks)
-    # the rollout and the post-processing, rerun on the returned internals
-    row = explainer.relevance_row([b.refined for b in internals.blocks], internals.query_weights)
-    assert torch.equal(row, internals.row)
-    threshold, maps = explainer.post_process(row, internals.num_prefix_tokens, internals.grid_size)
-    assert torch.equal(threshold, internals.threshold) and torch.equal(maps, internals.maps)
-    # the refined matrices from the returned head-mean attention and scores (mean and weighting commute)
-    for block in internals.blocks:
-        weighted = block.attention[:, None] * token_weights(block.token_scores, eps)[:, None, None, :]
-        torch.testing.assert_close(refine(weighted, True, eps), block.refined, rtol=1e-6, atol=1e-6)
+    # each value against an independent plain reference: test_each_step_matches_a_plain_reference
 
 
 @pytest.mark.parametrize("site, eps", [("normed", 0.0), ("input", 1e-8)])

@@ -40,15 +40,29 @@ def test_paths_differentiate_through_the_step():
     assert not adamw(start, quadratic(x), 1, lr=0.1, weight_decay=0.0).requires_grad
 
 
-@pytest.mark.parametrize("path", ["fixed_prompt", "bpda", "exact"])
-def test_input_gradients_through_the_whole_pipeline(path, tiny_vit, tokenizer, images):
-    tta = load_adapter("atpt", views=8, rho=0.25, input_gradient=path).wrap(tiny_vit, CLASSNAMES, tokenizer)
-    x = images[:1].clone().requires_grad_(True)
-    logits = tta(x)
-    (grad,) = torch.autograd.grad(logits[0, 0] - logits[0, 1], [x])
-    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
-    with torch.no_grad():
-        torch.testing.assert_close(logits.detach(), tta(images[:1]), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("steps", [1, 2])
+def test_input_gradients_through_the_whole_pipeline(steps, tiny_vit, tokenizer, images):
+    """fixed_prompt: the image path alone; bpda and exact add the tuning step's derivative.
+    Exact's is ~0 after one step (Adam's first step is ~ -lr sign(g)), not after two."""
+    grads = {}
+    for path in ("fixed_prompt", "bpda", "exact"):
+        adapter = load_adapter("atpt", views=8, rho=0.25, steps=steps, input_gradient=path)
+        tta = adapter.wrap(tiny_vit, CLASSNAMES, tokenizer)
+        x = images[:1].clone().requires_grad_(True)
+        logits = tta(x)
+        (grads[path],) = torch.autograd.grad(logits[0, 0] - logits[0, 1], [x])
+        assert torch.isfinite(grads[path]).all()
+        with torch.no_grad():
+            torch.testing.assert_close(logits.detach(), tta(images[:1]), rtol=1e-5, atol=1e-5)
+    scale = grads["fixed_prompt"].abs().max()
+    assert scale > 0
+    # measured: bpda moves the gradient by 1.2x (one step) and 22x (two) the image path's largest entry
+    assert (grads["bpda"] - grads["fixed_prompt"]).abs().max() > 0.5 * scale
+    exact_change = (grads["exact"] - grads["fixed_prompt"]).abs().max()
+    if steps == 1:  # measured 5e-6 of the scale
+        assert exact_change < 1e-4 * scale
+    else:  # measured 1.7x the scale
+        assert exact_change > 0.5 * scale
 
 
 def test_bpda_and_fixed_prompt_gradients_differ(tiny_vit, tokenizer, images):

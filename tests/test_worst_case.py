@@ -12,7 +12,16 @@ import time
 import pytest
 from atpt_plugin.adapters import cli
 from atpt_plugin.adapters.leaderboard import DEFENCE_FIELDS
-from atpt_plugin.adapters.worst_case import AdapterOutcome, AttackRun, parse_attacks, worst_case_rows
+from atpt_plugin.adapters.resultlog import ResultLog
+from atpt_plugin.adapters.worst_case import (
+    AdapterOutcome,
+    AttackRun,
+    collect,
+    markdown,
+    parse_attacks,
+    worst_case_rows,
+    write,
+)
 
 ATTACKS = "pgd[steps=2],eot-pgd[steps=1,eot_iter=1],square[n_queries=4]"
 RUN = [
@@ -71,6 +80,146 @@ def test_worst_case_is_the_per_sample_and_of_clean_and_every_attack():
     assert [s["position"] for s in samples if s["worst_case_correct"]] == expected
 
 
+def write_attack_records(out, runs, records):
+    """records: attack label -> [(adapter, position, label, clean, adv)], appended as a run would."""
+    for run in runs:
+        log = ResultLog(out / "attacks" / run.folder)
+        log.directory.mkdir(parents=True)
+        for adapter, position, label, clean, adv in records[run.label]:
+            log.append(
+                {
+                    "adapter": adapter,
+                    "position": position,
+                    "id": f"s{position}",
+                    "label": label,
+                    "clean": clean,
+                    "adv": adv,
+                }
+            )
+
+
+def test_collect_reads_each_attack_folders_adversarial_predictions(tmp_path):
+    """The worst case from records written to the attack folders: a robust sample must be correct
+    clean AND under every attack; samples missing from one attack's folder are left out."""
+    runs = [AttackRun("pgd[steps=2]", "pgd", {"steps": 2}), AttackRun("square", "square", {})]
+    clean = {"m": [1, 2, 0, 1, 2, 0], "z": [1, 0, 0, 1, 2, 1]}
+    labels = [1, 2, 0, 1, 2, 0]
+    adv = {  # "m" is right clean everywhere; each attack breaks different samples
+        "pgd[steps=2]": {"m": [1, 0, 0, 1, 1, 0], "z": [1, 0, 0, 2, 2, 1]},
+        "square": {"m": [0, 2, 1, 1, 2, 0], "z": [1, 0, 0, 1, 0, 1]},
+    }
+    records = {
+        label: [(a, p, labels[p], clean[a][p], adv[label][a][p]) for a in ("m", "z") for p in range(6)] for label in adv
+    }
+    records["pgd[steps=2]"] = [r for r in records["pgd[steps=2]"] if (r[0], r[1]) != ("z", 5)]  # not yet attacked
+    records["pgd[steps=2]"].append(("w", 0, 1, 1, 1))  # "w" has no sample that every attack has seen
+    records["square"].append(("w", 1, 2, 2, 2))
+    write_attack_records(tmp_path, runs, records)
+    attack_rows = {
+        "pgd[steps=2]": {a: {"attack_kind": "transfer", "warnings": [f"{a} pgd"]} for a in ("m", "z")},
+        "square": {"m": {"attack_kind": "adaptive", "warnings": ["m square"]}, "z": {"attack_kind": "transfer"}},
+    }
+
+    outcomes = collect(tmp_path, runs)
+    assert {name: outcome.adapter for name, outcome in outcomes.items()} == {"m": "m", "z": "z", "w": "w"}
+    rows, samples = worst_case_rows(outcomes, runs, attack_rows)
+
+    by_adapter = {row["adapter"]: row for row in rows}
+    assert by_adapter["w"]["n"] == 0 and by_adapter["w"]["worst_case_acc"] is None
+    assert by_adapter["w"]["clean_acc"] is None and set(by_adapter["w"]["adv_acc_by_attack"].values()) == {None}
+    assert by_adapter["m"]["attack_kinds"] == {"pgd[steps=2]": "transfer", "square": "adaptive"}
+    assert by_adapter["m"]["warnings"] == ["pgd[steps=2]: m pgd", "square: m square"]
+    assert by_adapter["m"]["transfer_only"] is False and by_adapter["z"]["transfer_only"] is True
+    assert {"adapter": "m", "position": 1, "label": 2, "clean": 2, "adv": {"pgd[steps=2]": 0, "square": 2},
+            "survived": ["square"], "worst_case_correct": False} in samples  # fmt: skip
+    for adapter in ("m", "z"):
+        positions = [p for p in range(6) if (adapter, p) != ("z", 5)]
+        robust = [
+            p for p in positions if clean[adapter][p] == labels[p] and all(adv[a][adapter][p] == labels[p] for a in adv)
+        ]
+        row = by_adapter[adapter]
+        assert row["n"] == len(positions)
+        assert row["worst_case_correct"] == len(robust)
+        assert row["worst_case_acc"] == pytest.approx(len(robust) / len(positions))
+        assert row["clean_acc"] == pytest.approx(
+            sum(clean[adapter][p] == labels[p] for p in positions) / len(positions)
+        )
+        for attack in adv:
+            expected = sum(adv[attack][adapter][p] == labels[p] for p in positions) / len(positions)
+            assert row["adv_acc_by_attack"][attack] == pytest.approx(expected)
+        mine = {s["position"]: s for s in samples if s["adapter"] == adapter}
+        assert sorted(mine) == positions
+        assert [p for p in positions if mine[p]["worst_case_correct"]] == robust
+        assert all(mine[p]["adv"] == {a: adv[a][adapter][p] for a in adv} for p in positions)
+    assert (
+        by_adapter["m"]["worst_case_correct"] == 2 and by_adapter["m"]["clean_acc"] == 1.0
+    )  # the worst case is not clean
+
+
+def test_collect_refuses_attack_runs_that_disagree_on_the_clean_prediction(tmp_path):
+    runs = [AttackRun("a", "pgd", {}), AttackRun("b", "square", {})]
+    write_attack_records(tmp_path, runs, {"a": [("m", 0, 1, 1, 0)], "b": [("m", 0, 1, 2, 0)]})
+    with pytest.raises(RuntimeError, match="do not share their settings"):
+        collect(tmp_path, runs)
+
+
+def test_written_table_and_files_state_the_computed_figures(tmp_path):
+    """results.md: one line per adapter, best worst case first, each figure x100 to one decimal;
+    summary.json and worst_case_samples.jsonl hold the rows and records as computed."""
+    runs = [AttackRun("pgd[steps=2]", "pgd", {"steps": 2}), AttackRun("square", "square", {})]
+    rows = [
+        {"adapter": "low", "n": 8, "clean_acc": 0.875, "adv_acc_by_attack": {"pgd[steps=2]": 0.5, "square": 0.25},
+         "worst_case_acc": 0.125, "warnings": ["square: too few queries"]},
+        {"adapter": "high", "n": 8, "clean_acc": 0.75, "adv_acc_by_attack": {"pgd[steps=2]": 0.625, "square": None},
+         "worst_case_acc": 0.375, "warnings": []},
+        {"adapter": "none", "n": 0, "clean_acc": None, "adv_acc_by_attack": {"pgd[steps=2]": None, "square": None},
+         "worst_case_acc": None, "warnings": []},
+    ]  # fmt: skip
+    samples = [{"adapter": "low", "position": 3, "worst_case_correct": True}]
+    paths = write(tmp_path, rows, samples, runs, "Demo, eps 8/255", {"eps": 8 / 255})
+    assert [p.name for p in paths] == ["summary.json", "results.md", "worst_case_samples.jsonl"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary == {
+        "rows": rows,
+        "caption": "Demo, eps 8/255",
+        "attacks": ["pgd[steps=2]", "square"],
+        "eps": 8 / 255,
+    }
+    assert [json.loads(line) for line in (tmp_path / "worst_case_samples.jsonl").read_text().splitlines()] == samples
+    lines = (tmp_path / "results.md").read_text().splitlines()
+    assert lines[:4] == [
+        "Demo, eps 8/255",
+        "",
+        "| adapter | n | clean (%) | pgd[steps=2] (%) | square (%) | worst case (%) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    assert lines[4:7] == [
+        "| high | 8 | 75.0 | 62.5 | - | **37.5** |",
+        "| low | 8 | 87.5 | 50.0 | 25.0 | **12.5** |",
+        "| none | 0 | - | - | - | **-** |",
+    ]
+    assert lines[7:] == [
+        "",
+        "Sanity-check warnings (the attack may not work on that adapter):",
+        "- square: too few queries",
+    ]
+    assert (tmp_path / "results.md").read_text().endswith("too few queries\n")
+    bare = markdown(rows[1:2], runs)  # no caption, no warnings: the table alone
+    assert bare == "\n".join(lines[2:5]) + "\n"
+
+
+def test_attack_lists_parse_into_labels_names_settings_and_folders():
+    runs = parse_attacks(" pgd[steps = 2], square ,")
+    assert [(r.label, r.name, r.settings, r.folder) for r in runs] == [
+        ("pgd[steps=2]", "pgd", {"steps": 2}, "pgd_steps_2"),
+        ("square", "square", {}, "square"),
+    ]
+    with pytest.raises(ValueError, match="needs --attacks"):
+        parse_attacks(None)
+    with pytest.raises(ValueError, match="needs --attacks"):
+        parse_attacks("  ")
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -100,12 +249,14 @@ def test_worst_case_run_resumes_after_kills_to_the_uninterrupted_result(tmp_path
     assert cli.main([*RUN, "--out", str(reference), "--cache-dir", str(tmp_path / "cache-ref")]) == 0
     summary = json.loads((reference / "summary.json").read_text())
     rows = {row["adapter"]: row for row in summary["rows"]}
-    per_sample = [json.loads(line) for line in (reference / "worst_case_samples.jsonl").read_text().splitlines()]
-    for adapter, row in rows.items():  # the summary is the AND of the attack folders' own records
-        mine = [s for s in per_sample if s["adapter"] == adapter]
-        assert row["worst_case_correct"] == sum(
-            s["clean"] == s["label"] and all(p == s["label"] for p in s["adv"].values()) for s in mine
-        )
+    correct = {}  # (adapter, position) -> correct clean and under every attack so far
+    for folder in (reference / "attacks").iterdir():  # the summary is the AND of the attack folders' own records
+        for line in (folder / "samples.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            key = (r["adapter"], r["position"])
+            correct[key] = correct.get(key, True) and r["clean"] == r["label"] and r["adv"] == r["label"]
+    for adapter, row in rows.items():
+        assert row["worst_case_correct"] == sum(ok for (a, _), ok in correct.items() if a == adapter)
         assert row["transfer_only"] is False
     entry = json.loads(next((reference / "model_info").rglob("*worst_case_ens.json")).read_text())
     from atpt_plugin.adapters.robustbench import import_robustbench

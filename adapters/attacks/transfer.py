@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
+import torch
+from torch import nn
+
 from .base import ATTACKS, Attack, check_choice
 
 
@@ -68,7 +71,24 @@ class CW(Attack):
         import torchattacks
 
         p = spec.param_dict
-        return torchattacks.CW(model, c=p["c"], kappa=p["kappa"], steps=p["steps"], lr=p["lr"])
+        return torchattacks.CW(PositiveLogits(model), c=p["c"], kappa=p["kappa"], steps=p["steps"], lr=p["lr"])
+
+
+class PositiveLogits(nn.Module):
+    """The logits shifted per image so that the smallest is 1: same margins, same gradients.
+
+    torchattacks' CW reads the margin z_y - max_{j!=y} z_j from logits multiplied by a one-hot
+    mask, so a masked-out entry reads 0; with every logit negative (small models, SigLIP's
+    bias) the margin is then 0 and CW returns the clean images unchanged.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.model(images)
+        return logits - logits.min(dim=1, keepdim=True).values + 1
 
 
 @ATTACKS.register("autoattack")
