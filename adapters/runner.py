@@ -38,7 +38,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .adaptive import SanityChecks, check_attacks, judge, run_adaptive, zero_gradient_warning
+from .adaptive import SanityChecks, check_attacks, judge, run_adaptive_each, zero_gradient_warning
 from .attacks import AttackSpec, AttackStats, ZeroShotClassifier, chunk_seed, run_attack
 from .cache import AdversarialCache, tensor_digest
 from .datasets import BadImageError
@@ -186,8 +186,8 @@ class Evaluation:
         stats = AttackStats()
         if counter is not None:
             counter.count = 0
-        adversarial = run_adaptive(
-            spec, adapter, image.unsqueeze(0), torch.tensor([label]), chunk_seed(self.seed, position), stats
+        adversarial = run_adaptive_each(
+            spec, adapter, image.unsqueeze(0), torch.tensor([label]), [chunk_seed(self.seed, position)], [stats]
         )
         if counter is not None and counter.handles:
             stats.image_passes = counter.count

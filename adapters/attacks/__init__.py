@@ -22,8 +22,9 @@ from .base import (
     resolve_attack_name,
     run_attack,
 )
+from .eot import EotPgd, eot_pgd
 from .eps import check_eps, format_eps, parse_eps
-from .pipeline import AttackStats, EotPgd, Square, attack_loss, attack_view, eot_pgd
+from .pipeline import AttackStats, Square, attack_loss, attack_view
 from .transfer import CW, FGSM, PGD, PGDL2, AutoAttack, NoAttack
 from .zeroshot import ZeroShotClassifier
 
