@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --attack worst: the attacks whose worst case is reported, each with "
         'its own parameters, e.g. "pgd[steps=20],eot-pgd,square[n_queries=500]"',
     )
+    ev.add_argument(
+        "--independent",
+        action="store_true",
+        help="with --attack worst: run every attack on every sample (each attack's own accuracy) instead of "
+        "the cascade, where each attack runs only on the samples every earlier attack left robust",
+    )
     ev.add_argument("--eps", help="attack budget; L-inf in 1/255 units (4 = 4/255), see below")
     ev.add_argument("--alpha", help="step size, in the unit of --eps (default: eps / 4)")
     ev.add_argument(

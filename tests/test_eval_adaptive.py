@@ -219,8 +219,9 @@ def test_adaptive_results_and_checks_resume_from_the_results_file(tiny_vit, toke
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished sample was attacked again")
 
-    monkeypatch.setattr("atpt_plugin.adapters.runner.run_adaptive_each", must_not_run)
+    monkeypatch.setattr("atpt_plugin.adapters.adaptive_loop.run_adaptive_each", must_not_run)
     monkeypatch.setattr("atpt_plugin.adapters.runner.run_attack", must_not_run)
+    monkeypatch.setattr("atpt_plugin.adapters.adaptive_loop.run_attack", must_not_run)
     again, _ = broken_evaluation(tiny_vit, tokenizer, images, ResultLog(tmp_path))
     assert [row.as_dict() for row in again.run()] == rows
 

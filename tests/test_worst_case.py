@@ -12,7 +12,7 @@ import time
 import pytest
 from atpt_plugin.adapters import cli
 from atpt_plugin.adapters.leaderboard import DEFENCE_FIELDS
-from atpt_plugin.adapters.worst_case import AdapterOutcome, AttackRun, parse_attacks, worst_case_rows
+from atpt_plugin.adapters.worst_case import AdapterOutcome, AttackRun, parse_attacks, survivors, worst_case_rows
 
 ATTACKS = "pgd[steps=2],eot-pgd[steps=1,eot_iter=1],square[n_queries=4]"
 RUN = [
@@ -30,7 +30,7 @@ RUN = [
     "--attacks",
     ATTACKS,
     "--eps",
-    "8",
+    "1",
     "--attack-batch-size",
     "3",
     "--sanity-checks",
@@ -48,24 +48,62 @@ WALL_CLOCK = {
 }
 
 
+LABELS = {0: 1, 1: 2, 2: 0, 3: 1, 4: 2, 5: 0}
+CLEAN = {0: 1, 1: 2, 2: 1, 3: 1, 4: 2, 5: 0}  # sample 2 wrong clean
+ADV = {  # every attack on every sample, as --independent runs them
+    "a": {0: 1, 1: 0, 2: 0, 3: 1, 4: 2, 5: 1},  # 1 and 5 fall to a
+    "b": {0: 1, 1: 2, 2: 0, 3: 0, 4: 2, 5: 2},  # 3 and 5 fall to b
+}
+RUNS = [AttackRun("a", "pgd", {}), AttackRun("b", "square", {})]
+
+
+def cascade_outcome():
+    """What a cascade records: each attack only on the samples clean and the earlier attacks left robust."""
+    outcome = AdapterOutcome("m", dict(LABELS), dict(CLEAN))
+    alive = {p for p in LABELS if CLEAN[p] == LABELS[p]}
+    for run in RUNS:
+        outcome.adv[run.label] = {p: ADV[run.label][p] for p in alive}
+        alive = {p for p in alive if ADV[run.label][p] == LABELS[p]}
+    return outcome
+
+
 def test_worst_case_is_the_per_sample_and_of_clean_and_every_attack():
     """Outcomes forced by hand, against a plain reference written here."""
-    runs = [AttackRun("a", "pgd", {}), AttackRun("b", "square", {})]
-    labels = {0: 1, 1: 2, 2: 0, 3: 1, 4: 2}
-    clean = {0: 1, 1: 2, 2: 1, 3: 1, 4: 2}  # sample 2 wrong clean
-    adv = {
-        "a": {0: 1, 1: 0, 2: 0, 3: 1, 4: 2},  # sample 1 falls to a
-        "b": {0: 1, 1: 2, 2: 0, 3: 0, 4: 2},
-    }  # sample 3 falls to b
-    outcome = AdapterOutcome("m", labels, clean, adv)
-    rows, samples = worst_case_rows({"m": outcome}, runs, {"a": {}, "b": {}})
-    expected = [p for p in labels if clean[p] == labels[p] and all(adv[r][p] == labels[p] for r in adv)]
+    rows, samples = worst_case_rows({"m": AdapterOutcome("m", LABELS, CLEAN, ADV)}, RUNS, {"a": {}, "b": {}})
+    expected = [p for p in LABELS if CLEAN[p] == LABELS[p] and all(ADV[r][p] == LABELS[p] for r in ADV)]
     assert expected == [0, 4]
-    assert rows[0]["worst_case_correct"] == 2 and rows[0]["worst_case_acc"] == pytest.approx(2 / 5)
-    assert rows[0]["adv_acc_by_attack"] == {"a": pytest.approx(4 / 5), "b": pytest.approx(4 / 5)}
-    survived = {s["position"]: s["survived"] for s in samples}
-    assert survived[1] == ["b"] and survived[3] == ["a"] and survived[2] == ["a", "b"]
+    row = rows[0]
+    assert row["worst_case_correct"] == 2 and row["worst_case_acc"] == pytest.approx(2 / 6)
+    assert row["adv_acc_by_attack"] == {"a": pytest.approx(4 / 6), "b": pytest.approx(4 / 6)}
+    assert row["robust_acc_after_attack"] == {"a": pytest.approx(3 / 6), "b": pytest.approx(2 / 6)}  # cumulative
+    # fooled by it and by no other attack, among the samples correct clean: 1 by a, 3 by b (5 by both)
+    assert {label: s["fooled_only"] for label, s in row["attack_stats"].items()} == {"a": 1, "b": 1}
+    assert {label: s["attacked"] for label, s in row["attack_stats"].items()} == {"a": 6, "b": 6}
+    fooled = {s["position"]: s["fooled_by"] for s in samples}
+    assert fooled[1] == ["a"] and fooled[3] == ["b"] and fooled[5] == ["a", "b"] and fooled[2] == []
     assert [s["position"] for s in samples if s["worst_case_correct"]] == expected
+
+
+def test_a_cascade_gives_the_same_per_sample_worst_case_and_attacks_only_survivors():
+    independent, samples = worst_case_rows({"m": AdapterOutcome("m", LABELS, CLEAN, ADV)}, RUNS, {"a": {}, "b": {}})
+    cascade, cascade_samples = worst_case_rows({"m": cascade_outcome()}, RUNS, {"a": {}, "b": {}}, independent=False)
+    assert [s["worst_case_correct"] for s in cascade_samples] == [s["worst_case_correct"] for s in samples]
+    assert cascade[0]["worst_case_acc"] == independent[0]["worst_case_acc"]
+    assert cascade[0]["robust_acc_after_attack"] == independent[0]["robust_acc_after_attack"]
+    assert cascade[0]["adv_acc_by_attack"] == {"a": None, "b": None}  # not measured on every sample
+    # a attacks the 5 samples correct clean and fools 1 and 5; b attacks the other 3 and fools 3
+    stats = cascade[0]["attack_stats"]
+    assert (stats["a"]["attacked"], stats["a"]["fooled_only"], stats["b"]["attacked"], stats["b"]["fooled_only"]) == (
+        5,
+        2,
+        3,
+        1,
+    )
+    assert survivors({"m": cascade_outcome()}, RUNS[:1]) == {"m": {0, 3, 4}}
+    broken = cascade_outcome()
+    del broken.adv["b"][3]  # a survivor of a that b never attacked
+    with pytest.raises(RuntimeError, match="has no b result for samples \\[3\\]"):
+        worst_case_rows({"m": broken}, RUNS, {"a": {}, "b": {}}, independent=False)
 
 
 @pytest.mark.parametrize(
@@ -135,10 +173,45 @@ def test_worst_case_run_resumes_after_kills_to_the_uninterrupted_result(tmp_path
     assert cli.main([*RUN, "--out", str(out), "--cache-dir", str(tmp_path / "cache-killed")]) == 0
     assert strip(json.loads((out / "summary.json").read_text())["rows"]) == strip(summary["rows"])
     assert (out / "worst_case_samples.jsonl").read_text() == (reference / "worst_case_samples.jsonl").read_text()
-    for folder in (out / "attacks").iterdir():  # nothing computed twice in any attack's records
-        lines = (folder / "samples.jsonl").read_text().splitlines()
+    attacked = {
+        label: {row["adapter"]: row["attack_stats"][label]["attacked"] for row in summary["rows"]}
+        for label in summary["attacks"]
+    }
+    for label, folder in zip(summary["attacks"], ("pgd_steps_2", "eot-pgd_steps_1_eot_iter_1", "square_n_queries_4")):
+        lines = (out / "attacks" / folder / "samples.jsonl").read_text().splitlines()
         keys = [(json.loads(line)["adapter"], json.loads(line)["position"]) for line in lines]
-        assert len(keys) == len(set(keys)) == 12
+        assert len(keys) == len(set(keys)) > 0  # nothing computed twice in any attack's records
+        assert {a: sum(k[0] == a for k in keys) for a in attacked[label]} == attacked[label]  # survivors only
+    clean = (out / "clean" / "samples.jsonl").read_text().splitlines()
+    assert len(clean) == len({(json.loads(line)["adapter"], json.loads(line)["position"]) for line in clean}) == 12
+
+
+def records(folder):
+    lines = (folder / "samples.jsonl").read_text().splitlines()
+    return {(r["adapter"], r["position"]): r for r in map(json.loads, lines)}
+
+
+@pytest.mark.slow
+def test_cascade_and_independent_runs_agree_per_sample_on_the_demo(tmp_path, one_thread):
+    run = [*RUN, "--attacks", "pgd[steps=2],eot-pgd[steps=2,eot_iter=1],square[n_queries=8]"]
+    for mode in ("cascade", "independent"):
+        flags = ["--independent"] if mode == "independent" else []
+        assert cli.main([*run, *flags, "--out", str(tmp_path / mode), "--cache-dir", str(tmp_path / "cache")]) == 0
+    outcome = {}
+    for mode in ("cascade", "independent"):
+        lines = (tmp_path / mode / "worst_case_samples.jsonl").read_text().splitlines()
+        outcome[mode] = {(s["adapter"], s["position"]): s["worst_case_correct"] for s in map(json.loads, lines)}
+    assert outcome["cascade"] == outcome["independent"] and len(outcome["cascade"]) == 12
+    assert 0 < sum(outcome["cascade"].values()) < 12  # some samples survive, some fall
+    attacked = fewer = 0
+    for folder in (tmp_path / "independent" / "attacks").iterdir():
+        everything, survivors_only = records(folder), records(tmp_path / "cascade" / "attacks" / folder.name)
+        assert set(survivors_only) <= set(everything)
+        for key, record in survivors_only.items():  # a sample is attacked alike whatever else is attacked
+            assert (record["clean"], record["adv"]) == (everything[key]["clean"], everything[key]["adv"])
+        attacked += len(survivors_only)
+        fewer += len(everything) - len(survivors_only)
+    assert fewer > 0 and attacked > 0
 
 
 def test_single_attack_rows_and_benchmark_table_carry_the_worst_case(tmp_path, one_thread):
