@@ -10,6 +10,7 @@ computed once, batched on the device, and cached per (model, dataset, attack, se
 (`pipeline.py`) attack each wrapped adapter itself, per image, inside the evaluation loop.
 """
 
+from .apgd import ApgdEot
 from .base import (
     ATTACKS,
     DEFAULT_L2_EPS,
@@ -29,6 +30,7 @@ from .transfer import CW, FGSM, PGD, PGDL2, AutoAttack, NoAttack
 from .zeroshot import ZeroShotClassifier
 
 __all__ = [
+    "ApgdEot",
     "ATTACKS",
     "DEFAULT_L2_EPS",
     "PAPER_EPS",

@@ -17,6 +17,8 @@ defence itself (Athalye et al., ICML 2018; Croce et al., ICML 2022):
   through the choice, gradient through the chosen views. Every iterate is checked against
   the deployed adapter and a sample stops at the first that fools it. Cost: at most
   steps * eot_iter adaptations with a backward pass and steps + 1 checks, per image.
+- `apgd-eot` (`apgd.py`): torchattacks' APGD-CE / APGD-DLR with EOT on the same view of
+  the adapter, AutoAttack's version for randomized defences.
 - `square`: torchattacks' Square attack (random search, no gradients) on the adapter as
   deployed: a gradient-free check that exposes gradient masking. Cost: up to n_queries
   adaptations per image (it stops on an image once it is misclassified).
@@ -87,8 +89,10 @@ class AttackStats:
         }
 
 
-class _Counted(nn.Module):
-    """Counts the images it forwards (each is one adaptation of the pipeline)."""
+class Counted(nn.Module):
+    """Counts the images it forwards (each is one adaptation of the pipeline), and as
+    backward passes those forwarded with gradients w.r.t. the input (the attacks here
+    differentiate every such pass)."""
 
     def __init__(self, model: nn.Module, stats: AttackStats):
         super().__init__()
@@ -97,6 +101,8 @@ class _Counted(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         self.stats.forward += int(images.shape[0])
+        if torch.is_grad_enabled() and images.requires_grad:
+            self.stats.backward += int(images.shape[0])
         return self.model(images)
 
 
@@ -138,7 +144,7 @@ class Square(Attack):
         import torchattacks
 
         p = spec.param_dict
-        counted = _Counted(adapter, stats)
+        counted = Counted(adapter, stats)
         attack = torchattacks.Square(
             counted,
             norm=spec.norm,
