@@ -90,3 +90,21 @@ def test_a_batch_is_attacked_exactly_as_each_image_alone(setting, gradient):
         assert torch.equal(
             tta(together).argmax(1), torch.cat([tta(together[i : i + 1]) for i in range(len(x))]).argmax(1)
         )
+
+
+def test_the_evaluation_loop_gives_the_same_records_for_any_attack_batch_size(setting):
+    from atpt_plugin.adapters.adaptive import SanityChecks
+    from atpt_plugin.adapters.runner import Evaluation
+    from atpt_plugin.adapters.sources import TensorSource
+
+    tta, x, y = setting
+    spec = make_attack("eot-pgd", eps=EPS, steps=2, eot_iter=1)
+    outcomes = []
+    for batch in (1, 3, 8):
+        evaluation = Evaluation(
+            {"atpt": tta}, TensorSource(x, y), spec, None, None, attack_batch_size=batch, sanity=SanityChecks(n=0)
+        )
+        evaluation.run()
+        outcomes.append([(r["position"], r["clean"], r["adv"], r["attack"]["forward"]) for r in evaluation.merged])
+    assert outcomes[0] == outcomes[1] == outcomes[2]
+    assert any(adv != clean for _, clean, adv, _ in outcomes[0])  # the attack fooled some samples
