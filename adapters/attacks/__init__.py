@@ -7,7 +7,8 @@ with the initial prompt, on the center crop in [0,1] (eps 4/255, step eps/4, 100
 ViTs; eps 1/255, 1 step for RN50). It does not depend on the adapter, so its images are
 computed once, batched on the device, and cached per (model, dataset, attack, seed)
 (`cache.py`): six adapters compared on one set cost one attack. Adaptive attacks
-(`pipeline.py`) attack each wrapped adapter itself, per image, inside the evaluation loop.
+(`eot.py`, `apgd.py`, `pipeline.py`) attack each wrapped adapter itself inside the
+evaluation loop, each image with its own seed (EOT-PGD several images per call).
 """
 
 from .apgd import ApgdEot
