@@ -248,3 +248,18 @@ def test_single_attack_rows_and_benchmark_table_carry_the_worst_case(tmp_path, o
         entry["test_time_defence"]["transfer_only"] is True
         and "pgd" in entry["test_time_defence"]["accuracy"]["transfer"]
     )
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--attack", "pgd", "--independent"], "--attacks and --independent are for a worst case"),
+        (["--attack", "pgd", "--attacks", "pgd,square"], "--attacks and --independent are for a worst case"),
+        (["--attack", "worst", "--attacks", "pgd,square", "--attack-steps", "3"], "give each attack its own steps"),
+    ],
+)
+def test_worst_case_flags_outside_a_worst_case_are_clear_errors(extra, message, tmp_path, capsys):
+    args = ["eval", "--model", "fmnist-vit-tiny", "--adapters", "zeroshot", "--out", str(tmp_path / "never"), *extra]
+    assert cli.main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
