@@ -16,14 +16,15 @@ or masked gradients): EOT-PGD cannot move there, and Square is the check to run.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .attacks import AttackSpec, AttackStats, format_eps, make_attack
+from .attacks import AttackSpec, AttackStats, chunk_seed, format_eps, make_attack
 
 CHECKS = ("fewer_steps", "fewer_eot", "fewer_queries", "large_eps", "transfer")
 CHECK_TEXT = {
@@ -46,21 +47,63 @@ def run_adaptive(
     """Adversarial versions of `images` made on `adapter` itself (adaptive `spec`), on its device.
 
     All randomness (random start, EOT view draws, Square's search) is seeded with `seed`
-    alone, so a sample is attacked alike in any process and on resume; the caller's RNG
-    state is restored afterwards.
+    alone (image i of a batched attack with `chunk_seed(seed, i)`), so a sample is attacked
+    alike in any process and on resume; the caller's RNG state is restored afterwards.
     """
+    stats = stats if stats is not None else AttackStats()
+    if spec.is_adaptive and spec.attack.batched:
+        each = [AttackStats() for _ in range(len(images))]
+        adversarial = run_adaptive_each(
+            spec, adapter, images, labels, [chunk_seed(seed, i) for i in range(len(images))], each
+        )
+        for item in each:
+            stats.add(item)
+        return adversarial
+    with _seeded(spec, adapter, images, seed) as device:
+        start = time.perf_counter()
+        adversarial = spec.attack.run(spec, adapter, images.detach().to(device), labels.to(device), seed, stats)
+        stats.seconds += time.perf_counter() - start
+    return adversarial.detach()
+
+
+def run_adaptive_each(
+    spec: AttackSpec,
+    adapter: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    seeds: Sequence[int],
+    stats: Sequence[AttackStats],
+) -> torch.Tensor:
+    """Each image attacked as it would be alone, with its own seed and stats: in one batch
+    when the attack is `batched` (the batch's seconds shared evenly), else one at a time."""
+    if not spec.attack.batched:
+        return torch.cat(
+            [
+                run_adaptive(spec, adapter, images[i : i + 1], labels[i : i + 1], seeds[i], stats[i])
+                for i in range(len(images))
+            ]
+        )
+    with _seeded(spec, adapter, images, seeds[0]) as device:
+        start = time.perf_counter()
+        adversarial = spec.attack.run_each(
+            spec, adapter, images.detach().to(device), labels.to(device), list(seeds), stats
+        )
+        seconds = (time.perf_counter() - start) / max(1, len(images))
+    for item in stats:
+        item.seconds += seconds
+    return adversarial.detach()
+
+
+@contextlib.contextmanager
+def _seeded(spec: AttackSpec, adapter: nn.Module, images: torch.Tensor, seed: int):
+    """The adapter's device, with gradients on and the global RNG seeded, restored afterwards."""
     if not spec.is_adaptive:
         raise ValueError(f"attack {spec.name!r} is not adaptive")
-    stats = stats if stats is not None else AttackStats()
     device = _device_of(adapter, images)
-    images, labels = images.detach().to(device), labels.to(device)
     devices = [device.index or 0] if device.type == "cuda" else []
-    start = time.perf_counter()
     with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(seed)
-        adversarial = spec.attack.run(spec, adapter, images, labels, seed, stats)
-    stats.seconds += time.perf_counter() - start
-    return adversarial.detach()
+        yield device
 
 
 def _device_of(adapter: nn.Module, images: torch.Tensor) -> torch.device:

@@ -36,13 +36,19 @@ units: --eps and --alpha for L-inf attacks (pgd, fgsm, autoattack) are in 1/255 
   the paper's protocol, eps 4/255 with 100 steps on ViTs, eps 1/255 with 1 step on ResNets,
   alpha = eps / 4.
 adaptive attacks: --attack eot-pgd (PGD with EOT on each adapter's whole pipeline; --attack-steps,
-  --alpha, --attack-opt eot_iter=4 gradient=bpda|exact|fixed_prompt loss=ce|margin) and
-  --attack square (gradient-free; --attack-opt n_queries=1000) attack every adapter itself,
-  per image: they cost about steps * eot_iter (or n_queries) adaptations per image and
-  adapter. --sanity-checks N (default 8, 0 = off) reruns cheaper variants, a large eps and
-  the transfer PGD on the first N images and warns in results.md / summary.json when the
-  attack fails a check (Carlini et al. 2019; Croce et al. 2022). --attack pgd is the
-  paper's transfer attack, for comparison.
+  --alpha, --attack-opt eot_iter=4 gradient=bpda|exact|fixed_prompt loss=ce|margin),
+  --attack apgd-eot (AutoAttack's APGD with EOT; loss=ce|dlr|dlr-targeted) and --attack
+  square (gradient-free; --attack-opt n_queries=1000) attack every adapter itself, each
+  image stopping at the first iterate that fools the deployed adapter, --attack-batch-size
+  images at a time where the attack batches: they cost at most steps * eot_iter (or
+  n_queries) adaptations per image and adapter. --sanity-checks N (default 8, 0 = off)
+  reruns cheaper variants, a large eps and the transfer PGD on the first N images and warns
+  in results.md / summary.json when the attack fails a check (Carlini et al. 2019; Croce et
+  al. 2022). --attack pgd is the paper's transfer attack, for comparison.
+worst case: --attack worst --attacks "pgd[steps=20],eot-pgd,apgd-eot,square" predicts every
+  sample clean once, then runs the attacks in the order given, as a cascade: each attack
+  only on the samples clean and every earlier attack left robust (give them cheapest
+  first); --independent runs every attack on every sample. docs/worst_case.md.
 resume: the same command into the same --out continues where a killed run stopped; a run
   with other settings into that folder is refused (use a new --out). A full disk stops the
   run with an error naming the file; free space and rerun. Damaged lines in samples.jsonl
@@ -124,8 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--attacks",
-        help="with --attack worst: the attacks whose worst case is reported, each with "
-        'its own parameters, e.g. "pgd[steps=20],eot-pgd,square[n_queries=500]"',
+        help="with --attack worst: the attacks whose worst case is reported, in the order they run "
+        '(cheapest first), each with its own parameters, e.g. "pgd[steps=20],eot-pgd,square[n_queries=500]"',
+    )
+    ev.add_argument(
+        "--independent",
+        action="store_true",
+        help="with --attack worst: run every attack on every sample (each attack's own accuracy) instead of "
+        "the cascade, where each attack runs only on the samples every earlier attack left robust",
     )
     ev.add_argument("--eps", help="attack budget; L-inf in 1/255 units (4 = 4/255), see below")
     ev.add_argument("--alpha", help="step size, in the unit of --eps (default: eps / 4)")

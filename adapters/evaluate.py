@@ -1,5 +1,5 @@
 """`atpt eval` as the command line gives it: one attack on every adapter, or the worst case over
-several (each attack's own resumable folder, then their per-sample AND)."""
+several (one clean pass, each attack's own resumable folder, then their per-sample AND)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ def run_eval(args) -> int:
                 f"--attack-opt {key}={value}: the attack's {key} has its own flag: use {DEDICATED_FLAGS[key]} {value}"
             )
     if args.attack.strip().lower() != WORST:
-        if args.attacks:
-            raise ValueError("--attacks lists the attacks of a worst case: use it with --attack worst")
+        if args.attacks or args.independent:
+            raise ValueError("--attacks and --independent are for a worst case: use them with --attack worst")
         name, steps, alpha, eps = bracketed_attack(args, attack_opts)
         dist = DistContext.from_env()
         try:
@@ -82,7 +82,8 @@ def check_worst_case_attack(run, args) -> None:
 
 
 def run_worst_case(args) -> int:
-    """Each attack of --attacks in its own resumable folder, then their per-sample AND."""
+    """One clean pass, each attack of --attacks in its own resumable folder (a cascade on the
+    survivors, or `--independent`ly on every sample), then their per-sample AND."""
     from . import worst_case
     from .distributed import DistContext
     from .leaderboard import write_worst_case_model_info
@@ -97,16 +98,24 @@ def run_worst_case(args) -> int:
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is an existing file; the output is a folder: give a folder path")
+    independent = args.independent
     dist = DistContext.from_env()
     try:
-        outputs = {}
-        for run in runs:
+        evaluate(args, dist, out / worst_case.CLEAN, "none", None, None, None, {})  # the one clean pass
+        clean_records = worst_case.collect(out, [])
+        clean = {(name, p): o.clean[p] for name, o in clean_records.items() for p in o.clean}
+        outputs, wall = {}, {}
+        for done, run in enumerate(runs):
             settings = dict(run.settings)
             steps, alpha, eps = (
                 settings.pop("steps", None),
                 settings.pop("alpha", args.alpha),
                 settings.pop("eps", args.eps),
             )
+            targets = (
+                None if independent else worst_case.survivors(worst_case.collect(out, runs[:done], False), runs[:done])
+            )
+            start = time.perf_counter()
             outputs[run.label] = evaluate(
                 args,
                 dist,
@@ -116,27 +125,34 @@ def run_worst_case(args) -> int:
                 None if alpha is None else str(alpha),
                 None if eps is None else str(eps),
                 settings,
+                clean=clean,
+                targets=targets,
             )
+            wall[run.label] = round(time.perf_counter() - start, 3)
         if dist.rank == 0:
             first = outputs[runs[0].label]
-            outcomes = worst_case.collect(out, runs)
+            outcomes = worst_case.collect(out, runs, independent)
             attack_rows = {label: {row["adapter"]: row for row in output["rows"]} for label, output in outputs.items()}
-            rows, samples = worst_case.worst_case_rows(outcomes, runs, attack_rows)
+            rows, samples = worst_case.worst_case_rows(outcomes, runs, attack_rows, independent)
             caption = f"{first['caption'].split(', attack:')[0]}, worst case over {', '.join(r.label for r in runs)}"
+            caption += " (independent)" if independent else " (cascade)"
             attacks = {label: output["attack"] for label, output in outputs.items()}
-            files = worst_case.write(
-                out, rows, samples, runs, caption, {"attack_runs": attacks, "settings": first["settings"]}
-            )
+            extra = {"attack_runs": attacks, "settings": first["settings"], "attack_wall_seconds": wall}
+            files = worst_case.write(out, rows, samples, runs, caption, extra, independent)
             files += write_worst_case_model_info(rows, outputs, out)
-            print(worst_case.markdown(rows, runs, caption))
+            print(worst_case.markdown(rows, runs, caption, independent))
             print("wrote: " + ", ".join(map(str, files)), file=sys.stderr)
     finally:
         dist.close()
     return 0
 
 
-def evaluate(args, dist, out: Path, attack_name: str, steps, alpha_text, eps_text, attack_opts) -> dict:
-    """One attack on every adapter, resumable in `out`; returns rank 0's summary."""
+def evaluate(
+    args, dist, out: Path, attack_name: str, steps, alpha_text, eps_text, attack_opts, clean=None, targets=None
+) -> dict:
+    """One attack on every adapter, resumable in `out`; returns rank 0's summary. A worst case
+    passes its clean predictions ({(adapter, position): class}) and, in a cascade, the
+    samples each adapter is attacked on ({adapter: positions})."""
     from .datasets import json_digest
     from .device import resolve_device
     from .leaderboard import entry_name, write_row_model_info
@@ -197,6 +213,8 @@ def evaluate(args, dist, out: Path, attack_name: str, steps, alpha_text, eps_tex
             sanity=sanity,
             on_bad_image=args.on_bad_image,
             repair_results=args.repair_results,
+            clean=clean,
+            targets=targets,
         )
         descriptions = plan.descriptions
         rows = [row.as_dict() for row in evaluation.run()]
@@ -206,7 +224,9 @@ def evaluate(args, dist, out: Path, attack_name: str, steps, alpha_text, eps_tex
                 f"{dataset.info.title}, {len(plan.source)} images, {model_name} ({pretrained}), "
                 f"attack: {spec.describe()}"
             )
-            for row in rows:
+            if targets is not None:  # a cascade's attack sees a subset: no leaderboard entry of its own
+                caption += ", only on the samples clean and every earlier attack left robust (cascade)"
+            for row in rows if targets is None else []:
                 row["model_info"] = write_row_model_info(
                     row,
                     dataset=prepared.dataset_key,
@@ -242,7 +262,10 @@ def evaluate(args, dist, out: Path, attack_name: str, steps, alpha_text, eps_tex
                 print(f"atpt: warning: {warning}", file=sys.stderr)
             print(
                 "wrote: "
-                + ", ".join(str(p) for p in [*files, out / "summary.json"] + [Path(r["model_info"]) for r in rows]),
+                + ", ".join(
+                    str(p)
+                    for p in [*files, out / "summary.json"] + [Path(r["model_info"]) for r in rows if "model_info" in r]
+                ),
                 file=sys.stderr,
             )
     finally:

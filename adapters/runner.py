@@ -11,11 +11,16 @@
    checks that every (sample, adapter) is there exactly once and agrees with the sums.
 
 An adaptive attack (`eot-pgd`, `square`: `adaptive.py`) has no attack phase: in the adapt
-phase each adapter is attacked itself, per sample (seeded by the seed and the sample's
-position), and the deployed adapter predicts on its own adversarial image. On the first
+phase each adapter is attacked itself (`adaptive_loop.py`), each sample seeded by the seed
+and its position (batched when the attack allows), and the deployed adapter predicts on
+its own adversarial image. On the first
 `SanityChecks.n` samples the sanity checks' attacks run as well; their predictions are
 stored with the sample's record, so they shard and resume like everything else, and the
 reduced counts are judged into `checks` and `warnings` on every row.
+
+A worst-case run (`worst_case.py`) passes the clean predictions of its one clean pass
+(`clean`: they are not recomputed) and, in a cascade, the samples each adapter still has
+to be attacked on (`targets`: its survivors); only those are evaluated, recorded and counted.
 
 A run that is killed resumes from the results files: finished (sample, adapter) pairs
 are skipped, a half-written last line is dropped, and the attack batches come from the
@@ -33,13 +38,14 @@ the results files; `Evaluation.skipped` lists such samples (gathered over the ra
 from __future__ import annotations
 
 import time
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
 
-from .adaptive import SanityChecks, check_attacks, judge, run_adaptive, zero_gradient_warning
-from .attacks import AttackSpec, AttackStats, ZeroShotClassifier, chunk_seed, run_attack
+from .adaptive import SanityChecks, check_attacks, judge, zero_gradient_warning
+from .adaptive_loop import adapt_adaptive
+from .attacks import AttackSpec, ZeroShotClassifier, chunk_seed, run_attack
 from .cache import AdversarialCache, tensor_digest
 from .datasets import BadImageError
 from .distributed import DistContext
@@ -74,6 +80,8 @@ class Evaluation:
         image_size: Optional[int] = None,
         on_bad_image: str = "error",
         repair_results: bool = False,
+        clean: Optional[Dict[Tuple[str, int], int]] = None,
+        targets: Optional[Dict[str, Set[int]]] = None,
     ):
         if not adapters:
             raise ValueError("no adapters to evaluate")
@@ -109,6 +117,15 @@ class Evaluation:
         self.repair_results = repair_results
         self.unreadable: Dict[int, dict] = {}  # position -> what this rank could not read
         self.skipped: List[dict] = []  # every rank's, by position, after run()
+        self.clean = clean or {}  # (adapter, position) -> clean prediction known from the run's clean pass
+        self.targets = targets  # adapter -> the positions to evaluate (None: all)
+
+    def needed(self, name: str, position: int) -> bool:
+        """Whether this run evaluates the sample for the adapter (a cascade: only its survivors)."""
+        return self.targets is None or position in self.targets.get(name, ())
+
+    def known_clean(self, name: str, position: int) -> Optional[int]:
+        return self.clean.get((name, position))
 
     # -- helpers
     def _batches(self) -> List[range]:
@@ -142,11 +159,15 @@ class Evaluation:
         return start, [self.source.sample_id(p) for p in kept], tensor_digest(images, labels)
 
     def _done(self) -> Dict[Tuple[str, int], dict]:
-        """The finished (adapter, position) records; rejected ones are reported once and recomputed."""
+        """The finished (adapter, position) records this run needs; rejected ones are reported once and recomputed."""
         scan = self.log.checked()
         if scan.rejected and self.dist.rank == 0:
             warn(describe_rejected(scan.rejected))
-        return {(record["adapter"], record["position"]): record for record in scan.records}
+        return {
+            (record["adapter"], record["position"]): record
+            for record in scan.records
+            if self.needed(record["adapter"], record["position"])
+        }
 
     # -- phases
     def attack_phase(self, todo: set) -> None:
@@ -175,100 +196,72 @@ class Evaluation:
             images = images.to(self.device)
         return adapter(images).argmax(dim=-1).tolist()
 
-    def attack_adapter(
-        self,
-        spec: AttackSpec,
-        adapter: nn.Module,
-        image: torch.Tensor,
-        label: int,
-        position: int,
-        counter: Optional["PassCounter"] = None,
-    ) -> Tuple[torch.Tensor, AttackStats]:
-        """An adaptive attack on one adapter and one image (seeded by the run's seed and the position)."""
-        stats = AttackStats()
-        if counter is not None:
-            counter.count = 0
-        adversarial = run_adaptive(
-            spec, adapter, image.unsqueeze(0), torch.tensor([label]), chunk_seed(self.seed, position), stats
-        )
-        if counter is not None and counter.handles:
-            stats.image_passes = counter.count
-        return adversarial[0].cpu(), stats
-
-    def run_checks(
-        self, adapter: nn.Module, image: torch.Tensor, label: int, position: int, transfer: Dict[int, torch.Tensor]
-    ) -> dict:
-        """{check: the deployed adapter's prediction under that check's attack} for one sample."""
-        out = {}
-        for name, spec in self.checks.items():
-            if name == "transfer":
-                if position not in transfer:
-                    transfer[position] = run_attack(
-                        spec, self.attacked, image.unsqueeze(0), torch.tensor([label]), chunk_seed(self.seed, position)
-                    )[0]
-                adversarial = transfer[position]
-            else:
-                adversarial, _ = self.attack_adapter(spec, adapter, image, label, position)
-            out[name] = self.predict(adapter, adversarial.unsqueeze(0))[0]
-        return out
-
     def adapt_phase(self, todo: set, rows: Dict[str, Row], done: Dict) -> None:
-        mine = sorted(p for p in todo if self._mine(p))
-        pairs = sum((name, p) not in done for p in mine for name in self.adapters)
-        bar = progress_bar(self.progress, pairs, "adapt", "sample")  # advances as each adapter finishes a batch
+        pending = {
+            name: [p for p in sorted(todo) if self._mine(p) and self.needed(name, p) and (name, p) not in done]
+            for name in self.adapters
+        }
+        bar = progress_bar(self.progress, sum(map(len, pending.values())), "adapt", "sample")
         counter = PassCounter(self.adapters)
-        attacked = self.attack.is_attack
         try:
-            for batch in self._batches():
-                positions = [p for p in batch if p in todo and self._mine(p)]
-                if not positions:
-                    continue
-                transfer_for_checks: Dict[int, torch.Tensor] = {}  # the batch's check images, shared by adapters
-                kept, images, labels = self.load_batch(batch)
-                row_of = {p: i for i, p in enumerate(kept)}
-                adversarial, attack_seconds = None, None
-                if attacked and not self.attack.is_adaptive and kept:
-                    adversarial = self.cache.load(*self._cache_key(batch.start, kept, images, labels))
-                    if adversarial is None:
-                        raise RuntimeError(
-                            f"adversarial batch at position {batch.start} is missing from the "
-                            "cache after the attack phase"
-                        )
-                    made = self.cache.seconds(batch.start, len(kept))
-                    attack_seconds = None if made is None else round(made / len(kept), 6)
-                for name, adapter in self.adapters.items():
-                    todo_here = [p for p in positions if (name, p) not in done and p in row_of]
-                    if not todo_here:
-                        continue
-                    rows_here = [row_of[p] for p in todo_here]
-                    if self.attack.is_adaptive:
-                        records = [
-                            self.adapt_adaptive(
-                                name, adapter, images[i], int(labels[i]), p, counter, transfer_for_checks
-                            )
-                            for p, i in zip(todo_here, rows_here)
-                        ]
-                    else:
-                        records = self.adapt_together(
-                            name,
-                            adapter,
-                            images[rows_here],
-                            labels[rows_here],
-                            None if adversarial is None else adversarial[rows_here],
-                            todo_here,
-                            counter,
-                            attack_seconds,
-                        )
-                    earlier = not self.attack.is_adaptive and batch.start not in self.made_now
-                    for record in records:
-                        self.log.append(record)
-                        rows[name].add(record, earlier=earlier)
-                    bar.set_description_str(f"adapt {name}", refresh=False)
-                    bar.set_postfix_str(progress_postfix(rows, attacked), refresh=False)
-                    bar.update(len(records))
+            for name, records, earlier in self._adapted(pending, counter):
+                for record in records:
+                    self.log.append(record)
+                    rows[name].add(record, earlier=earlier)
+                bar.set_description_str(f"adapt {name}", refresh=False)
+                bar.set_postfix_str(progress_postfix(rows, self.attack.is_attack), refresh=False)
+                bar.update(len(records))
         finally:
             counter.close()
             bar.close()
+
+    def _adapted(self, pending: Dict[str, List[int]], counter: PassCounter):
+        """(adapter, records) as each adapter finishes a few samples:
+        adaptive attacks take each adapter's pending samples `batch` at a time; the others go
+        by the fixed attack batches, whose adversarial images come from the cache."""
+        if self.attack.is_adaptive:
+            transfer_for_checks: Dict[int, torch.Tensor] = {}  # the checks' transfer images, shared by adapters
+            for name, adapter in self.adapters.items():
+                for start in range(0, len(pending[name]), self.batch):
+                    kept, images, labels = self.load_batch(pending[name][start : start + self.batch])
+                    if kept:
+                        records = adapt_adaptive(
+                            self, name, adapter, images, labels, kept, counter, transfer_for_checks
+                        )
+                        yield name, records, False
+            return
+        wanted = {p for positions in pending.values() for p in positions}
+        for batch in self._batches():
+            if not wanted.intersection(batch):
+                continue
+            kept, images, labels = self.load_batch(batch)
+            row_of = {p: i for i, p in enumerate(kept)}
+            adversarial, attack_seconds = None, None
+            if self.attack.is_attack and kept:
+                adversarial = self.cache.load(*self._cache_key(batch.start, kept, images, labels))
+                if adversarial is None:
+                    raise RuntimeError(
+                        f"adversarial batch at position {batch.start} is missing from the cache after the attack phase"
+                    )
+                made = self.cache.seconds(batch.start, len(kept))
+                attack_seconds = None if made is None else round(made / len(kept), 6)
+            earlier = batch.start not in self.made_now  # its attack time was measured by an earlier process
+            for name, adapter in self.adapters.items():
+                here = [p for p in pending[name] if p in row_of]
+                if not here:
+                    continue
+                rows_here = [row_of[p] for p in here]
+                records = self.adapt_together(
+                    name,
+                    adapter,
+                    images[rows_here],
+                    labels[rows_here],
+                    None if adversarial is None else adversarial[rows_here],
+                    here,
+                    counter,
+                    attack_seconds,
+                )
+                yield name, records, earlier
 
     def adapt_together(
         self,
@@ -281,15 +274,22 @@ class Evaluation:
         counter: "PassCounter",
         attack_seconds: Optional[float] = None,
     ) -> List[dict]:
-        """Clean and adversarial images of a batch in one adapter call (the adapter batches them,
-        e.g. `image_batch`); per-sample seconds and image passes are the call's, shared evenly.
-        `attack_seconds`: each image's share of the time the transfer attack took on its batch."""
-        both = images if adversarial is None else torch.cat([images, adversarial])
+        """Clean (unless known from the run's clean pass) and adversarial images of a batch in one
+        adapter call (the adapter batches them, e.g. `image_batch`); per-sample seconds and image
+        passes are the call's, shared evenly. `attack_seconds`: each image's share of the time the
+        transfer attack took on its batch."""
+        known = [self.known_clean(name, p) for p in positions]
+        if adversarial is not None and all(c is not None for c in known):
+            both, cleans = adversarial, known
+        else:
+            both, cleans = (images if adversarial is None else torch.cat([images, adversarial])), None
         counter.count = 0
         start = time.perf_counter()
         predictions = self.predict(adapter, both)
         share = len(positions)
         seconds = (time.perf_counter() - start) / share
+        if cleans is not None:
+            predictions = cleans + predictions
         return [
             {
                 "position": p,
@@ -306,39 +306,6 @@ class Evaluation:
             for i, (p, label) in enumerate(zip(positions, labels))
         ]
 
-    def adapt_adaptive(
-        self,
-        name: str,
-        adapter: nn.Module,
-        image: torch.Tensor,
-        label: int,
-        position: int,
-        counter: "PassCounter",
-        transfer_for_checks: Dict[int, torch.Tensor],
-    ) -> dict:
-        """One sample under an adaptive attack on this adapter, then its clean and adversarial predictions."""
-        adversarial, stats = self.attack_adapter(self.attack, adapter, image, label, position, counter)
-        extra = {"attack": stats.as_dict()}
-        if self.checks and position < self.sanity.n:
-            start = time.perf_counter()
-            extra["checks"] = self.run_checks(adapter, image, label, position, transfer_for_checks)
-            extra["checks_seconds"] = round(time.perf_counter() - start, 6)
-        counter.count = 0
-        start = time.perf_counter()
-        clean, adv = self.predict(adapter, torch.stack([image, adversarial]))
-        return {
-            "position": position,
-            "id": self.source.sample_id(position),
-            "label": label,
-            "adapter": name,
-            "clean": clean,
-            "adv": adv,
-            "seconds": round(time.perf_counter() - start, 6),
-            "image_passes": counter.count,
-            "rank": self.dist.rank,
-            **extra,
-        }
-
     def run(self) -> List[Row]:
         """Attack, adapt, reduce; returns one `Row` per adapter (the same on every rank)."""
         if self.dist.rank == 0:
@@ -346,7 +313,7 @@ class Evaluation:
         self.dist.barrier()
         done = self._done()
         n = len(self.source)
-        todo = {p for p in range(n) if any((name, p) not in done for name in self.adapters)}
+        todo = {p for p in range(n) if any(self.needed(name, p) and (name, p) not in done for name in self.adapters)}
         self.attack_phase(todo)
         self.dist.barrier()
         rows = {name: Row(name, attacked=self.attack.is_attack) for name in self.adapters}
@@ -390,14 +357,19 @@ class Evaluation:
     def _merge(self, reduced: List[Row]) -> List[dict]:
         """All records, checked: none missing (each is there once: `ResultLog.records`), equal to the sums."""
         scan = self.log.checked()
-        records = scan.records
+        records = [r for r in scan.records if self.needed(r["adapter"], r["position"])]
         self.integrity = {
             "checksummed": self.log.directory is not None,
             "verified": len(records),
             "rejected": [str(item) for item in scan.rejected],
         }
         skipped = {item["position"] for item in self.skipped}
-        expected = {(name, p) for name in self.adapters for p in range(len(self.source)) if p not in skipped}
+        expected = {
+            (name, p)
+            for name in self.adapters
+            for p in range(len(self.source))
+            if p not in skipped and self.needed(name, p)
+        }
         missing = sorted(expected - {(r["adapter"], r["position"]) for r in records})
         if missing:
             raise RuntimeError(f"{len(missing)} (adapter, sample) results are missing, e.g. {missing[:3]}")

@@ -76,12 +76,10 @@ class TestTimeAdapter(EpisodicAdapter):
 
     def adapt_images(self, images: torch.Tensor, track_input: bool = False) -> torch.Tensor:
         """(B, C) logits, `image_batch` images at a time. Each image keeps its own views,
-        prompt and optimiser state; batching only shares the passes. An attack that
-        differentiates through the tuning step ("bpda", "exact") goes one image at a time."""
+        prompt and optimiser state (and, for an attack that differentiates through the tuning
+        step, its own BPDA step scale); batching only shares the passes."""
         path = self.config.input_gradient if track_input else "fixed_prompt"
         chunk = self.config.image_batch or (8 if self.backbone.device.type == "cuda" else 1)
-        if path != "fixed_prompt":
-            chunk = 1
         return torch.cat([self.adapt_batch(part, track_input, path) for part in images.split(chunk)])
 
     def adapt_batch(self, images: torch.Tensor, track_input: bool, path: str) -> torch.Tensor:
@@ -127,7 +125,7 @@ class TestTimeAdapter(EpisodicAdapter):
         image's gradient, and AdamW is elementwise. The confident set is re-selected under
         the current prompt at every step, as TPT does (for one step that is the initial
         prompt's set). `path` ("bpda", "exact") keeps the result differentiable w.r.t.
-        `features`, for adaptive attacks (one image: BPDA's step scale is per context).
+        `features`, for adaptive attacks (BPDA's step scale is per context).
         """
         config = self.config
         scale, bias = self.backbone.logit_scale, self.backbone.logit_bias
@@ -148,9 +146,7 @@ class TestTimeAdapter(EpisodicAdapter):
             with torch.no_grad():
                 texts = self.prompt.text_features(contexts)
         else:
-            if len(features) > 1:
-                raise ValueError(f"input_gradient={path!r} tunes one image at a time")
             with sdpa_kernel(SDPBackend.MATH):  # fused attention kernels have no double backward
-                contexts = adamw(initial, loss, config.steps, config.lr, config.weight_decay, path=path)
+                contexts = adamw(initial, loss, config.steps, config.lr, config.weight_decay, path=path, batched=True)
                 texts = self.prompt.text_features(contexts)
         return texts if batched else texts[0]

@@ -25,11 +25,14 @@ def adamw(
     betas=(0.9, 0.999),
     eps: float = 1e-8,
     path: str = "none",
+    batched: bool = False,
 ) -> torch.Tensor:
     """`steps` AdamW steps from a fresh state; returns the final parameter.
 
     path "none": a detached result; "exact" / "bpda": the result stays in the graph of
     whatever `loss_fn` depends on besides the parameter (e.g. the input image).
+    batched: the leading dimension indexes independent problems (one per image), so
+    BPDA's step scale is taken per problem (AdamW itself is elementwise).
     """
     differentiable = path in ("exact", "bpda")
     beta1, beta2 = betas
@@ -42,7 +45,9 @@ def adamw(
         second = beta2 * second + (1 - beta2) * grad * grad
         direction = (first / (1 - beta1**step)) / ((second / (1 - beta2**step)).sqrt() + eps)
         if path == "bpda":
-            surrogate = grad / grad.detach().abs().mean().clamp_min(eps)
+            size = grad.detach().abs()
+            scale = size.flatten(1).mean(1).view(-1, *[1] * (grad.dim() - 1)) if batched else size.mean()
+            surrogate = grad / scale.clamp_min(eps)
             direction = surrogate + (direction - surrogate).detach()
         current = current * (1 - lr * weight_decay) - lr * direction
         if not differentiable:

@@ -66,7 +66,7 @@ def test_eps_units_are_unambiguous():
 def test_unknown_attack_and_parameter_list_the_valid_ones():
     with pytest.raises(
         UnknownNameError,
-        match=r"no attack named 'pgdd'.*installed attacks: autoattack, cw, eot-pgd, "
+        match=r"no attack named 'pgdd'.*installed attacks: apgd-eot, autoattack, cw, eot-pgd, "
         r"fgsm, none, pgd, pgdl2, square. .*atpt_plugin.attacks",
     ):
         make_attack("pgdd")
@@ -170,7 +170,7 @@ def test_fingerprints_and_chunk_seeds():
     assert model_fingerprint(make_tiny_vit(seed=0)) == model_fingerprint(make_tiny_vit(seed=0))
     assert model_fingerprint(make_tiny_vit(seed=0)) != model_fingerprint(make_tiny_vit(seed=1))
     assert chunk_seed(0, 32) == chunk_seed(0, 32) != chunk_seed(0, 64) != chunk_seed(1, 32)
-    assert set(ATTACKS.names()) == {"pgd", "fgsm", "pgdl2", "cw", "autoattack", "eot-pgd", "square", "none"}
+    assert set(ATTACKS.names()) == {"pgd", "fgsm", "pgdl2", "cw", "autoattack", "eot-pgd", "apgd-eot", "square", "none"}
 
 
 def test_evaluation_adapts_a_batch_in_one_call_and_equals_one_image_at_a_time(tiny_vit, tokenizer, zero_shot):

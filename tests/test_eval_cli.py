@@ -276,7 +276,8 @@ def test_list_shows_adapters_datasets_and_attacks(capsys):
         (("--dataset", "petz"), "no dataset named 'petz' \\(did you mean 'pets'\\?\\); installed datasets: aircraft, "),
         (
             ("--attack", "pgdd"),
-            "no attack named 'pgdd'.*installed attacks: autoattack, cw, eot-pgd, fgsm, none, pgd, pgdl2, square",
+            "no attack named 'pgdd'.*installed attacks: apgd-eot, autoattack, cw, eot-pgd, fgsm, none, pgd, pgdl2, "
+            "square",
         ),
         (("--eps", "0.0157"), "ambiguous: L-inf budgets on the command line are in 1/255 units"),
         (("--model", "ViT-B-99"), "no model named 'ViT-B-99'.*open_clip models: "),

@@ -7,9 +7,11 @@ with the initial prompt, on the center crop in [0,1] (eps 4/255, step eps/4, 100
 ViTs; eps 1/255, 1 step for RN50). It does not depend on the adapter, so its images are
 computed once, batched on the device, and cached per (model, dataset, attack, seed)
 (`cache.py`): six adapters compared on one set cost one attack. Adaptive attacks
-(`pipeline.py`) attack each wrapped adapter itself, per image, inside the evaluation loop.
+(`eot.py`, `apgd.py`, `pipeline.py`) attack each wrapped adapter itself inside the
+evaluation loop, each image with its own seed (EOT-PGD several images per call).
 """
 
+from .apgd import ApgdEot
 from .base import (
     ATTACKS,
     DEFAULT_L2_EPS,
@@ -22,12 +24,14 @@ from .base import (
     resolve_attack_name,
     run_attack,
 )
+from .eot import EotPgd, eot_pgd
 from .eps import check_eps, format_eps, parse_eps
-from .pipeline import AttackStats, EotPgd, Square, attack_loss, attack_view, eot_pgd
+from .pipeline import AttackStats, Square, attack_loss, attack_view
 from .transfer import CW, FGSM, PGD, PGDL2, AutoAttack, NoAttack
 from .zeroshot import ZeroShotClassifier
 
 __all__ = [
+    "ApgdEot",
     "ATTACKS",
     "DEFAULT_L2_EPS",
     "PAPER_EPS",

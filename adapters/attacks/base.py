@@ -42,6 +42,8 @@ class Attack:
     - `cost(spec)`: forward / backward passes per image and their unit;
     - `build(model, spec, n_classes, seed)` (transfer) or `run(spec, adapter, images,
       labels, seed, stats)` (adaptive);
+    - `run_each(spec, adapter, images, labels, seeds, stats)` (adaptive, `batched`): each
+      image with its own seed and stats, its result independent of the others in the batch;
     - `budget_checks`: {sanity check: parameter} the adaptive sanity checks lower to a
       fraction ("fewer_steps": "steps"): more of it must not leave more images correct.
     """
@@ -51,6 +53,7 @@ class Attack:
     defaults: Dict[str, object] = {}
     aliases: Tuple[str, ...] = ()
     budget_checks: Dict[str, str] = {}
+    batched: bool = False  # adaptive: `run_each` attacks many images at once, each as it would be alone
     unbounded_threat: str = "none"  # the threat model's name when there is no norm budget
 
     def norm_of(self, params: Dict[str, object]) -> Optional[str]:
@@ -73,6 +76,9 @@ class Attack:
         self, spec: "AttackSpec", adapter: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int, stats
     ) -> torch.Tensor:
         raise ValueError(f"attack {spec.name!r} is {self.kind}, not adaptive")
+
+    def run_each(self, spec: "AttackSpec", adapter: nn.Module, images, labels, seeds, stats) -> torch.Tensor:
+        raise ValueError(f"attack {spec.name!r} does not attack images in batches")
 
 
 def attack_named(name: str) -> Attack:

@@ -5,16 +5,20 @@ defence itself (Athalye et al., ICML 2018; Croce et al., ICML 2022):
 
 - `eot-pgd`: L-inf PGD on the cross-entropy (or margin) of the adapter's output. Each step
   averages the input gradient over `eot_iter` adaptations with freshly drawn random views
-  (Expectation over Transformation): the attacked copy of the adapter has `seed=None`, so
-  it cannot exploit the deployed adapter's image-hash seeding, which only makes the view
-  draw a discontinuous function of the pixels. Gradients flow through view construction
+  (Expectation over Transformation): the attacked copy of the adapter draws fresh views at
+  every call (from each image's own stream, `eot.py`), so it cannot exploit the deployed
+  adapter's image-hash seeding, which only makes the view draw a discontinuous function
+  of the pixels. Gradients flow through view construction
   (crops are differentiable resampling; AugMix's 8-bit ops are piecewise constant), the
   image features of all views and the aggregation; through the tuning step by `gradient`:
   "bpda" (straight-through through AdamW's sign-like first step), "exact" (create_graph;
   nearly zero, since Adam's first step is ~ -lr * sign(g)) or "fixed_prompt" (the tuned
   prompt held constant). Masks and confident selection are index operations: no gradient
-  through the choice, gradient through the chosen views. Cost: steps * eot_iter
-  adaptations, each with one backward pass, per image.
+  through the choice, gradient through the chosen views. Every iterate is checked against
+  the deployed adapter and a sample stops at the first that fools it. Cost: at most
+  steps * eot_iter adaptations with a backward pass and steps + 1 checks, per image.
+- `apgd-eot` (`apgd.py`): torchattacks' APGD-CE / APGD-DLR with EOT on the same view of
+  the adapter, AutoAttack's version for randomized defences.
 - `square`: torchattacks' Square attack (random search, no gradients) on the adapter as
   deployed: a gradient-free check that exposes gradient masking. Cost: up to n_queries
   adaptations per image (it stops on an image once it is misclassified).
@@ -34,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atpt_plugin.config import INPUT_GRADIENTS
 from atpt_plugin.episodic import evaluation_mode
 
 from .base import ATTACKS, Attack, check_choice, check_counts
@@ -68,6 +71,14 @@ class AttackStats:
     seconds: float = 0.0
     zero_gradients: int = 0  # backward passes whose input gradient was exactly zero (or absent)
 
+    def add(self, other: "AttackStats") -> None:
+        self.forward += other.forward
+        self.backward += other.backward
+        self.seconds += other.seconds
+        self.zero_gradients += other.zero_gradients
+        if other.image_passes is not None:
+            self.image_passes = (self.image_passes or 0) + other.image_passes
+
     def as_dict(self) -> dict:
         return {
             "forward": self.forward,
@@ -78,8 +89,10 @@ class AttackStats:
         }
 
 
-class _Counted(nn.Module):
-    """Counts the images it forwards (each is one adaptation of the pipeline)."""
+class Counted(nn.Module):
+    """Counts the images it forwards (each is one adaptation of the pipeline), and as
+    backward passes those forwarded with gradients w.r.t. the input (the attacks here
+    differentiate every such pass)."""
 
     def __init__(self, model: nn.Module, stats: AttackStats):
         super().__init__()
@@ -88,6 +101,8 @@ class _Counted(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         self.stats.forward += int(images.shape[0])
+        if torch.is_grad_enabled() and images.requires_grad:
+            self.stats.backward += int(images.shape[0])
         return self.model(images)
 
 
@@ -99,96 +114,6 @@ def attack_loss(logits: torch.Tensor, labels: torch.Tensor, loss: str = "ce") ->
     true = logits.gather(1, labels[:, None]).squeeze(1)
     others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).amax(1)
     return (others - true).sum()  # margin: > 0 once misclassified
-
-
-def eot_pgd(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    eps: float,
-    alpha: float,
-    steps: int,
-    eot_iter: int = 1,
-    random_start: bool = True,
-    loss: str = "ce",
-    norm: str = "Linf",
-    stats: Optional[AttackStats] = None,
-) -> torch.Tensor:
-    """L-inf PGD whose every step uses the gradient summed over `eot_iter` forward passes.
-
-    `model` is called `steps * eot_iter` times on the whole batch, each time with gradients
-    w.r.t. its input; the last iterate is returned (as torchattacks' EOTPGD does). Random
-    draws (the start, and the views of a `seed=None` adapter) come from the global RNG.
-    An output that does not depend differentiably on the input gives a zero gradient
-    (the image does not move); such passes are counted in `stats.zero_gradients`.
-    """
-    if norm != "Linf":
-        raise ValueError("eot-pgd is an L-inf attack")
-    stats = stats if stats is not None else AttackStats()
-    images = images.detach()
-    adversarial = images.clone()
-    if random_start:
-        adversarial = (adversarial + torch.empty_like(adversarial).uniform_(-eps, eps)).clamp(0, 1)
-    for _ in range(steps):
-        adversarial.requires_grad_(True)
-        grad = torch.zeros_like(adversarial)
-        for _ in range(eot_iter):
-            logits = model(adversarial)
-            stats.forward += int(images.shape[0])
-            objective = attack_loss(logits, labels, loss)
-            g = None
-            if objective.requires_grad:
-                (g,) = torch.autograd.grad(objective, [adversarial], allow_unused=True)
-            stats.backward += int(images.shape[0])
-            if g is None:
-                stats.zero_gradients += int(images.shape[0])
-                continue
-            stats.zero_gradients += int((g.flatten(1).abs().sum(1) == 0).sum())
-            grad += g
-        with torch.no_grad():
-            adversarial = adversarial.detach() + alpha * grad.sign()
-            adversarial = (images + (adversarial - images).clamp(-eps, eps)).clamp(0, 1)
-    return adversarial.detach()
-
-
-@ATTACKS.register("eot-pgd")
-class EotPgd(Attack):
-    """L-inf PGD on each adapter's whole pipeline, gradients averaged over eot_iter view draws per step.
-
-    The gradient path through the tuning step is `gradient`: bpda, exact or fixed_prompt.
-    """
-
-    kind = "adaptive"
-    defaults = {"steps": 20, "alpha": None, "eot_iter": 4, "gradient": "bpda", "loss": "ce", "random_start": True}
-    aliases = ("adaptive-pgd",)
-    budget_checks = {"fewer_steps": "steps", "fewer_eot": "eot_iter"}
-
-    def validate(self, params):
-        check_counts(params, "eot_iter")
-        check_choice(params, "gradient", INPUT_GRADIENTS)
-        check_choice(params, "loss", ("ce", "margin"))
-        return {**params, "random_start": bool(params["random_start"])}
-
-    def cost(self, spec) -> Dict[str, object]:
-        n = spec.param_dict["steps"] * spec.param_dict["eot_iter"]
-        return {"forward": n, "backward": n, "unit": "adaptation", "shared": False}
-
-    def run(self, spec, adapter, images, labels, seed, stats):
-        p = spec.param_dict
-        model = attack_view(adapter, gradient=p["gradient"])
-        return eot_pgd(
-            model,
-            images,
-            labels,
-            spec.eps,
-            p["alpha"],
-            p["steps"],
-            p["eot_iter"],
-            p["random_start"],
-            p["loss"],
-            spec.norm,
-            stats,
-        )
 
 
 @ATTACKS.register("square")
@@ -219,7 +144,7 @@ class Square(Attack):
         import torchattacks
 
         p = spec.param_dict
-        counted = _Counted(adapter, stats)
+        counted = Counted(adapter, stats)
         attack = torchattacks.Square(
             counted,
             norm=spec.norm,
