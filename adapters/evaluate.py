@@ -23,9 +23,13 @@ def run_eval(args) -> int:
     attack_opts = parse_pairs(args.attack_opt, "--attack-opt")
     for key, value in attack_opts.items():
         if key in DEDICATED_FLAGS:
-            raise ValueError(
-                f"--attack-opt {key}={value}: the attack's {key} has its own flag: use {DEDICATED_FLAGS[key]} {value}"
+            flag = DEDICATED_FLAGS[key]
+            how = (
+                f"{flag} {value}"
+                if key == "steps"
+                else f"{flag} (L-inf budgets there are in 1/255 units: {flag} 4 means 4/255; L2 ones are plain norms)"
             )
+            raise ValueError(f"--attack-opt {key}={value}: the attack's {key} has its own flag: use {how}")
     if args.attack.strip().lower() != WORST:
         if args.attacks or args.independent:
             raise ValueError("--attacks and --independent are for a worst case: use them with --attack worst")

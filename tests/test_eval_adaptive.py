@@ -223,7 +223,10 @@ def test_adaptive_results_and_checks_resume_from_the_results_file(tiny_vit, toke
     monkeypatch.setattr("atpt_plugin.adapters.runner.run_attack", must_not_run)
     monkeypatch.setattr("atpt_plugin.adapters.adaptive_loop.run_attack", must_not_run)
     again, _ = broken_evaluation(tiny_vit, tokenizer, images, ResultLog(tmp_path))
-    assert [row.as_dict() for row in again.run()] == rows
+    resumed = [row.as_dict() for row in again.run()]
+    assert [row["attack_seconds_measured_earlier"] for row in rows] == [0] * len(rows)
+    assert [row.pop("attack_seconds_measured_earlier") for row in resumed] == [r["n"] for r in resumed]  # all earlier
+    assert resumed == [{k: v for k, v in row.items() if k != "attack_seconds_measured_earlier"} for row in rows]
 
 
 @pytest.mark.slow

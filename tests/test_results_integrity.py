@@ -176,7 +176,7 @@ def one_error(capsys, code):
     "change, words",
     [
         (("--attack-opt", "steps=2"), ["--attack-opt steps=2", "use --attack-steps 2"]),
-        (("--attack-opt", "eps=0.1"), ["--attack-opt eps=0.1", "use --eps 0.1"]),
+        (("--attack-opt", "eps=0.1"), ["--attack-opt eps=0.1", "use --eps (L-inf budgets there are in 1/255 units"]),
         (("--device", "cuda:0"), ["--device cuda:0", "no usable CUDA device", "--device cpu"]),
         # 5. messages that named the wrong thing
         (("--alpha", "-1"), ["--alpha must be > 0", "step size"]),
