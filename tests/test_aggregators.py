@@ -15,7 +15,7 @@ from atpt_plugin.aggregators import (
     total_variation_weights,
     weighted_log_mixture,
 )
-from atpt_plugin.objectives import entropy, marginal_entropy, mean_entropy, select_confident
+from atpt_plugin.objectives import OBJECTIVES, entropy, marginal_entropy, mean_entropy, select_confident
 
 
 def plain_entropy(p):
@@ -29,12 +29,18 @@ def test_entropies():
         assert abs(entropy(logits)[i].item() - plain_entropy(probs[i])) < 1e-5
     assert abs(mean_entropy(logits).item() - sum(plain_entropy(p) for p in probs) / 5) < 1e-5
     assert abs(marginal_entropy(logits).item() - plain_entropy(probs.mean(0))) < 1e-5
+    batched = torch.randn(2, 5, 7)  # "along the last dimension", whatever comes before
+    torch.testing.assert_close(entropy(batched), torch.stack([entropy(b) for b in batched]))
+    for name, reference in (("mean_entropy", mean_entropy), ("marginal_entropy", marginal_entropy)):
+        assert torch.equal(OBJECTIVES.get(name)()(logits), reference(logits))
 
 
 def test_select_confident_takes_lowest_entropy_stably():
     logits = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 3.0], [5.0, 0.0]])
     assert select_confident(logits, 2).tolist() == [1, 3]
     assert select_confident(logits, 3).tolist() == [1, 3, 2]
+    ties = torch.tensor([[1.0, 0.0, 2.0]]).repeat(100, 1)[torch.randperm(100)]  # 100 equal entropies
+    assert select_confident(ties, 40).tolist() == list(range(40))
 
 
 def test_total_variation_formula():

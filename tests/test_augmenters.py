@@ -40,6 +40,15 @@ def test_random_resized_boxes_are_inside_and_seeded():
     area = h * w / (30 * 40)
     assert area.min() >= 0.05 and area.max() <= 1.0 and area.std() > 0.1
     assert torch.equal(boxes, random_resized_boxes(500, 30, 40, torch.Generator().manual_seed(0)))
+    ratio = w / h  # aspect ratios drawn log-uniformly in [3/4, 4/3], up to rounding to whole pixels
+    assert ratio.min() < 0.85 and ratio.max() > 1.2 and (ratio > 0.6).all() and (ratio < 1.7).all()
+
+
+@pytest.mark.parametrize("height, width, box", [(2, 100, [0, 48, 2, 3]), (100, 2, [48, 0, 3, 2])])
+def test_random_resized_boxes_fall_back_to_the_central_crop_at_the_clamped_ratio(height, width, box):
+    """No candidate fits a 2-pixel-thin image: torchvision's central crop with the ratio clamped to 4/3."""
+    boxes = random_resized_boxes(5, height, width, torch.Generator().manual_seed(0))
+    assert boxes.tolist() == [box] * 5
 
 
 def pil_crops(pixels, boxes, flips, size):

@@ -196,7 +196,7 @@ def test_written_table_and_files_state_the_computed_figures(tmp_path):
         {"adapter": "none", "n": 0, "clean_acc": None, "adv_acc_by_attack": {"pgd[steps=2]": None, "square": None},
          "worst_case_acc": None, "attack_stats": none, "warnings": []},
     ]  # fmt: skip
-    samples = [{"adapter": "low", "position": 3, "worst_case_correct": True}]
+    samples = [{"adapter": "low", "position": 3, "worst_case_correct": True}, {"adapter": "high", "position": 0}]
     paths = write(tmp_path, rows, samples, runs, "Demo, eps 8/255", {"eps": 8 / 255})
     assert [p.name for p in paths] == ["summary.json", "results.md", "worst_case_samples.jsonl"]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -231,7 +231,7 @@ def test_written_table_and_files_state_the_computed_figures(tmp_path):
 
 
 def test_attack_lists_parse_into_labels_names_settings_and_folders():
-    runs = parse_attacks(" pgd[steps = 2], square ,")
+    runs = parse_attacks(" pgd[steps = 2],, square ,")
     assert [(r.label, r.name, r.settings, r.folder) for r in runs] == [
         ("pgd[steps=2]", "pgd", {"steps": 2}, "pgd_steps_2"),
         ("square", "square", {}, "square"),
