@@ -1,4 +1,5 @@
-"""The `atpt` command: `atpt eval ...` runs adapters under an attack on a test set; `atpt list`.
+"""The `atpt` command: `atpt eval ...` runs adapters under an attack on a test set; `atpt list`;
+`atpt leaderboard RUN_DIR...` merges runs into one leaderboard.
 
     atpt eval --model ViT-B-16 --pretrained openai --dataset pets --data-root DATA \\
               --adapters atpt,rtpt,tpt --attack pgd --eps 4 --steps 100 --n-examples 1000 --out results/pets
@@ -170,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--steps", type=int, default=20, help="PGD steps (default 20)")
         sub.add_argument("--seed", type=int, default=0)
         sub.add_argument("--out", default=out, help=f"output file (default {out})")
+    lb = commands.add_parser(
+        "leaderboard",
+        help="merge the folders of `atpt eval` runs into one leaderboard (md, csv, json, html)",
+        description="Merge finished or partial `atpt eval` runs (clean, transfer, adaptive, worst case) into one "
+        "leaderboard: adapters as rows, datasets as columns, the average and the cost; runs that compare "
+        "different things (backbone, eps, attacks, images) go into separate tables.",
+    )
+    lb.add_argument("runs", nargs="+", metavar="RUN_DIR", help="--out folders of `atpt eval`, or folders holding them")
+    lb.add_argument("--out", default="leaderboard", help="output folder (default: leaderboard)")
     ls = commands.add_parser("list", help="list every registry: adapters, components, backbones, attacks, datasets")
     ls.add_argument(
         "what",
@@ -186,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
         ],
     )
     return parser
+
+
+def run_leaderboard(args) -> int:
+    from pathlib import Path
+
+    from .leaderboard_files import markdown, write_leaderboard
+    from .merge import load_tables
+
+    tables = load_tables(args.runs)
+    files = write_leaderboard(tables, Path(args.out).expanduser())
+    print(markdown(tables))
+    print("wrote: " + ", ".join(map(str, files)), file=sys.stderr)
+    return 0
 
 
 def _relaunch(argv: List[str], nproc: int) -> int:
@@ -233,6 +256,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .storage import StorageError
 
     try:
+        if args.command == "leaderboard":
+            return run_leaderboard(args)
         if args.command != "list":
             _check_eval_extra()
         if args.command == "list":
