@@ -87,9 +87,9 @@ def footnotes(table: Table) -> List[str]:
         "Accuracies in %, with the 95% Wilson score interval over the images evaluated in brackets; the average "
         "over datasets (only for adapters evaluated on every dataset of the table) with the normal-approximation "
         "interval of a mean of independent proportions. ECE x100 where the runs recorded it.",
-        "Cost: seconds and image-tower passes per prediction, averaged over the datasets; device: "
-        f"{', '.join(devices)}. "
-        "(front): on the accuracy/cost front (no other adapter is as fast and as robust).",
+        "Cost: seconds and image-tower passes per prediction, averaged over the datasets"
+        + (f"; device: {', '.join(devices)}. " if devices else ". ")
+        + "(front): on the accuracy/cost front (no other adapter is as fast and as robust).",
         "worst case: a sample counts only if classified correctly clean and under every attack of the run.",
     ]
     if not any(a.name.startswith(AUTOATTACK_PREFIX) for run in table.runs for a in run.attacks):

@@ -101,15 +101,23 @@ def _attacks_text(run: RunResult) -> str:
         return "none (clean only)"
     parts = []
     for attack in run.attacks:
-        params = ", ".join(f"{k}={v}" for k, v in sorted(attack.params.items()) if k not in ("name", "eps"))
+        params = ", ".join(
+            f"{k}={_param(k, v, attack.params)}" for k, v in sorted(attack.params.items()) if k not in ("name", "eps")
+        )
         parts.append(f"{attack.label} ({attack.kind}; {params})")
     return "; ".join(parts)
+
+
+def _param(key: str, value, params: dict) -> str:
+    from .attacks.eps import format_eps
+
+    return format_eps(value, params.get("norm")) if key == "alpha" and isinstance(value, float) else str(value)
 
 
 def compared(run: RunResult) -> Dict[str, str]:
     """What a run compares: two runs are averaged together only when all of it is equal."""
     return {
-        "backbone": f"{run.model} ({run.pretrained})",
+        "backbone": f"{run.model} ({Path(run.pretrained).name})",  # weights by file name: paths differ by machine
         "eps": _eps_text(run),
         "attacks": _attacks_text(run),
         "images": "all" if run.n_examples is None else str(run.n_examples),

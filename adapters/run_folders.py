@@ -194,11 +194,7 @@ def _read_worst(path: Path) -> RunResult:
         attacks = [a for label in labels for a in _attack_of(runs.get(label) or {}, label)]
         rows = summary.get("rows") or []
     else:
-        attacks = [
-            AttackInfo(name, run.attacks[0].name, run.attacks[0].kind, run.attacks[0].params)
-            for name, run in parts.items()
-            if run.attacks
-        ]
+        attacks = _planned_attacks(parts)
         rows = _recount_worst(path, attacks)
     first = (
         parts[_folder(attacks[0].label)]
@@ -243,6 +239,42 @@ def _read_worst(path: Path) -> RunResult:
     )
 
 
+def _planned_attacks(parts: Dict[str, RunResult]) -> List[AttackInfo]:
+    """A partial worst case's attacks: all of them from its command's --attacks (those not yet
+    started with the settings written there), else the attack folders found."""
+    from .attacks.base import attack_named
+    from .worst_case import parse_attacks
+
+    command = [str(arg) for arg in next(iter(parts.values())).info.get("command") or []]
+    text = next((c.split("=", 1)[1] for c in command if c.startswith("--attacks=")), None)
+    if text is None and "--attacks" in command[:-1]:
+        text = command[command.index("--attacks") + 1]
+    try:
+        planned = parse_attacks(text) if text else []
+    except ValueError:
+        planned = []
+    if not planned:
+        return [
+            AttackInfo(name, run.attacks[0].name, run.attacks[0].kind, run.attacks[0].params)
+            for name, run in parts.items()
+            if run.attacks
+        ]
+    started = next((p.attacks[0].params for p in parts.values() if p.attacks), {})
+    shared = {k: started[k] for k in ("eps", "norm") if k in started}  # --eps applies to every attack
+    attacks = []
+    for run in planned:
+        part = parts.get(run.folder)
+        if part is not None and part.attacks:
+            attacks.append(AttackInfo(run.label, run.name, part.attacks[0].kind, part.attacks[0].params))
+        else:
+            attacks.append(
+                AttackInfo(
+                    run.label, run.name, attack_named(run.name).kind, {"name": run.name, **shared, **run.settings}
+                )
+            )
+    return attacks
+
+
 def _folder(label: str) -> str:
     from .worst_case import AttackRun
 
@@ -254,7 +286,10 @@ def _recount_worst(path: Path, attacks: List[AttackInfo]) -> List[dict]:
     from .worst_case import AttackRun, collect, worst_case_rows
 
     runs = [AttackRun(a.label, a.name, {}) for a in attacks]
-    rows, _ = worst_case_rows(collect(path, runs), runs, {run.label: {} for run in runs})
+    outcomes = collect(path, runs)
+    if any(len(outcome.adv) < len(runs) for outcome in outcomes.values()):  # an attack not started: no sample done
+        return [{"adapter": name, "n": 0} for name in outcomes]
+    rows, _ = worst_case_rows(outcomes, runs, {run.label: {} for run in runs})
     return rows
 
 
