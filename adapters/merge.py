@@ -31,7 +31,8 @@ def wilson(correct: float, n: int, z: float = Z95) -> Tuple[float, float]:
     p = correct / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low = 0.0 if correct <= 0 else max(0.0, centre - half)
+    return low, 1.0 if correct >= n else min(1.0, centre + half)  # the ends exact where p is
 
 
 @dataclass
@@ -124,8 +125,22 @@ def compared(run: RunResult) -> Dict[str, str]:
     }
 
 
-def _settings_key(config: Optional[dict]) -> str:
-    return json.dumps(config, sort_keys=True, default=str)
+def _settings_key(config: Optional[dict], dataset: str) -> str:
+    """The adapter's identity across datasets: its settings, less those the dataset applies by
+    convention (its domain word, ImageNet's crops-only views), which differ by dataset by design."""
+    return json.dumps(own_settings(config, dataset), sort_keys=True, default=str)
+
+
+def own_settings(config: Optional[dict], dataset: str) -> Optional[dict]:
+    if config is None:
+        return None
+    from .datasets import dataset_info
+
+    try:
+        conventions = dataset_info(dataset).adapter_overrides()
+    except (KeyError, ValueError):
+        conventions = {}
+    return {k: v for k, v in config.items() if not (k in conventions and conventions[k] == v)}
 
 
 def _labels(keys: List[Tuple[str, str]], configs: Dict[Tuple[str, str], Optional[dict]]) -> Dict[Tuple, str]:
@@ -154,8 +169,8 @@ def build_table(runs: List[RunResult]) -> Table:
     configs: Dict[Tuple[str, str], Optional[dict]] = {}
     for run in runs:
         for result in run.adapters.values():
-            key = (result.name, _settings_key(result.config))
-            configs[key] = result.config
+            key = (result.name, _settings_key(result.config, run.dataset))
+            configs[key] = own_settings(result.config, run.dataset)
             held = by_key.setdefault(key, {}).get(run.dataset)
             if held is not None:
                 keep, drop = (held, (result, run)) if held[0].n >= result.n else ((result, run), held)

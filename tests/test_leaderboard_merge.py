@@ -180,3 +180,39 @@ def test_a_folder_without_runs_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli.main(["leaderboard", str(tmp_path / "empty"), "--out", str(tmp_path / "b")]) == 2
     assert "holds no `atpt eval` run" in capsys.readouterr().err
+
+
+def synthetic_run(path, dataset, eps, results, finished=True):
+    attacks = [AttackInfo("pgd", "pgd", "transfer", {"name": "pgd", "eps": eps, "norm": "Linf", "steps": 20})]
+    return RunResult(Path(path), "single", finished, dataset, "ViT-B-16", "openai", 100, attacks, results, "cuda:0")
+
+
+def test_tables_from_records_without_runs_ece_settings_and_averages():
+    def result(name, clean, adv, config, ece=None):
+        return AdapterResult(name, config, 100, clean, {"pgd": adv}, adv, ece or {}, 0.5, 64)
+
+    runs = [
+        synthetic_run(
+            "a", "pets", 4 / 255, {"ens": result("ens", 0.8, 0.6, {"views": 64}, {"clean": 0.05, "pgd": 0.2})}
+        ),
+        synthetic_run("b", "dtd", 4 / 255, {"ens": result("ens", 0.6, 0.3, {"views": 64})}),
+        synthetic_run("c", "pets", 4 / 255, {"ens": result("ens", 0.7, 0.5, {"views": 16})}),
+        synthetic_run("d", "pets", 8 / 255, {"ens": result("ens", 0.8, 0.1, {"views": 64})}),
+    ]
+    from atpt_plugin.adapters.leaderboard_files import markdown
+    from atpt_plugin.adapters.merge import build_tables
+
+    tables = build_tables(runs)
+    assert [sorted(str(r.path) for r in t.runs) for t in tables] == [["a", "b", "c"], ["d"]]
+    assert tables[0].differs == tables[1].differs == ["eps"]
+    rows = {row.label: row for row in tables[0].rows}
+    assert sorted(rows) == ["ens [views=16]", "ens [views=64]"]
+    full = rows["ens [views=64]"].cells
+    assert full[("average", "pgd")].value == pytest.approx(0.45)
+    half = 1.959963984540054 * math.sqrt(0.6 * 0.4 / 100 + 0.3 * 0.7 / 100) / 2
+    assert (full[("average", "pgd")].low, full[("average", "pgd")].high) == pytest.approx((0.45 - half, 0.45 + half))
+    assert rows["ens [views=16]"].cells[("average", "pgd")].value is None  # not evaluated on dtd: no average
+    assert tables[0].ece_metrics == ["clean", "pgd"]
+    text = markdown(tables)
+    assert "pets: ECE clean (%)" in text and "| 5.0 | 20.0 |" in text  # ECE x100, no interval
+    assert "Differs from the other tables in: eps." in text
