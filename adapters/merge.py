@@ -125,6 +125,9 @@ def compared(run: RunResult) -> Dict[str, str]:
     }
 
 
+WITHOUT_CONVENTION = {"domain_word": None, "augmix_ops": True}  # a dataset's settings when it sets none
+
+
 def _settings_key(config: Optional[dict], dataset: str) -> str:
     """The adapter's identity across datasets: its settings, less those the dataset applies by
     convention (its domain word, ImageNet's crops-only views), which differ by dataset by design."""
@@ -137,10 +140,10 @@ def own_settings(config: Optional[dict], dataset: str) -> Optional[dict]:
     from .datasets import dataset_info
 
     try:
-        conventions = dataset_info(dataset).adapter_overrides()
+        conventions = {**WITHOUT_CONVENTION, **dataset_info(dataset).adapter_overrides()}
     except (KeyError, ValueError):
-        conventions = {}
-    return {k: v for k, v in config.items() if not (k in conventions and conventions[k] == v)}
+        conventions = dict(WITHOUT_CONVENTION)
+    return {k: "(the dataset's)" if k in conventions and conventions[k] == v else v for k, v in config.items()}
 
 
 def _labels(keys: List[Tuple[str, str]], configs: Dict[Tuple[str, str], Optional[dict]]) -> Dict[Tuple, str]:

@@ -193,11 +193,16 @@ def test_tables_from_records_without_runs_ece_settings_and_averages():
 
     runs = [
         synthetic_run(
-            "a", "pets", 4 / 255, {"ens": result("ens", 0.8, 0.6, {"views": 64}, {"clean": 0.05, "pgd": 0.2})}
+            "a",
+            "pets",
+            4 / 255,
+            {"ens": result("ens", 0.8, 0.6, {"views": 64, "domain_word": "pet"}, {"clean": 0.05, "pgd": 0.2})},
         ),
-        synthetic_run("b", "dtd", 4 / 255, {"ens": result("ens", 0.6, 0.3, {"views": 64})}),
-        synthetic_run("c", "pets", 4 / 255, {"ens": result("ens", 0.7, 0.5, {"views": 16})}),
-        synthetic_run("d", "pets", 8 / 255, {"ens": result("ens", 0.8, 0.1, {"views": 64})}),
+        synthetic_run(
+            "b", "imagefolder", 4 / 255, {"ens": result("ens", 0.6, 0.3, {"views": 64, "domain_word": None})}
+        ),
+        synthetic_run("c", "pets", 4 / 255, {"ens": result("ens", 0.7, 0.5, {"views": 16, "domain_word": "pet"})}),
+        synthetic_run("d", "pets", 8 / 255, {"ens": result("ens", 0.8, 0.1, {"views": 64, "domain_word": "pet"})}),
     ]
     from atpt_plugin.adapters.leaderboard_files import markdown
     from atpt_plugin.adapters.merge import build_tables
@@ -211,7 +216,7 @@ def test_tables_from_records_without_runs_ece_settings_and_averages():
     assert full[("average", "pgd")].value == pytest.approx(0.45)
     half = 1.959963984540054 * math.sqrt(0.6 * 0.4 / 100 + 0.3 * 0.7 / 100) / 2
     assert (full[("average", "pgd")].low, full[("average", "pgd")].high) == pytest.approx((0.45 - half, 0.45 + half))
-    assert rows["ens [views=16]"].cells[("average", "pgd")].value is None  # not evaluated on dtd: no average
+    assert rows["ens [views=16]"].cells[("average", "pgd")].value is None  # not on the image folder: no average
     assert tables[0].ece_metrics == ["clean", "pgd"]
     text = markdown(tables)
     assert "pets: ECE clean (%)" in text and "| 5.0 | 20.0 |" in text  # ECE x100, no interval

@@ -71,11 +71,16 @@ def test_leaderboard_page_in_headless_chromium(tmp_path):
         assert rows() == ["ens", "zeroshot"]
         name.click()
         assert rows() == ["zeroshot", "ens"]
-        passes = table.find_elements(By.CSS_SELECTOR, "thead th")[headers.index("image passes / image")]
-        passes.click()  # ascending: zeroshot (1 pass per image) before ens (4 views)
-        assert rows() == ["zeroshot", "ens"]
-        passes.click()
-        assert rows() == ["ens", "zeroshot"]
+        column = headers.index("s / image")
+        seconds = lambda: [
+            float(r.find_elements(By.TAG_NAME, "td")[column].get_attribute("data-value"))
+            for r in table.find_elements(By.CSS_SELECTOR, "tbody tr")
+        ]
+        table.find_elements(By.CSS_SELECTOR, "thead th")[column].click()
+        ascending = rows()
+        assert seconds() == sorted(seconds()) and len(set(seconds())) == 2
+        table.find_elements(By.CSS_SELECTOR, "thead th")[column].click()
+        assert rows() == ascending[::-1] and seconds() == sorted(seconds(), reverse=True)
 
         plot = driver.find_element(By.ID, "plot-1")
         points = plot.find_elements(By.CSS_SELECTOR, "circle.point")
