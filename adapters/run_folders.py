@@ -287,10 +287,9 @@ def _recount_worst(path: Path, attacks: List[AttackInfo]) -> List[dict]:
 
     runs = [AttackRun(a.label, a.name, {}) for a in attacks]
     outcomes = collect(path, runs)
-    if any(len(outcome.adv) < len(runs) for outcome in outcomes.values()):  # an attack not started: no sample done
-        return [{"adapter": name, "n": 0} for name in outcomes]
-    rows, _ = worst_case_rows(outcomes, runs, {run.label: {} for run in runs})
-    return rows
+    started = {name: outcome for name, outcome in outcomes.items() if len(outcome.adv) == len(runs)}
+    rows, _ = worst_case_rows(started, runs, {run.label: {} for run in runs})
+    return rows + [{"adapter": name, "n": 0} for name in outcomes if name not in started]  # an attack not begun
 
 
 def _worst_entry(path: Path, adapter: str) -> Optional[dict]:
