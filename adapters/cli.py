@@ -1,5 +1,6 @@
 """The `atpt` command: `atpt eval ...` runs adapters under an attack on a test set; `atpt verify
-OUT` recomputes a sample of a results folder's records; `atpt list`.
+OUT` recomputes a sample of a results folder's records; `atpt leaderboard RUN_DIR...` merges
+runs into one leaderboard; `atpt list`.
 
     atpt eval --model ViT-B-16 --pretrained openai --dataset pets --data-root DATA \\
               --adapters atpt,rtpt,tpt --attack pgd --eps 4 --steps 100 --n-examples 1000 --out results/pets
@@ -208,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("--seed", type=int, default=0, help="seed of the random sample of records (default 0)")
     ve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     ve.add_argument("--data-root", help="where the run's dataset lives on this machine (default: as recorded)")
+    lb = commands.add_parser(
+        "leaderboard",
+        help="merge the folders of `atpt eval` runs into one leaderboard (md, csv, json, html)",
+        description="Merge finished or partial `atpt eval` runs (clean, transfer, adaptive, worst case) into one "
+        "leaderboard: adapters as rows, datasets as columns, the average and the cost; runs that compare "
+        "different things (backbone, eps, attacks, images) go into separate tables.",
+    )
+    lb.add_argument("runs", nargs="+", metavar="RUN_DIR", help="--out folders of `atpt eval`, or folders holding them")
+    lb.add_argument("--out", default="leaderboard", help="output folder (default: leaderboard)")
     ls = commands.add_parser("list", help="list every registry: adapters, components, backbones, attacks, datasets")
     ls.add_argument(
         "what",
@@ -224,6 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
         ],
     )
     return parser
+
+
+def run_leaderboard(args) -> int:
+    from pathlib import Path
+
+    from .leaderboard_files import markdown, write_leaderboard
+    from .merge import load_tables
+
+    tables = load_tables(args.runs)
+    files = write_leaderboard(tables, Path(args.out).expanduser())
+    print(markdown(tables))
+    print("wrote: " + ", ".join(map(str, files)), file=sys.stderr)
+    return 0
 
 
 def _relaunch(argv: List[str], nproc: int) -> int:
@@ -271,6 +294,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .storage import StorageError
 
     try:
+        if args.command == "leaderboard":
+            return run_leaderboard(args)
         if args.command != "list":
             _check_eval_extra()
         if args.command == "list":

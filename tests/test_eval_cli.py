@@ -241,6 +241,54 @@ def test_two_processes_with_gloo_equal_one(workspace, reference):
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
 
 
+def free_port():
+    import socket
+
+    with socket.socket() as handle:
+        handle.bind(("127.0.0.1", 0))
+        return handle.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_equal_one_process(workspace, reference):
+    """torchrun across two "machines" (two launchers on localhost, c10d rendezvous, gloo on
+    the CPU) into one shared --out: the records and rows of the single-process run."""
+    out = workspace / "nodes"
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        f"127.0.0.1:{free_port()}",
+        "--rdzv_id",
+        "atpt-two-nodes",
+        "-m",
+        "atpt_plugin.adapters.cli",
+        *eval_args(workspace, "nodes"),
+    ]
+    nodes = [
+        subprocess.Popen(launcher, cwd=workspace, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    try:
+        outputs = [node.communicate(timeout=600) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], [err.decode()[-2000:] for _, err in outputs]
+    assert sorted(p.name for p in out.glob("samples*.jsonl")) == ["samples.jsonl", "samples.rank1.jsonl"]
+    assert predictions(out) == predictions(reference[0])
+    assert accuracies(out) == accuracies(reference[0])
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
 def test_other_arguments_into_the_same_folder_are_refused(workspace, reference, capsys):
     args = eval_args(workspace, "ref")
     args[args.index("--eps") + 1] = "8"
