@@ -21,7 +21,7 @@ INPUT_GRADIENTS = ("fixed_prompt", "bpda", "exact")  # how logits are differenti
 
 # The component settings: a registered name, or an object satisfying the interface.
 COMPONENTS = {  # field -> (registry, what an object must be)
-    "objective": (OBJECTIVES, "a callable (logits) -> scalar loss"),
+    "objective": (OBJECTIVES, "a callable (logits[, text_features, logit_scale]) -> scalar loss"),
     "explainer": (EXPLAINERS, Explainer),
     "augmenter": (AUGMENTERS, Augmenter),
     "aggregator": (AGGREGATORS, Aggregator),
@@ -39,6 +39,8 @@ class AdapterConfig:
     weight_decay: float = 0.01  # AdamW default
     steps: int = 1  # tuning steps per image; 0 = no tuning
     objective: Union[str, Any] = "mean_entropy"  # or "marginal_entropy" (TPT); a name or a callable
+    dispersion_weight: float = 50.0  # objective "ctpt": C-TPT's lambda (authors: 50 fine-grained, 20 natural shift)
+    orthogonality_weight: float = 18.0  # objective "otpt": O-TPT's lambda (authors: 18 fine-grained, 2 natural shift)
     # prompt
     ctx_init: Optional[str] = "a photo of a"  # None: random context of n_ctx tokens
     domain_word: Optional[str] = None  # "pet" turns "a photo of a" into "a pet photo of a"
@@ -125,6 +127,10 @@ class AdapterConfig:
             raise ValueError(
                 f"explainer_eps must be a finite number >= 0 (the authors' code: 1e-8), got {self.explainer_eps!r}"
             )
+        for name in ("dispersion_weight", "orthogonality_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.m_high > self.m_low:

@@ -40,6 +40,19 @@ rtpt = Adapter(
     "R-TPT: AugMix views, mean per-view entropy, reliability-weighted ensemble of all views",
     "Sheng et al., R-TPT: Improving Adversarial Robustness of VLMs through Test-Time Prompt Tuning (CVPR 2025)",
 )
+# The calibrated TPT family: TPT plus one term on the tuned prompt's text features (docs/method.md).
+ctpt = Adapter(
+    "ctpt",
+    tpt.config.replace(objective="ctpt"),
+    "C-TPT: TPT's loss minus 50 x the text features' dispersion (ATFD; dispersion_weight, 20 for natural shift)",
+    "Yoon et al., C-TPT: Calibrated Test-Time Prompt Tuning for VLMs via Text Feature Dispersion (ICLR 2024)",
+)
+otpt = Adapter(
+    "otpt",
+    tpt.config.replace(objective="otpt"),
+    "O-TPT: TPT's loss plus 18 x the text features' orthogonality penalty (orthogonality_weight, 2 for natural shift)",
+    "Sharifdeen et al., O-TPT: Orthogonality Constraints for Calibrating Test-time Prompt Tuning in VLMs (CVPR 2025)",
+)
 mta = Adapter(
     "mta",
     AdapterConfig(steps=0, augmix_ops=False, aggregator="mta", **TPT_VIEWS),
