@@ -144,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="output folder (resumable)")
     ev.add_argument("--cache-dir", help="adversarial image cache (default: $ATPT_CACHE or ~/.cache/atpt_plugin)")
     ev.add_argument("--attack-batch-size", type=int, default=32, help="images per attack batch (default: 32)")
+    ev.add_argument(
+        "--ece-bins",
+        type=int,
+        default=20,
+        metavar="B",
+        help="bins of the expected calibration error in the tables (default 20, as the C-TPT / O-TPT code)",
+    )
     ev.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available), cpu, cuda:0, ...")
     ev.add_argument("--nproc", type=int, default=1, help="processes to shard the samples over (uses torchrun)")
     ev.add_argument("--model-name", help="leaderboard name prefix (default: <model>-<pretrained>)")

@@ -157,6 +157,8 @@ def evaluate(args, dist, out: Path, attack_name: str, steps, alpha_text, eps_tex
     eps = parse_eps(eps_text, norm) if eps_text is not None else None
     alpha = parse_eps(alpha_text, norm) if alpha_text is not None else None
     overrides = _parse_pairs(args.set, "--set")
+    if args.ece_bins < 1:
+        raise ValueError(f"--ece-bins must be >= 1 (the calibration papers use 20), got {args.ece_bins}")
     if args.sanity_checks < 0:
         raise ValueError(f"--sanity-checks must be >= 0 (images), got {args.sanity_checks}")
 
@@ -240,6 +242,7 @@ def evaluate(args, dist, out: Path, attack_name: str, steps, alpha_text, eps_tex
             sanity=sanity,
             on_bad_image=args.on_bad_image,
             repair_results=args.repair_results,
+            ece_bins=args.ece_bins,
         )
         descriptions = plan.descriptions
         rows = [row.as_dict() for row in evaluation.run()]

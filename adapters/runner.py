@@ -41,6 +41,7 @@ from torch import nn
 from .adaptive import SanityChecks, check_attacks, judge, run_adaptive, zero_gradient_warning
 from .attacks import AttackSpec, AttackStats, ZeroShotClassifier, chunk_seed, run_attack
 from .cache import AdversarialCache, tensor_digest
+from .calibration import DEFAULT_BINS, CalibrationBins
 from .datasets import BadImageError
 from .distributed import DistContext
 from .progress import PassCounter, progress_bar, progress_postfix
@@ -73,6 +74,7 @@ class Evaluation:
         image_size: Optional[int] = None,
         on_bad_image: str = "error",
         repair_results: bool = False,
+        ece_bins: int = DEFAULT_BINS,
     ):
         if not adapters:
             raise ValueError("no adapters to evaluate")
@@ -104,6 +106,8 @@ class Evaluation:
         self.transfer_images = 0
         self.on_bad_image = on_bad_image
         self.repair_results = repair_results
+        CalibrationBins(ece_bins)  # checks the bin count before anything runs
+        self.ece_bins = ece_bins
         self.unreadable: Dict[int, dict] = {}  # position -> what this rank could not read
         self.skipped: List[dict] = []  # every rank's, by position, after run()
 
@@ -169,9 +173,15 @@ class Evaluation:
 
     @torch.no_grad()
     def predict(self, adapter: nn.Module, images: torch.Tensor) -> List[int]:
+        return self.predict_with_confidence(adapter, images)[0]
+
+    @torch.no_grad()
+    def predict_with_confidence(self, adapter: nn.Module, images: torch.Tensor) -> Tuple[List[int], List[float]]:
+        """(top-1 classes, their softmax probabilities): the prediction and its confidence (for ECE)."""
         if self.device is not None:
             images = images.to(self.device)
-        return adapter(images).argmax(dim=-1).tolist()
+        confidence, predicted = adapter(images).float().softmax(dim=-1).max(dim=-1)
+        return predicted.tolist(), confidence.tolist()
 
     def attack_adapter(
         self,
@@ -279,7 +289,7 @@ class Evaluation:
         both = images if adversarial is None else torch.cat([images, adversarial])
         counter.count = 0
         start = time.perf_counter()
-        predictions = self.predict(adapter, both)
+        predictions, confidences = self.predict_with_confidence(adapter, both)
         share = len(positions)
         seconds = (time.perf_counter() - start) / share
         return [
@@ -290,6 +300,8 @@ class Evaluation:
                 "adapter": name,
                 "clean": predictions[i],
                 "adv": None if adversarial is None else predictions[share + i],
+                "clean_confidence": confidences[i],
+                "adv_confidence": None if adversarial is None else confidences[share + i],
                 "seconds": round(seconds, 6),
                 "image_passes": counter.count / share,
                 "rank": self.dist.rank,
@@ -316,7 +328,9 @@ class Evaluation:
             extra["checks_seconds"] = round(time.perf_counter() - start, 6)
         counter.count = 0
         start = time.perf_counter()
-        clean, adv = self.predict(adapter, torch.stack([image, adversarial]))
+        (clean, adv), (clean_confidence, adv_confidence) = self.predict_with_confidence(
+            adapter, torch.stack([image, adversarial])
+        )
         return {
             "position": position,
             "id": self.source.sample_id(position),
@@ -324,6 +338,8 @@ class Evaluation:
             "adapter": name,
             "clean": clean,
             "adv": adv,
+            "clean_confidence": clean_confidence,
+            "adv_confidence": adv_confidence,
             "seconds": round(time.perf_counter() - start, 6),
             "image_passes": counter.count,
             "rank": self.dist.rank,
@@ -340,22 +356,32 @@ class Evaluation:
         todo = {p for p in range(n) if any((name, p) not in done for name in self.adapters)}
         self.attack_phase(todo)
         self.dist.barrier()
-        rows = {name: Row(name, attacked=self.attack.is_attack) for name in self.adapters}
+        rows = {name: Row(name, attacked=self.attack.is_attack, ece_bins=self.ece_bins) for name in self.adapters}
         for (name, p), record in sorted(done.items(), key=lambda item: item[0][1]):
             if self._mine(p):
                 rows[name].add(record)
         self.adapt_phase(todo, rows, done)
         self.dist.barrier()
         self.skipped = self._gather_skipped()
-        totals = torch.tensor([[getattr(rows[name], f) for f in FIELDS] for name in self.adapters], dtype=torch.float64)
+        totals = torch.tensor(
+            [[getattr(rows[name], f) for f in FIELDS] + rows[name].calibration_vector() for name in self.adapters],
+            dtype=torch.float64,
+        )
         totals = self.dist.sum(totals)
         transfer = self.dist.sum(torch.tensor([self.transfer_seconds, self.transfer_images], dtype=torch.float64))
         transfer_cost = {"seconds": float(transfer[0]), "images": int(transfer[1])}
         reduced = []
         for name, values in zip(self.adapters, totals.tolist()):
-            row = Row(name, attacked=self.attack.is_attack, attack=self.attack, transfer_cost=transfer_cost)
+            row = Row(
+                name,
+                attacked=self.attack.is_attack,
+                attack=self.attack,
+                transfer_cost=transfer_cost,
+                ece_bins=self.ece_bins,
+            )
             for f, value in zip(FIELDS, values):
                 setattr(row, f, value if f in FLOAT_FIELDS else int(round(value)))
+            row.load_calibration_vector(values[len(FIELDS) :])
             if self.attack.is_adaptive:
                 checks, warnings = judge(
                     self.attack,
@@ -390,7 +416,7 @@ class Evaluation:
         missing = sorted(expected - {(r["adapter"], r["position"]) for r in records})
         if missing:
             raise RuntimeError(f"{len(missing)} (adapter, sample) results are missing, e.g. {missing[:3]}")
-        by_adapter = {name: Row(name, attacked=self.attack.is_attack) for name in self.adapters}
+        by_adapter = {name: Row(name, attacked=self.attack.is_attack, ece_bins=self.ece_bins) for name in self.adapters}
         for record in sorted(records, key=lambda r: (r["position"], r["adapter"])):
             by_adapter[record["adapter"]].add(record)
         for row in reduced:
