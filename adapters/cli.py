@@ -177,12 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--steps", type=int, default=20, help="PGD steps (default 20)")
         sub.add_argument("--seed", type=int, default=0)
         sub.add_argument("--out", default=out, help=f"output file (default {out})")
-    ls = commands.add_parser("list", help="list every registry: adapters, components, backbones, attacks, datasets")
+    ls = commands.add_parser(
+        "list", help="list every registry: adapters, input defences, components, backbones, attacks, datasets"
+    )
     ls.add_argument(
         "what",
         nargs="?",
         choices=[
             "adapters",
+            "input_defences",
             "explainers",
             "augmenters",
             "aggregators",

@@ -12,6 +12,7 @@ def registries() -> Dict[str, object]:
     from atpt_plugin.augmenters import AUGMENTERS
     from atpt_plugin.backbones import BACKBONES
     from atpt_plugin.explainers import EXPLAINERS
+    from atpt_plugin.input_defences import INPUT_DEFENCES
     from atpt_plugin.objectives import OBJECTIVES
 
     from .attacks import ATTACKS
@@ -19,6 +20,7 @@ def registries() -> Dict[str, object]:
 
     return {
         "adapters": ADAPTERS,
+        "input_defences": INPUT_DEFENCES,
         "explainers": EXPLAINERS,
         "augmenters": AUGMENTERS,
         "aggregators": AGGREGATORS,

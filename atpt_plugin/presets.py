@@ -59,6 +59,14 @@ mta = Adapter(
     "MTA: training-free MeanShift mode of crop views with inlierness scores",
     "Zanella & Ben Ayed, On the test-time zero-shot generalization of VLMs (CVPR 2024)",
 )
+# An input defence in front of zero-shot CLIP; `atpt[input_defence=ttc]` puts it in front of A-TPT.
+ttc = Adapter(
+    "ttc",
+    zeroshot.config.replace(input_defence="ttc"),
+    "TTC: counterattack the input image (4/255, 2 steps, tau 0.2, beta 2), then zero-shot CLIP",
+    "Xing, Zhao & Sebe, CLIP is Strong Enough to Fight Back: Test-time Counterattacks towards Zero-shot "
+    "Adversarial Robustness of CLIP (CVPR 2025)",
+)
 # Augmentation-only baselines: the same views, no tuning; what tuning adds is measured against these.
 ens = Adapter(
     "ens",
