@@ -193,3 +193,11 @@ def test_an_outside_objective_reading_text_plugs_in_by_entry_point(text_objectiv
     by_object = wrap("tpt", tokenizer, objective=text_objective_plugin.ClassSpread())(images[:1])
     assert torch.equal(logits, by_object)
     assert not torch.equal(logits, wrap("tpt", tokenizer)(images[:1]))
+
+
+@pytest.mark.parametrize("name", ["ctpt", "otpt"])
+def test_presets_run_on_a_resnet(name, tokenizer):
+    from conftest import make_tiny_resnet
+
+    logits = wrap(name, tokenizer, model=make_tiny_resnet())(torch.rand(2, 3, 64, 64))
+    assert logits.shape == (2, len(CLASSNAMES)) and torch.isfinite(logits).all()
