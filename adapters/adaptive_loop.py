@@ -97,9 +97,13 @@ def adapt_adaptive(
     cleans_needed = any(c is None for c in known)
     counter.count = 0
     start = time.perf_counter()
-    predictions = evaluation.predict(adapter, torch.cat([images, adversarial]) if cleans_needed else adversarial)
+    predictions, confidences = evaluation.predict_with_confidence(
+        adapter, torch.cat([images, adversarial]) if cleans_needed else adversarial
+    )
     seconds = (time.perf_counter() - start) / len(positions)
-    adv = predictions[len(positions) :] if cleans_needed else predictions
+    n = len(positions)
+    adv, adv_confidence = (predictions[n:], confidences[n:]) if cleans_needed else (predictions, confidences)
+    clean_confidence = confidences[:n] if cleans_needed else [None] * n  # else in the clean pass's folder
     return [
         {
             "position": position,
@@ -108,6 +112,8 @@ def adapt_adaptive(
             "adapter": name,
             "clean": predictions[i] if cleans_needed else known[i],
             "adv": adv[i],
+            "clean_confidence": clean_confidence[i],
+            "adv_confidence": adv_confidence[i],
             "seconds": round(seconds, 6),
             "image_passes": counter.count / len(positions),
             "rank": evaluation.dist.rank,

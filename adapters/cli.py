@@ -168,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cache-dir", help="adversarial image cache (default: $ATPT_CACHE or ~/.cache/atpt_plugin)")
     ev.add_argument("--attack-batch-size", type=int, default=32, help="images per attack batch (default: 32)")
     ev.add_argument(
+        "--ece-bins",
+        type=int,
+        default=20,
+        metavar="B",
+        help="bins of the expected calibration error in the tables (default 20, as the C-TPT / O-TPT code)",
+    )
+    ev.add_argument(
         "--device",
         default="auto",
         help="auto (a GPU if there is one, else cpu), cpu, cuda (cuda:LOCAL_RANK: each process its own GPU), cuda:N",
@@ -218,12 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lb.add_argument("runs", nargs="+", metavar="RUN_DIR", help="--out folders of `atpt eval`, or folders holding them")
     lb.add_argument("--out", default="leaderboard", help="output folder (default: leaderboard)")
-    ls = commands.add_parser("list", help="list every registry: adapters, components, backbones, attacks, datasets")
+    ls = commands.add_parser(
+        "list", help="list every registry: adapters, input defences, components, backbones, attacks, datasets"
+    )
     ls.add_argument(
         "what",
         nargs="?",
         choices=[
             "adapters",
+            "input_defences",
             "explainers",
             "augmenters",
             "aggregators",

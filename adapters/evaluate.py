@@ -172,6 +172,8 @@ def evaluate(
         )
     inputs = run_inputs(args, attack_name, steps, alpha_text, eps_text, attack_opts)
     check_inputs(inputs)
+    if args.ece_bins < 1:
+        raise ValueError(f"--ece-bins must be >= 1 (the calibration papers use 20), got {args.ece_bins}")
 
     lock = None
     summary = {}
@@ -219,6 +221,7 @@ def evaluate(
             repair_results=args.repair_results,
             clean=clean,
             targets=targets,
+            ece_bins=args.ece_bins,
         )
         descriptions = plan.descriptions
         rows = [row.as_dict() for row in evaluation.run()]

@@ -74,14 +74,16 @@ def leaderboard_markdown(rows: Sequence[dict], caption: str = "") -> str:
     """Adapters sorted by worst-case accuracy (then clean), with their cost per image."""
     ordered = sorted(rows, key=lambda r: (-(r.get("worst_case_acc") or 0), -(r.get("clean_acc") or 0)))
     lines: List[str] = ([caption, ""] if caption else []) + [
-        "| rank | adapter | worst case (%) | clean (%) | image passes / image | seconds / image |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| rank | adapter | worst case (%) | clean (%) | clean ECE (%) | adv ECE (%) | image passes / image "
+        "| seconds / image |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for rank, row in enumerate(ordered, 1):
         passes, seconds = row.get("image_passes_per_image"), row.get("seconds_per_image")
         lines.append(
             f"| {rank} | {row['adapter']} | {percent(row.get('worst_case_acc')) or '-'} | "
-            f"{percent(row.get('clean_acc')) or '-'} | {'-' if passes is None else f'{passes:.0f}'} | "
+            f"{percent(row.get('clean_acc')) or '-'} | {percent(row.get('clean_ece')) or '-'} | "
+            f"{percent(row.get('adv_ece')) or '-'} | {'-' if passes is None else f'{passes:.0f}'} | "
             f"{'-' if seconds is None else f'{seconds:.3g}'} |"
         )
     return "\n".join(lines) + "\n"
@@ -152,7 +154,8 @@ def model_info(
     """One leaderboard entry: RobustBench's ModelInfo fields (accuracies as percent strings),
     plus `worst_case_acc` and the `test_time_defence` block (`leaderboard.py`) when given.
 
-    `row` (a results row) adds an adaptive attack's measured cost and sanity checks to the footnote.
+    `row` (a results row) adds an adaptive attack's measured cost and sanity checks to the footnote,
+    and its calibration errors as `clean_ece` / `adv_ece` (percent strings; absent when not measured).
     """
     info = {field: None for field in MODEL_INFO_FIELDS}
     if attack.is_adaptive:
@@ -187,6 +190,9 @@ def model_info(
     )
     if attack.is_attack and adv_acc is not None:
         info[accuracy_field(attack)] = str(round(100 * adv_acc, 2))
+    if row is not None:  # calibration (ECE, %), where the run measured it
+        ece = {"clean_ece": percent(row.get("clean_ece")), "adv_ece": percent(row.get("adv_ece"))}
+        info.update({key: value for key, value in ece.items() if value is not None})
     if defence is not None:
         info.update(worst_case_acc=percent(defence["accuracy"].get("worst_case")), test_time_defence=defence)
     return info

@@ -14,6 +14,7 @@ def registries() -> Dict[str, object]:
     from atpt_plugin.augmenters import AUGMENTERS
     from atpt_plugin.backbones import BACKBONES
     from atpt_plugin.explainers import EXPLAINERS
+    from atpt_plugin.input_defences import INPUT_DEFENCES
     from atpt_plugin.objectives import OBJECTIVES
 
     from .attacks import ATTACKS
@@ -21,6 +22,7 @@ def registries() -> Dict[str, object]:
 
     return {
         "adapters": ADAPTERS,
+        "input_defences": INPUT_DEFENCES,
         "explainers": EXPLAINERS,
         "augmenters": AUGMENTERS,
         "aggregators": AGGREGATORS,

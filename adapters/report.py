@@ -1,10 +1,12 @@
 """The results table (Markdown, CSV) and a bar chart of clean and adversarial accuracy.
 
 "clean and adv" is the per-sample worst case over {clean, the attack}: images classified
-correctly both ways. Rows of an attacked run also say the attack's kind (transfer: made once on zero-shot CLIP
-and shared by all adapters; adaptive: made on each adapter) and its cost per image; rows
-of an adaptive attack carry sanity checks, listed under the table, and warnings. Notes
-(e.g. how many images could not be read) follow the table. Files are written atomically.
+correctly both ways. "ECE" is the expected calibration error of the top-1 confidences, clean
+and under the attack (`calibration.py`; 20 bins unless --ece-bins), in percent. Rows of an
+attacked run also say the attack's kind (transfer: made once on zero-shot CLIP and shared by
+all adapters; adaptive: made on each adapter) and its cost per image; rows of an adaptive
+attack carry sanity checks, listed under the table, and warnings. Notes (e.g. how many images
+could not be read) follow the table. Files are written atomically.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ COLUMNS = (
     "clean_acc",
     "adv_acc",
     "worst_case_acc",
+    "clean_ece",
+    "adv_ece",
     "seconds_per_image",
     "image_passes_per_image",
     "attack",
@@ -38,6 +42,8 @@ HEADERS = (
     "clean acc (%)",
     "adv acc (%)",
     "clean and adv (%)",
+    "clean ECE (%)",
+    "adv ECE (%)",
     "s / image",
     "image passes / image",
     "attack (kind)",
@@ -66,6 +72,8 @@ def markdown_table(rows: Sequence[dict], caption: str = "", notes: Sequence[str]
             _percent(row["clean_acc"]),
             _percent(row["adv_acc"]),
             _percent(row.get("worst_case_acc")),
+            _percent(row.get("clean_ece")),
+            _percent(row.get("adv_ece")),
             _number(row["seconds_per_image"]),
             _number(row["image_passes_per_image"], 4),
             _attack(row),

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
 
 from .adaptive import CHECKS
 from .attacks import AttackSpec
+from .calibration import DEFAULT_BINS, CalibrationBins
 
 CHECK_FIELDS = tuple(f"check_{name}_correct" for name in CHECKS)
 FIELDS = (
@@ -39,7 +40,9 @@ class Row:
     attack_* sum the measured cost of adaptive attacks (per adapter, per image); checks_*
     count the sanity-check images, check_<name>_correct the images still correct under
     each check's attack. `attack` (the spec) and `report` (judged checks and warnings,
-    set by `Evaluation.run`) describe the attack in `as_dict`.
+    set by `Evaluation.run`) describe the attack in `as_dict`. `clean_calibration` and
+    `adv_calibration` bin the records' top-1 confidences (`calibration.py`, `ece_bins` bins);
+    an ECE is given only when every record carried its confidence.
     """
 
     adapter: str
@@ -68,6 +71,13 @@ class Row:
     check_transfer_correct: int = 0
     attack: Optional[AttackSpec] = None
     report: Optional[dict] = None
+    ece_bins: int = DEFAULT_BINS
+    clean_calibration: CalibrationBins = field(init=False, repr=False)
+    adv_calibration: CalibrationBins = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.clean_calibration = CalibrationBins(self.ece_bins)
+        self.adv_calibration = CalibrationBins(self.ece_bins)
 
     def add(self, record: dict, earlier: bool = False) -> None:
         """Count one record; `earlier`: its attack time was measured by an earlier process."""
@@ -77,6 +87,10 @@ class Row:
         if record.get("adv") is not None:
             self.adv_correct += int(adv_ok)
             self.robust_correct += int(adv_ok and record["clean"] == record["label"])
+        if record.get("clean_confidence") is not None:
+            self.clean_calibration.add(float(record["clean_confidence"]), record["clean"] == record["label"])
+        if record.get("adv") is not None and record.get("adv_confidence") is not None:
+            self.adv_calibration.add(float(record["adv_confidence"]), adv_ok)
         self.seconds += float(record.get("seconds", 0.0))
         self.image_passes += int(record.get("image_passes") or 0)
         self.predictions += 1 + (record.get("adv") is not None)
@@ -102,6 +116,26 @@ class Row:
                 field = f"check_{name}_correct"
                 if hasattr(self, field):
                     setattr(self, field, getattr(self, field) + int(prediction == record["label"]))
+
+    def calibration_vector(self) -> List[float]:
+        """The clean then adversarial calibration counts, flat, for summing over processes."""
+        return self.clean_calibration.vector() + self.adv_calibration.vector()
+
+    def load_calibration_vector(self, vector: List[float]) -> None:
+        half = len(vector) // 2
+        self.clean_calibration.load(vector[:half])
+        self.adv_calibration.load(vector[half:])
+
+    @property
+    def clean_ece(self) -> Optional[float]:
+        """ECE of the clean predictions, None unless every record carried its confidence."""
+        calibration = self.clean_calibration
+        return calibration.ece() if self.n and calibration.total == self.n else None
+
+    @property
+    def adv_ece(self) -> Optional[float]:
+        calibration = self.adv_calibration
+        return calibration.ece() if self.n and self.attacked and calibration.total == self.n else None
 
     def check_counts(self) -> Dict[str, int]:
         return {name: getattr(self, f"check_{name}_correct") for name in CHECKS}
@@ -171,6 +205,9 @@ class Row:
             "clean_acc": self.clean_acc,
             "adv_acc": self.adv_acc,
             "worst_case_acc": self.worst_case_acc,
+            "clean_ece": self.clean_ece,
+            "adv_ece": self.adv_ece,
+            "ece_bins": self.ece_bins,
             "clean_correct": self.clean_correct,
             "adv_correct": self.adv_correct if self.attacked else None,
             "seconds_per_image": self.seconds_per_image,

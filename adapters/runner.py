@@ -47,6 +47,7 @@ from .adaptive import SanityChecks, check_attacks, judge, zero_gradient_warning
 from .adaptive_loop import adapt_adaptive
 from .attacks import AttackSpec, ZeroShotClassifier, chunk_seed, run_attack
 from .cache import AdversarialCache, tensor_digest
+from .calibration import DEFAULT_BINS, CalibrationBins
 from .datasets import BadImageError
 from .distributed import DistContext
 from .progress import PassCounter, progress_bar, progress_postfix
@@ -82,6 +83,7 @@ class Evaluation:
         repair_results: bool = False,
         clean: Optional[Dict[Tuple[str, int], int]] = None,
         targets: Optional[Dict[str, Set[int]]] = None,
+        ece_bins: int = DEFAULT_BINS,
     ):
         if not adapters:
             raise ValueError("no adapters to evaluate")
@@ -115,6 +117,8 @@ class Evaluation:
         self.integrity: Dict[str, object] = {}  # what the final check of the results files found
         self.on_bad_image = on_bad_image
         self.repair_results = repair_results
+        CalibrationBins(ece_bins)  # checks the bin count before anything runs
+        self.ece_bins = ece_bins
         self.unreadable: Dict[int, dict] = {}  # position -> what this rank could not read
         self.skipped: List[dict] = []  # every rank's, by position, after run()
         self.clean = clean or {}  # (adapter, position) -> clean prediction known from the run's clean pass
@@ -192,9 +196,15 @@ class Evaluation:
 
     @torch.no_grad()
     def predict(self, adapter: nn.Module, images: torch.Tensor) -> List[int]:
+        return self.predict_with_confidence(adapter, images)[0]
+
+    @torch.no_grad()
+    def predict_with_confidence(self, adapter: nn.Module, images: torch.Tensor) -> Tuple[List[int], List[float]]:
+        """(top-1 classes, their softmax probabilities): the prediction and its confidence (for ECE)."""
         if self.device is not None:
             images = images.to(self.device)
-        return adapter(images).argmax(dim=-1).tolist()
+        confidence, predicted = adapter(images).float().softmax(dim=-1).max(dim=-1)
+        return predicted.tolist(), confidence.tolist()
 
     def adapt_phase(self, todo: set, rows: Dict[str, Row], done: Dict) -> None:
         pending = {
@@ -285,11 +295,11 @@ class Evaluation:
             both, cleans = (images if adversarial is None else torch.cat([images, adversarial])), None
         counter.count = 0
         start = time.perf_counter()
-        predictions = self.predict(adapter, both)
+        predictions, confidences = self.predict_with_confidence(adapter, both)
         share = len(positions)
         seconds = (time.perf_counter() - start) / share
-        if cleans is not None:
-            predictions = cleans + predictions
+        if cleans is not None:  # the clean pass's folder holds their confidences
+            predictions, confidences = cleans + predictions, [None] * share + confidences
         return [
             {
                 "position": p,
@@ -298,6 +308,8 @@ class Evaluation:
                 "adapter": name,
                 "clean": predictions[i],
                 "adv": None if adversarial is None else predictions[share + i],
+                "clean_confidence": confidences[i],
+                "adv_confidence": None if adversarial is None else confidences[share + i],
                 "seconds": round(seconds, 6),
                 "image_passes": counter.count / share,
                 "rank": self.dist.rank,
@@ -316,18 +328,22 @@ class Evaluation:
         todo = {p for p in range(n) if any(self.needed(name, p) and (name, p) not in done for name in self.adapters)}
         self.attack_phase(todo)
         self.dist.barrier()
-        rows = {name: Row(name, attacked=self.attack.is_attack) for name in self.adapters}
+        rows = {name: Row(name, attacked=self.attack.is_attack, ece_bins=self.ece_bins) for name in self.adapters}
         for (name, p), record in sorted(done.items(), key=lambda item: item[0][1]):
             if self._mine(p):
                 rows[name].add(record, earlier=True)
         self.adapt_phase(todo, rows, done)
         self.dist.barrier()
         self.skipped = self._gather_skipped()
-        totals = torch.tensor([[getattr(rows[name], f) for f in FIELDS] for name in self.adapters], dtype=torch.float64)
+        totals = torch.tensor(
+            [[getattr(rows[name], f) for f in FIELDS] + rows[name].calibration_vector() for name in self.adapters],
+            dtype=torch.float64,
+        )
         totals = self.dist.sum(totals)
         reduced = []
         for name, values in zip(self.adapters, totals.tolist()):
-            row = Row(name, attacked=self.attack.is_attack, attack=self.attack)
+            row = Row(name, attacked=self.attack.is_attack, attack=self.attack, ece_bins=self.ece_bins)
+            row.load_calibration_vector(values[len(FIELDS) :])
             for f, value in zip(FIELDS, values):
                 setattr(row, f, value if f in FLOAT_FIELDS else int(round(value)))
             if self.attack.is_adaptive:
@@ -373,7 +389,7 @@ class Evaluation:
         missing = sorted(expected - {(r["adapter"], r["position"]) for r in records})
         if missing:
             raise RuntimeError(f"{len(missing)} (adapter, sample) results are missing, e.g. {missing[:3]}")
-        by_adapter = {name: Row(name, attacked=self.attack.is_attack) for name in self.adapters}
+        by_adapter = {name: Row(name, attacked=self.attack.is_attack, ece_bins=self.ece_bins) for name in self.adapters}
         for record in sorted(records, key=lambda r: (r["position"], r["adapter"])):
             by_adapter[record["adapter"]].add(record)
         for row in reduced:

@@ -19,7 +19,7 @@ from .backbones import detect
 from .config import AdapterConfig
 from .episodic import EpisodicAdapter, evaluation_mode
 from .explainers import top1_logit_score
-from .objectives import select_confident
+from .objectives import objective_call, select_confident
 from .prompt import PromptLearner
 from .tuning import adamw
 
@@ -129,16 +129,17 @@ class TestTimeAdapter(EpisodicAdapter):
         """
         config = self.config
         scale, bias = self.backbone.logit_scale, self.backbone.logit_bias
-        objective = self.objective
+        objective = objective_call(self.objective)
         batched = features.dim() == 3
         features = features if batched else features.unsqueeze(0)
         initial = self.prompt.initial_context.float().expand(len(features), -1, -1)
 
         def loss(contexts):
-            logits = scale * features @ self.prompt.text_features(contexts).transpose(1, 2) + bias
+            texts = self.prompt.text_features(contexts)
+            logits = scale * features @ texts.transpose(1, 2) + bias
             return sum(
-                objective(image_logits[select_confident(image_logits.detach(), config.n_confident)])
-                for image_logits in logits
+                objective(image_logits[select_confident(image_logits.detach(), config.n_confident)], text, scale)
+                for image_logits, text in zip(logits, texts)
             )
 
         if path == "none":

@@ -42,7 +42,7 @@ from .backbones.timm_common import is_timm_model, timm_backbone, top1_class_scor
 from .backbones.timm_vit import TimmVitBackbone
 from .config import AdapterConfig
 from .episodic import EpisodicAdapter
-from .objectives import select_confident
+from .objectives import select_confident, text_inputs
 from .tuning import adamw
 
 
@@ -151,6 +151,12 @@ class ClassifierTestTimeAdapter(EpisodicAdapter):
                 "initial_prompts", prompts.to(self.backbone.device, self.backbone.dtype), persistent=False
             )
         self.build_components()
+        if text_inputs(self.objective):
+            raise ValueError(
+                f"adapter {name!r} uses objective={config.objective!r}, which reads the prompt's "
+                f"{' and '.join(text_inputs(self.objective))}; a timm classifier has no text side: "
+                "use a CLIP model with classnames=..., or an entropy objective (marginal_entropy, mean_entropy)"
+            )
         needs_text = self.aggregator.needs_text
         if needs_text:
             raise ValueError(

@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 from .aggregators import AGGREGATORS, Aggregator
 from .augmenters import AUGMENTERS, Augmenter
 from .explainers import AUTO, EXPLAINERS, Explainer
+from .input_defences import INPUT_DEFENCES, InputDefence
 from .objectives import OBJECTIVES
 from .registry import Registry
 
@@ -21,10 +22,11 @@ INPUT_GRADIENTS = ("fixed_prompt", "bpda", "exact")  # how logits are differenti
 
 # The component settings: a registered name, or an object satisfying the interface.
 COMPONENTS = {  # field -> (registry, what an object must be)
-    "objective": (OBJECTIVES, "a callable (logits) -> scalar loss"),
+    "objective": (OBJECTIVES, "a callable (logits[, text_features, logit_scale]) -> scalar loss"),
     "explainer": (EXPLAINERS, Explainer),
     "augmenter": (AUGMENTERS, Augmenter),
     "aggregator": (AGGREGATORS, Aggregator),
+    "input_defence": (INPUT_DEFENCES, InputDefence),  # also None: the image as given
 }
 
 
@@ -32,6 +34,13 @@ COMPONENTS = {  # field -> (registry, what an object must be)
 class AdapterConfig:
     """Settings of the episodic loop (docs/method.md §1-§5); defaults are A-TPT's (paper)."""
 
+    # input defence: changes the image before any view is made (None: the image as given)
+    input_defence: Union[None, str, InputDefence] = None  # "ttc": test-time counterattack (Xing et al.)
+    ttc_eps: float = 4 / 255  # TTC's L-inf budget in [0,1] pixel units
+    ttc_steps: int = 2  # signed ascent steps on ||f(x + delta) - f(x)||^2
+    ttc_alpha: float = 1 / 255  # step size
+    ttc_tau_threshold: float = 0.2  # counterattack only where tau (relative embedding change) is below this
+    ttc_beta: float = 2.0  # step k's delta weighs softmax(beta * k)
     # views and tuning
     views: int = 64  # K: the center crop plus K-1 augmented views
     rho: float = 0.1  # confident fraction; max(1, int(K * rho)) views kept
@@ -39,6 +48,8 @@ class AdapterConfig:
     weight_decay: float = 0.01  # AdamW default
     steps: int = 1  # tuning steps per image; 0 = no tuning
     objective: Union[str, Any] = "mean_entropy"  # or "marginal_entropy" (TPT); a name or a callable
+    dispersion_weight: float = 50.0  # objective "ctpt": C-TPT's lambda (authors: 50 fine-grained, 20 natural shift)
+    orthogonality_weight: float = 18.0  # objective "otpt": O-TPT's lambda (authors: 18 fine-grained, 2 natural shift)
     # prompt
     ctx_init: Optional[str] = "a photo of a"  # None: random context of n_ctx tokens
     domain_word: Optional[str] = None  # "pet" turns "a photo of a" into "a pet photo of a"
@@ -102,6 +113,13 @@ class AdapterConfig:
         _check_choice("input_gradient", self.input_gradient, INPUT_GRADIENTS)
         _check_choice("classifier_tuning", self.classifier_tuning, ("norm", "prompt"))
         _check_int("views", self.views, 1)
+        _check_int("ttc_steps", self.ttc_steps, 0)
+        for name in ("ttc_eps", "ttc_alpha", "ttc_tau_threshold", "ttc_beta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.ttc_eps >= 1:
+            raise ValueError(f"ttc_eps is in [0,1] pixel units (4/255 = {4 / 255:.6f}), got {self.ttc_eps!r}")
         _check_int("steps", self.steps, 0)
         _check_int("n_ctx", self.n_ctx, 1)
         _check_int("reliability_k", self.reliability_k, 1)
@@ -125,6 +143,10 @@ class AdapterConfig:
             raise ValueError(
                 f"explainer_eps must be a finite number >= 0 (the authors' code: 1e-8), got {self.explainer_eps!r}"
             )
+        for name in ("dispersion_weight", "orthogonality_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.m_high > self.m_low:
@@ -162,7 +184,7 @@ class AdapterConfig:
         record = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name in COMPONENTS and not isinstance(value, str):
+            if field.name in COMPONENTS and not isinstance(value, (str, type(None))):
                 value = component_record(COMPONENTS[field.name][0], value)
             record[field.name] = list(value) if isinstance(value, tuple) else value
         return record
@@ -182,6 +204,8 @@ class AdapterConfig:
 
 def _check_component(field: str, value) -> None:
     registry, interface = COMPONENTS[field]
+    if value is None and field == "input_defence":
+        return
     if isinstance(value, str):
         if value not in registry and not (field == "explainer" and value == AUTO):
             raise registry.unknown(value)

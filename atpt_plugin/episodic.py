@@ -1,5 +1,5 @@
 """What every test-time adapter shares: input checks, the model's state, per-image seeds,
-the components (explainer, augmenter, aggregator, objective) and the views."""
+the components (input defence, explainer, augmenter, aggregator, objective) and the views."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from .aggregators import AGGREGATORS
 from .augmenters import AUGMENTERS, center_view
 from .config import AdapterConfig
 from .explainers import build_explainer
+from .input_defences import INPUT_DEFENCES
 from .inputs import check_images, quantize_images
 from .objectives import OBJECTIVES
 from .registry import resolve
@@ -50,6 +51,8 @@ class EpisodicAdapter(nn.Module):
         self.augmenter = resolve(AUGMENTERS, config.augmenter, config)
         self.aggregator = resolve(AGGREGATORS, config.aggregator, config)
         self.objective = resolve(OBJECTIVES, config.objective, config)
+        defence = config.input_defence
+        self.input_defence = None if defence is None else resolve(INPUT_DEFENCES, defence, config)
         needs_maps = (config.views > 1 and self.augmenter.needs_maps) or self.aggregator.needs_view_maps
         self.explainer = build_explainer(config, self.backbone) if needs_maps else None
 
@@ -73,7 +76,17 @@ class EpisodicAdapter(nn.Module):
             images = images.to(self.backbone.device)
             if len(images) == 0:
                 return torch.empty(0, self.num_outputs, device=self.backbone.device)
+            if self.input_defence is not None:
+                images = self.defend(images, track_input)
             return self.adapt_images(images, track_input)
+
+    def defend(self, images: torch.Tensor, track_input: bool) -> torch.Tensor:
+        """The input defence's images, each seeded from the seed and the image as given; they stay
+        in the input's graph only when the caller differentiates (an adaptive attack)."""
+        host = images.detach().float().cpu()
+        with self.image_precision():
+            defended = self.input_defence(self.backbone, images, [self.generator_for(image) for image in host])
+        return defended if track_input else defended.detach()
 
     def explain(self, images: torch.Tensor, explainer: Optional[str] = None) -> torch.Tensor:
         """Attention maps (N, h, w) in [0,1] of [0,1] images at the model's input size, by the

@@ -1,17 +1,28 @@
-"""Test-time objectives on view logits, their registry, and the confident-view selection.
+"""Test-time objectives on view logits (and the prompt's text side), their registry, and the
+confident-view selection.
 
 An objective is any callable `(logits (n, C) of the selected views) -> scalar loss`,
-differentiable w.r.t. the logits. Register one with `@OBJECTIVES.register("name")` or,
-from another package, under the entry-point group `atpt_plugin.objectives`; or pass it as
-`objective=`.
+differentiable w.r.t. the logits. An objective that also regularises the prompt's text side
+(C-TPT, O-TPT) names what it reads as keyword parameters of its call, and the tuning loop
+passes exactly those (`objective_call`, detected once from the signature):
+- `text_features`: (C, E) L2-normalised class features of the prompt being tuned (the same
+  features that made the logits, in the autograd graph of the prompt context);
+- `logit_scale`: the model's scale s (logits = s * cos + bias).
+So `def my_loss(logits)` keeps working, and `def my_loss(logits, text_features)` reads the text
+side. A model without text (a timm classifier) refuses an objective that reads it.
+Register one with `@OBJECTIVES.register("name")` or, from another package, under the
+entry-point group `atpt_plugin.objectives`; or pass it as `objective=`.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
+from typing import Callable, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .registry import Component, Registry
 
@@ -59,6 +70,82 @@ class MarginalEntropy(Objective):
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         return marginal_entropy(logits)
+
+
+def text_dispersion(text_features: torch.Tensor) -> torch.Tensor:
+    """C-TPT's ATFD: mean Euclidean distance of the L2-normalised class features to their
+    (not re-normalised) centroid; features are normalised first, as the authors' code does."""
+    features = F.normalize(text_features.float(), dim=-1)
+    return (features - features.mean(dim=0)).norm(dim=-1).mean()
+
+
+def orthogonality_penalty(text_features: torch.Tensor) -> torch.Tensor:
+    """O-TPT's penalty in closed form: (1/C) sum_i | ||g_i|| - 1 | with g_i the rows of the cosine
+    Gram matrix, i.e. the mean of sqrt(1 + sum_{j != i} cos^2(t_i, t_j)) - 1. Equal to the
+    authors' Householder computation where that is defined, without its C x C x C tensors or its
+    division by zero when a class is orthogonal to all others (docs/method.md)."""
+    features = F.normalize(text_features.float(), dim=-1)
+    gram = features @ features.t()
+    return (gram.norm(dim=-1) - 1).abs().mean()
+
+
+@OBJECTIVES.register("ctpt")
+class DispersionRegularised(Objective):
+    """C-TPT: TPT's marginal entropy minus weight * the text features' dispersion (ATFD)."""
+
+    def __init__(self, weight: float = 50.0):
+        self.weight = weight
+
+    @classmethod
+    def from_config(cls, config) -> "DispersionRegularised":
+        return cls(config.dispersion_weight)
+
+    def __call__(self, logits: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        if self.weight == 0:  # TPT exactly: even a zero-weighted term reorders the text gradient's sums
+            return marginal_entropy(logits)
+        return marginal_entropy(logits) - self.weight * text_dispersion(text_features)
+
+
+@OBJECTIVES.register("otpt")
+class OrthogonalityRegularised(Objective):
+    """O-TPT: TPT's marginal entropy plus weight * the text features' orthogonality penalty."""
+
+    def __init__(self, weight: float = 18.0):
+        self.weight = weight
+
+    @classmethod
+    def from_config(cls, config) -> "OrthogonalityRegularised":
+        return cls(config.orthogonality_weight)
+
+    def __call__(self, logits: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        if self.weight == 0:  # TPT exactly (see DispersionRegularised)
+            return marginal_entropy(logits)
+        return marginal_entropy(logits) + self.weight * orthogonality_penalty(text_features)
+
+
+TEXT_INPUTS = ("text_features", "logit_scale")
+
+
+def text_inputs(objective) -> Tuple[str, ...]:
+    """The text-side inputs an objective's call names (none for `(logits) -> loss`)."""
+    try:
+        parameters = inspect.signature(objective).parameters
+    except (TypeError, ValueError):  # a builtin without a signature reads logits only
+        return ()
+    return tuple(name for name in TEXT_INPUTS if name in parameters)
+
+
+def objective_call(objective) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`(logits, text_features, logit_scale) -> loss` that passes the objective what it reads."""
+    names = text_inputs(objective)
+    if not names:
+        return lambda logits, text_features, logit_scale: objective(logits)
+
+    def call(logits, text_features, logit_scale):
+        given = {"text_features": text_features, "logit_scale": logit_scale}
+        return objective(logits, **{name: given[name] for name in names})
+
+    return call
 
 
 def select_confident(logits: torch.Tensor, count: int) -> torch.Tensor:

@@ -40,11 +40,32 @@ rtpt = Adapter(
     "R-TPT: AugMix views, mean per-view entropy, reliability-weighted ensemble of all views",
     "Sheng et al., R-TPT: Improving Adversarial Robustness of VLMs through Test-Time Prompt Tuning (CVPR 2025)",
 )
+# The calibrated TPT family: TPT plus one term on the tuned prompt's text features (docs/method.md).
+ctpt = Adapter(
+    "ctpt",
+    tpt.config.replace(objective="ctpt"),
+    "C-TPT: TPT's loss minus 50 x the text features' dispersion (ATFD; dispersion_weight, 20 for natural shift)",
+    "Yoon et al., C-TPT: Calibrated Test-Time Prompt Tuning for VLMs via Text Feature Dispersion (ICLR 2024)",
+)
+otpt = Adapter(
+    "otpt",
+    tpt.config.replace(objective="otpt"),
+    "O-TPT: TPT's loss plus 18 x the text features' orthogonality penalty (orthogonality_weight, 2 for natural shift)",
+    "Sharifdeen et al., O-TPT: Orthogonality Constraints for Calibrating Test-time Prompt Tuning in VLMs (CVPR 2025)",
+)
 mta = Adapter(
     "mta",
     AdapterConfig(steps=0, augmix_ops=False, aggregator="mta", **TPT_VIEWS),
     "MTA: training-free MeanShift mode of crop views with inlierness scores",
     "Zanella & Ben Ayed, On the test-time zero-shot generalization of VLMs (CVPR 2024)",
+)
+# An input defence in front of zero-shot CLIP; `atpt[input_defence=ttc]` puts it in front of A-TPT.
+ttc = Adapter(
+    "ttc",
+    zeroshot.config.replace(input_defence="ttc"),
+    "TTC: counterattack the input image (4/255, 2 steps, tau 0.2, beta 2), then zero-shot CLIP",
+    "Xing, Zhao & Sebe, CLIP is Strong Enough to Fight Back: Test-time Counterattacks towards Zero-shot "
+    "Adversarial Robustness of CLIP (CVPR 2025)",
 )
 # Augmentation-only baselines: the same views, no tuning; what tuning adds is measured against these.
 ens = Adapter(

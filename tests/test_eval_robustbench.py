@@ -71,7 +71,8 @@ def test_benchmark_returns_accuracies_and_writes_model_info(tiny_vit, tokenizer,
     assert adv == pytest.approx((predictions == y[:4]).float().mean().item())
     entry = json.loads((tmp_path / "model_info/tensors/Linf/tiny-atpt.json").read_text())
     fields = {f.name for f in dataclasses.fields(ModelInfo)}
-    assert fields <= set(entry) and set(entry) - fields == {"pgd_acc", "worst_case_acc", "test_time_defence"}
+    extra = {"pgd_acc", "worst_case_acc", "test_time_defence", "clean_ece", "adv_ece"}
+    assert fields <= set(entry) and set(entry) - fields == extra
     assert entry["clean_acc"] == str(round(100 * clean, 2)) and entry["pgd_acc"] == str(round(100 * adv, 2))
     assert entry["eps"] == pytest.approx(4 / 255) and entry["number_forward_passes"] >= 4
     assert "transfer attack" in entry["footnote"] and "test-time defence" in entry["footnote"].lower()

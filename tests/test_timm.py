@@ -400,6 +400,10 @@ def test_every_preset_runs_or_explains_why_not():
             with pytest.raises(ValueError, match="needs a text encoder"):
                 wrap_classifier(model, config, adapter.name)
             continue
+        if config.objective in ("ctpt", "otpt"):  # they regularise the prompt's text features
+            with pytest.raises(ValueError, match="has no text side"):
+                wrap_classifier(model, config, adapter.name)
+            continue
         logits = wrap_classifier(model, config, adapter.name)(x)
         assert logits.shape == (1, 5) and torch.isfinite(logits).all(), adapter.name
 

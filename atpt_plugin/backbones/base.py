@@ -11,7 +11,8 @@ What every backbone gives (the loop and the explainers need nothing else):
   for Grad-CAM) or "none" (a tower no explainer reads: `unexplained` says why; the
   adapters without an explainer still run), and `default_explainer`, the explainer
   `explainer="auto"` picks;
-- `encode_image(images) -> (N, E)` L2-normalised embeddings (CLIP towers);
+- `encode_image(images) -> (N, E)` L2-normalised embeddings (CLIP towers), and
+  `embed_image(images)` the same before the normalisation (read by input defences: TTC);
 - `trace(images, first_block) -> VitTrace` ("vit") or `trace_resnet(images) -> (pooled,
   feature map)` ("resnet"), activations in the autograd graph;
 - `has_text`: True for CLIP models, False for image classifiers.
@@ -65,6 +66,13 @@ class Backbone:
         raise NotImplementedError
 
     tokenizer_hint = "tokenizer=open_clip.get_tokenizer(<model name>)"  # how users get this family's tokenizer
+
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, E) unnormalised image embeddings; a family that gives them overrides this."""
+        raise NotImplementedError(
+            f"the {type(self).__name__} backbone gives no unnormalised image embedding (embed_image), "
+            "which an input defence such as ttc reads: use input_defence=None with this model"
+        )
 
     @property
     def default_explainer(self) -> str:

@@ -113,10 +113,13 @@ class HfBackbone(Backbone):
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return normalize_images(images, self.mean, self.std, self.dtype)
 
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Unnormalised embeddings of [0,1] images (the model's own forward, projected), in fp32."""
+        return model_output(self.model.get_image_features(pixel_values=self.normalize(images))).float()
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised embeddings of [0,1] images (the model's own forward)."""
-        features = model_output(self.model.get_image_features(pixel_values=self.normalize(images)))
-        return F.normalize(features.float(), dim=-1)
+        return F.normalize(self.embed_image(images), dim=-1)
 
     def trace(self, images: torch.Tensor, first_block: int = 0) -> VitTrace:
         """Vision forward recording layers >= first_block; earlier layers run without autograd."""

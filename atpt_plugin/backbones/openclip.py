@@ -148,9 +148,13 @@ class OpenClipBackbone(Backbone):
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return normalize_images(images, self.mean, self.std, self.dtype)
 
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Unnormalised embeddings of [0,1] images (after the visual projection), in fp32."""
+        return self.model.encode_image(self.normalize(images)).float()
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised embeddings of [0,1] images."""
-        return F.normalize(self.model.encode_image(self.normalize(images)).float(), dim=-1)
+        return F.normalize(self.embed_image(images), dim=-1)
 
     def trace(self, images: torch.Tensor, first_block: int = 0) -> VitTrace:
         """ViT forward recording blocks >= first_block; earlier blocks run without autograd."""

@@ -202,9 +202,9 @@ class TimmTokens(TimmImage):
             return (cls + dist) / 2
         return pooled
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised embeddings of [0,1] images (the model's own fused forward): a classifier's
-        pre-logits, a tower's projected output."""
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Unnormalised embeddings of [0,1] images (the model's own fused forward), in fp32: a
+        classifier's pre-logits, a tower's projected output."""
         x = self.normalize(images)
         self._check_size(x)
         features = self.model.forward_features(x)
@@ -212,7 +212,11 @@ class TimmTokens(TimmImage):
             features = self.model.forward_head(features, pre_logits=True)
         else:
             features = self.projection(self.model.forward_head(features))
-        return F.normalize(features.float(), dim=-1)
+        return features.float()
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised `embed_image`."""
+        return F.normalize(self.embed_image(images), dim=-1)
 
     def finish_trace(self, tokens: torch.Tensor, records, grid: Tuple[int, int]) -> VitTrace:
         """The final norm, the pool and (for a tower) the heads after the traced blocks."""

@@ -76,3 +76,20 @@ def stripes():
         "made in memory by the test package; no --data-root",
         needs_root=False,
     )
+
+
+# ---- an objective that reads the prompt's text side ------------------------------------------
+from atpt_plugin.objectives import marginal_entropy  # noqa: E402
+
+SEEN_TEXT = []  # what the tuning loop passed, for the tests to compare
+
+
+class ClassSpread:
+    """TPT's marginal entropy plus the mean scaled cosine between different classes' features."""
+
+    def __call__(self, logits, text_features, logit_scale):
+        SEEN_TEXT.append((text_features.detach().clone(), float(logit_scale)))
+        cosines = text_features @ text_features.t()
+        count = len(cosines)
+        off_diagonal = (cosines.sum() - cosines.diagonal().sum()) / (count * (count - 1))
+        return marginal_entropy(logits) + logit_scale * off_diagonal
