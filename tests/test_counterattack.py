@@ -137,16 +137,18 @@ def test_an_adaptive_attack_gets_a_nonzero_gradient_through_the_defence(tokenize
     from atpt_plugin.adapters.attacks import AttackStats, make_attack
 
     images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(6))
-    labels = torch.tensor([1])
     spec = make_attack("eot-pgd", eps=4 / 255, steps=2, eot_iter=1, gradient="fixed_prompt")
     for name in ("ttc", "atpt[input_defence=ttc]"):
         adapter = load_adapter_spec(name).with_overrides(**SMALL).wrap(make_tiny_vit(), CLASSNAMES, tokenizer)
         x = images.clone().requires_grad_(True)
         (gradient,) = torch.autograd.grad(adapter(x)[0, 1], [x])
         assert gradient.abs().sum() > 0, name
+        # the label the adapter gives: an iterate that fools it stops the attack early (APGD's
+        # convention), so the random start must leave it correct for a gradient step to run
+        labels = adapter(images).argmax(-1)
         stats = AttackStats()
         adversarial = run_adaptive(spec, adapter, images, labels, seed=0, stats=stats)
-        assert stats.backward == 2 and stats.zero_gradients == 0, name
+        assert stats.backward >= 1 and stats.zero_gradients == 0, name
         assert (adversarial - images).abs().max() <= 4 / 255 + 1e-6 and not torch.equal(adversarial, images)
 
 

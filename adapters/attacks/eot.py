@@ -27,22 +27,26 @@ from .pipeline import AttackStats, attack_loss, attack_view
 
 class ViewStreams:
     """Per-image randomness for the attacker's copy of an adapter: while `images` names the
-    streams of the images of the next call, in order, the copy draws image i's views from
-    stream i (`EpisodicAdapter.generator_for` asks once per image, in batch order)."""
+    streams of the images of the next call, in order, the copy draws image i's randomness from
+    stream i (`EpisodicAdapter.generator_for` asks once per image, in batch order, for each
+    random stage: an input defence's, then the views')."""
 
     def __init__(self, view: nn.Module, generators: Sequence[torch.Generator]):
         self.generators = list(generators)
-        self.pending: List[torch.Generator] = []
+        self.order: List[torch.Generator] = []
+        self.asked = 0
         if hasattr(view, "generator_for"):
             object.__setattr__(view, "generator_for", self.next_generator)
 
     def set_images(self, indices: Sequence[int]) -> None:
-        self.pending = [self.generators[i] for i in indices]
+        self.order = [self.generators[i] for i in indices]
+        self.asked = 0
 
     def next_generator(self, image: torch.Tensor) -> torch.Generator:
-        if not self.pending:
-            raise RuntimeError("the attacked adapter drew views for more images than it was given")
-        stream = self.pending.pop(0)
+        if not self.order:
+            raise RuntimeError("the attacked adapter drew randomness before the attack named its images")
+        stream = self.order[self.asked % len(self.order)]
+        self.asked += 1
         return torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=stream)))
 
 
