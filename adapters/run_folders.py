@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .worst_case import CLEAN as WORST_CASE_CLEAN
+
 
 class NotARun(ValueError):
     """A folder given to `atpt leaderboard` holds no `atpt eval` run."""
@@ -85,7 +87,7 @@ def is_run(path: Path) -> bool:
 
 def find_runs(paths: List[Path]) -> List[Path]:
     """The run folders among `paths`; a folder that is not a run is searched for runs below it
-    (the attack folders of a worst-case run belong to it and are not listed on their own)."""
+    (the clean and attack folders of a worst-case run belong to it and are not listed on their own)."""
     found: List[Path] = []
     for path in paths:
         if not path.is_dir():
@@ -96,7 +98,10 @@ def find_runs(paths: List[Path]) -> List[Path]:
         below = sorted({p.parent for p in path.rglob("run.json")})
         runs = []
         for candidate in below:
-            owner = candidate.parent.parent if candidate.parent.name == "attacks" else None
+            if candidate.parent.name == "attacks":  # a worst case's attack run
+                owner = candidate.parent.parent
+            else:  # a worst case's clean pass, or a run of its own
+                owner = candidate.parent if candidate.name == WORST_CASE_CLEAN else None
             runs.append(owner if owner is not None and is_run(owner) else candidate)
         if not runs:
             raise NotARun(f"{path} holds no `atpt eval` run (no run.json below it): give the --out folders of runs")
